@@ -1,0 +1,29 @@
+"""An agent: a name, a backend, and how it is prompted."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from relaygraph.agents.backend import Backend, Prompt, Sampling
+from relaygraph.trajectory.models import Segment
+
+MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+"""The RelayLLM paper's solver prompt (appendix C.1)."""
+
+
+@dataclass
+class Agent:
+    """A model taking part in a relay.
+
+    ``name`` identifies it in the trajectory and the graph (it becomes a node name);
+    ``system_prompt`` is rendered with the backend's own chat template.
+    """
+
+    name: str
+    backend: Backend
+    system_prompt: str | None = MATH_SYSTEM_PROMPT
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def prompt(self, question: str, view: Sequence[Segment]) -> Prompt:
+        return Prompt(question=question, system_prompt=self.system_prompt, continuation=tuple(view))

@@ -1,0 +1,108 @@
+"""What every backend does: continue a prompt under a stop rule and report what it wrote.
+
+Plain config objects in, plain result objects out (in the spirit of vLLM's
+``SamplingParams``): :class:`StopRule` says when to stop, :class:`Prompt` is what to
+continue, :class:`Generation` is what came back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from relaygraph.trajectory.models import FinishReason, Segment
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One candidate token, offered to :attr:`StopRule.check` before it is kept."""
+
+    token_id: int
+    logprob: float
+    entropy: float
+    position: int
+    """Index of this token among the tokens generated in this call (0-based)."""
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a generation stops.
+
+    - ``max_tokens``: budget of new tokens (finish reason ``budget``);
+    - ``stop_strings``: stop once the new text ends with one of these; the stop string is
+      kept in the output (finish reason ``stop``; only newly generated text is searched);
+    - ``check``: called for every sampled token; returning True stops *before* that
+      token, which is discarded (finish reason ``low_confidence``);
+    - end of sequence always stops (finish reason ``eos``; the EOS token is not returned).
+    """
+
+    max_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    check: Callable[[TokenStep], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings: ``temperature == 0`` is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A task rendered for one agent: its system prompt, the question, and its view of the
+    shared reasoning so far, which the model continues as its own assistant message."""
+
+    question: str
+    system_prompt: str | None = None
+    continuation: Sequence[Segment] = ()
+
+
+@dataclass
+class Generation:
+    """What a backend wrote in one call."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+    """Tokens in the rendered prompt (the agent's whole view)."""
+    prefilled_tokens: int = 0
+    """Prompt tokens actually run through the model (less than ``prompt_tokens`` when a
+    cached prefix was reused)."""
+    seconds: float = 0.0
+    tokenizer: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+TextCallback = Callable[[str], None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model that continues prompts. Implementations: ``TransformersBackend``."""
+
+    model_id: str
+    """What the user asked for (catalog name, path or hub id), for traces and records."""
+    tokenizer_id: str
+    """Fingerprint of the tokenizer; equal fingerprints mean token ids can be shared."""
+
+    def generate(
+        self,
+        prompt: Prompt,
+        rule: StopRule,
+        sampling: Sampling = Sampling(),
+        on_text: TextCallback | None = None,
+        cache_key: str | None = None,
+    ) -> Generation:
+        """Continue ``prompt`` until ``rule`` stops it, calling ``on_text`` with each new
+        piece of text. ``cache_key`` names a conversation whose KV cache may be reused."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` in this backend's tokenizer."""
+        ...

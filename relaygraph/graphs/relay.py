@@ -1,0 +1,150 @@
+"""Build the LangGraph ``StateGraph`` of a relay from agents, a policy and a store.
+
+Nodes: ``start`` (creates the trajectory), one node per agent, ``finish`` (answer and
+totals). An agent node asks its backend to generate under the policy's stop rule,
+appends the segments the policy makes of it at the state's cursor, and hands off with
+``Command(goto=...)``. Token-level decisions happen inside generation, so one handoff is
+one graph step. Tokens and handoffs stream out through ``stream_mode="custom"`` as dicts:
+``{"type": "token", "agent", "text"}`` and ``{"type": "handoff", "from", "to", "reason"}``.
+
+The compiled graph takes ``{"question": ...}`` and returns the keys of
+:class:`~relaygraph.graphs.state.RelayOutput`, so it can be added as a node to a parent
+graph whose state has those keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from langgraph.config import get_stream_writer
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command
+
+from relaygraph.errors import ConfigError
+from relaygraph.eval.answers import extract_answer
+from relaygraph.graphs.state import RelayInput, RelayOutput, RelayState
+from relaygraph.observability import tracing
+from relaygraph.trajectory.models import Task, check_trajectory_id, new_trajectory_id
+from relaygraph.trajectory.store import TrajectoryStore
+
+if TYPE_CHECKING:
+    from langgraph.graph.state import CompiledStateGraph
+
+    from relaygraph.agents.agent import Agent
+    from relaygraph.policies.base import Policy
+
+RESERVED_NODES = frozenset({"start", "finish", START, END})
+
+
+def build_graph(
+    agents: Sequence[Agent],
+    policy: Policy,
+    store: TrajectoryStore,
+    max_tokens: int = 512,
+    checkpointer: Any = None,
+) -> CompiledStateGraph:
+    """Compile the relay graph. ``max_tokens`` bounds generated tokens over all agents."""
+    by_name = {a.name: a for a in agents}
+    if len(by_name) != len(agents):
+        raise ConfigError("agent names must be unique")
+    if missing := [n for n in policy.agents if n not in by_name]:
+        raise ConfigError(
+            f"policy {policy.name!r} needs agents {list(policy.agents)}; missing: {missing}"
+        )
+    if clash := RESERVED_NODES & set(by_name):
+        raise ConfigError(f"agent names {sorted(clash)} are reserved; rename them")
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+
+    graph = StateGraph(RelayState, input_schema=RelayInput, output_schema=RelayOutput)
+    graph.add_node("start", _start_node(policy, by_name, store, max_tokens),
+                   destinations=tuple(policy.agents[:1]))
+    for name in policy.agents:
+        graph.add_node(name, _agent_node(by_name[name], policy, store),
+                       destinations=(*policy.agents, "finish"))
+    graph.add_node("finish", _finish_node(policy, store))
+    graph.add_edge(START, "start")
+    graph.add_edge("finish", END)
+    return graph.compile(checkpointer=checkpointer, name=f"relaygraph:{policy.name}")
+
+
+def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore,
+                max_tokens: int) -> Callable[[RelayState], Command]:
+    def start(state: RelayState) -> Command:
+        question = state.get("question", "")
+        if not question or not question.strip():
+            raise ConfigError("the question is empty; pass the text of a question")
+        tid = check_trajectory_id(state.get("trajectory_id") or new_trajectory_id())
+        task = Task(
+            question=question, policy=policy.name,
+            agents={n: agents[n].backend.model_id for n in policy.agents},
+            config={"max_tokens": max_tokens,
+                    "system_prompts": {n: agents[n].system_prompt for n in policy.agents}},
+        )
+        store.create(tid, task)
+        first = policy.agents[0]
+        fresh: RelayState = {"trajectory_id": tid, "max_tokens": max_tokens, "generated": 0}
+        return Command(goto=first, update={
+            **fresh, "cursor": 0, "turn": first, "budget": policy.first_budget(fresh),
+            "tokens_by_agent": {n: 0 for n in policy.agents}, "handoffs": 0, "counters": {},
+        })
+
+    return start
+
+
+def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], Command]:
+    def node(state: RelayState) -> Command:
+        tid, cursor = state["trajectory_id"], state["cursor"]
+        writer = get_stream_writer()
+        view = policy.view(agent.name, store.read(tid, 0, cursor))
+        rule = policy.stop_rule(agent.name, state)
+        with tracing.agent_turn(agent, policy, tid, cursor) as span:
+            generation = agent.backend.generate(
+                agent.prompt(state["question"], view), rule, agent.sampling,
+                on_text=lambda text: writer({"type": "token", "agent": agent.name, "text": text}),
+                cache_key=f"{tid}/{agent.name}",
+            )
+            decision = policy.route(agent, generation, state)
+            for seg in decision.segments:
+                if seg.text or seg.kind != "text":
+                    store.append(tid, cursor, seg)
+                    cursor += 1
+            n = len(generation.token_ids)
+            generated = state["generated"] + n
+            nxt = decision.next if decision.next and generated < state["max_tokens"] else "finish"
+            tracing.record_turn(span, generation, decision, nxt)
+        counters = dict(state.get("counters", {}))
+        for key, value in decision.counters.items():
+            counters[key] = counters.get(key, 0) + value
+        tokens = dict(state["tokens_by_agent"])
+        tokens[agent.name] = tokens.get(agent.name, 0) + n
+        handoff = nxt not in ("finish", agent.name)
+        if nxt != agent.name:
+            writer({"type": "handoff", "from": agent.name, "to": nxt, "reason": decision.reason,
+                    "position": cursor, "budget": decision.budget})
+        return Command(goto=nxt, update={
+            "cursor": cursor, "turn": nxt, "budget": decision.budget, "generated": generated,
+            "tokens_by_agent": tokens, "counters": counters,
+            "handoffs": state["handoffs"] + handoff,
+            "finish_reason": decision.reason if nxt == "finish" and decision.next is None
+            else ("budget" if nxt == "finish" else ""),
+        })
+
+    return node
+
+
+def _finish_node(policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], dict]:
+    def finish(state: RelayState) -> dict:
+        tid = state["trajectory_id"]
+        segments = store.read(tid)
+        text = "".join(s.text for s in segments if s.kind == "text")
+        generated = state["generated"]
+        helped = generated - state["tokens_by_agent"].get(policy.primary, 0)
+        call_ratio = helped / generated if generated else 0.0
+        answer = extract_answer(text)
+        store.set_status(tid, "finished", finish_reason=state.get("finish_reason") or "",
+                         answer=answer)
+        return {"answer": answer, "call_ratio": call_ratio}
+
+    return finish

@@ -1,0 +1,40 @@
+"""The LangGraph state of a relay: ids, cursor, turn, budgets and counters — never the text."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class RelayInput(TypedDict, total=False):
+    """What a caller (or a parent graph) passes in: a question, or the id of a stored
+    trajectory to continue."""
+
+    question: str
+    trajectory_id: str
+
+
+class RelayOutput(TypedDict, total=False):
+    """What a run hands back."""
+
+    trajectory_id: str
+    answer: str
+    finish_reason: str
+    call_ratio: float
+    tokens_by_agent: dict[str, int]
+    handoffs: int
+    counters: dict[str, int]
+
+
+class RelayState(RelayInput, RelayOutput, total=False):
+    """Graph state. Text lives in the trajectory store; the state only points into it."""
+
+    cursor: int
+    """Number of segments in the store: the position of the next append."""
+    turn: str
+    """The agent writing next."""
+    budget: int
+    """Token budget of the coming turn."""
+    max_tokens: int
+    """Budget of generated tokens for the whole run (all agents together)."""
+    generated: int
+    """Tokens generated so far (all agents together)."""

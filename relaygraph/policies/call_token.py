@@ -1,0 +1,145 @@
+"""The call-token policy with RelayLLM's exact semantics.
+
+The controller writes with a stop on ``</call>``. When its *own* new text ends a valid
+``<call>n</call>`` (n a positive ASCII integer, whitespace allowed around it), control goes
+to the expert for at most ``n`` tokens, clipped to ``max_call_tokens`` and to the run's
+remaining budget. The expert's view has call segments stripped; the controller's keeps
+them. The expert stopping at EOS ends the answer; otherwise control returns to the
+controller. Anything else that looks like a command (``<call>abc</call>``,
+``<call>0</call>``, a ``</call>`` with no opening tag) is recorded and kept as plain text.
+
+Only the controller's generated text is ever parsed: a command inside the question, a
+retrieved document or the expert's output is just text and never triggers a call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
+from relaygraph.agents.backend import Generation, StopRule
+from relaygraph.graphs.state import RelayState
+from relaygraph.policies.base import Decision, remaining, segment, split_tokens
+from relaygraph.trajectory.models import Segment
+
+CALL_OPEN, CALL_CLOSE = "<call>", "</call>"
+
+PROMPTED_CALL_SYSTEM_PROMPT = (
+    MATH_SYSTEM_PROMPT
+    + " You can ask a stronger expert model for help at any point: write <call>n</call>,"
+    " where n is how many tokens the expert should write (for example <call>50</call>)."
+    " The expert then continues your reasoning for up to n tokens and you carry on from"
+    " there. Call only when a step is hard; every expert token costs more."
+)
+"""For untrained controllers: the system prompt explains the call tool (the prompted variant)."""
+
+
+@dataclass(frozen=True)
+class CallCommand:
+    """A ``<call>...</call>`` found in a controller's text; ``n is None`` when malformed."""
+
+    start: int
+    """Character index where the command begins (the ``<call>`` tag, or the stray ``</call>``)."""
+    raw: str
+    n: int | None
+
+
+def parse_call(text: str) -> CallCommand | None:
+    """The command closed by the last ``</call>`` in ``text``, or None if there is none.
+
+    Never raises. Huge numbers parse (the caller clips them); ``n`` is None for a
+    non-numeric, zero, negative or non-ASCII-digit body, or a close tag with no opening.
+    """
+    end = text.rfind(CALL_CLOSE)
+    if end < 0:
+        return None
+    start = text.rfind(CALL_OPEN, 0, end)
+    if start < 0:
+        return CallCommand(start=end, raw=CALL_CLOSE, n=None)
+    body = text[start + len(CALL_OPEN):end].strip()
+    n: int | None = None
+    if body.isascii() and body.isdigit():
+        digits = body.lstrip("0")
+        # Clip absurd lengths before int(): Python refuses to parse > 4300 digits.
+        n = int(digits[:19]) if digits else 0
+        n = n or None
+    return CallCommand(start=start, raw=text[start:end + len(CALL_CLOSE)], n=n)
+
+
+@dataclass
+class CallTokenPolicy:
+    """The controller asks the expert for ``n`` tokens by writing ``<call>n</call>``.
+
+    ``max_call_tokens`` caps one call; ``max_calls`` caps calls per run (later commands are
+    recorded as refused and the controller continues).
+    """
+
+    controller: str = "controller"
+    expert: str = "expert"
+    max_call_tokens: int = 1024
+    max_calls: int = 32
+    name: str = "call-token"
+
+    def __post_init__(self) -> None:
+        if self.max_call_tokens < 1 or self.max_calls < 0:
+            raise ValueError("max_call_tokens must be >= 1 and max_calls >= 0")
+        if self.controller == self.expert:
+            raise ValueError("the controller and the expert must be different agents")
+
+    @property
+    def agents(self) -> Sequence[str]:
+        return (self.controller, self.expert)
+
+    @property
+    def primary(self) -> str:
+        return self.controller
+
+    def first_budget(self, state: RelayState) -> int:
+        return remaining(state)
+
+    def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
+        if agent == self.expert:
+            return [s for s in segments if s.kind != "call"]
+        return list(segments)
+
+    def stop_rule(self, agent: str, state: RelayState) -> StopRule:
+        if agent == self.controller:
+            return StopRule(max_tokens=remaining(state), stop_strings=(CALL_CLOSE,))
+        return StopRule(max_tokens=min(state.get("budget", 0), remaining(state)))
+
+    def route(self, agent: Agent, generation: Generation, state: RelayState) -> Decision:
+        if agent.name == self.expert:
+            if generation.finish_reason == "eos":
+                return Decision([segment(agent, generation, finish_reason="eos")], None, reason="eos")
+            return Decision([segment(agent, generation, finish_reason="budget")], self.controller,
+                            budget=remaining(state) - len(generation.token_ids),
+                            reason="call_done")
+        return self._route_controller(agent, generation, state)
+
+    def _route_controller(self, agent: Agent, gen: Generation, state: RelayState) -> Decision:
+        left = remaining(state) - len(gen.token_ids)
+        command = parse_call(gen.text) if gen.finish_reason == "stop" else None
+        if command is None:
+            reason = "eos" if gen.finish_reason == "eos" else "budget"
+            return Decision([segment(agent, gen, finish_reason=gen.finish_reason)], None, reason=reason)
+        if command.n is None:
+            return Decision(
+                [segment(agent, gen, finish_reason="stop", malformed_call=command.raw)],
+                self.controller, budget=left, reason="malformed_call",
+                counters={"malformed_calls": 1},
+            )
+        cut = split_tokens(agent, gen.token_ids, command.start)
+        head = ([segment(agent, gen, gen.token_ids[:cut], gen.logprobs[:cut], finish_reason="call")]
+                if cut else [])
+        granted = min(command.n, self.max_call_tokens, left)
+        refused = "max_calls" if state.get("counters", {}).get("calls", 0) >= self.max_calls else (
+            "no_budget" if granted <= 0 else None)
+        call = segment(agent, gen, gen.token_ids[cut:], gen.logprobs[cut:], kind="call",
+                       finish_reason="call", requested=command.n,
+                       granted=0 if refused else granted, **({"refused": refused} if refused else {}))
+        if refused:
+            return Decision(head + [call], self.controller if left > 0 else None, budget=left,
+                            reason=f"call_refused:{refused}", counters={"refused_calls": 1})
+        return Decision(head + [call], self.expert, budget=granted, reason="call",
+                        counters={"calls": 1})

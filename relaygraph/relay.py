@@ -1,0 +1,135 @@
+"""The one obvious entry point: a :class:`Relay` runs questions through a relay graph.
+
+>>> relay = Relay.from_models("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", policy="call-token")
+>>> result = relay.run("What is 2 + 5?", on_event=print)
+>>> result.answer, result.call_ratio
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
+from relaygraph.errors import ConfigError
+from relaygraph.observability import tracing
+from relaygraph.policies import PROMPTED_CALL_SYSTEM_PROMPT, CallTokenPolicy, SoloPolicy
+from relaygraph.trajectory import TrajectoryStore, new_trajectory_id, open_store
+
+if TYPE_CHECKING:
+    from relaygraph.policies.base import Policy
+
+POLICIES = ("call-token", "prompted-call", "solo")
+Event = dict[str, Any]
+
+
+class SegmentSummary(BaseModel):
+    author: str
+    kind: str
+    text: str
+    n_tokens: int
+
+
+class RunResult(BaseModel):
+    """What a run produced (the trajectory itself stays in the store)."""
+
+    trajectory_id: str
+    policy: str
+    answer: str
+    finish_reason: str
+    segments: list[SegmentSummary]
+    tokens_by_agent: dict[str, int]
+    call_ratio: float
+    """Tokens written by agents other than the policy's primary / all generated tokens."""
+    handoffs: int
+    counters: dict[str, int]
+    seconds: float
+
+
+class Relay:
+    """Agents + a policy + a store, compiled into a LangGraph graph (``self.graph``)."""
+
+    def __init__(self, agents: Sequence[Agent], policy: Policy,
+                 store: TrajectoryStore | None = None, max_tokens: int = 512) -> None:
+        from relaygraph.graphs.relay import build_graph
+
+        self.agents = list(agents)
+        self.policy = policy
+        self.store = store if store is not None else open_store()
+        self.max_tokens = max_tokens
+        self.graph = build_graph(self.agents, policy, self.store, max_tokens=max_tokens)
+
+    @classmethod
+    def from_models(
+        cls,
+        controller: str,
+        expert: str | None = None,
+        policy: str = "call-token",
+        store: TrajectoryStore | None = None,
+        max_tokens: int = 512,
+        max_call_tokens: int = 1024,
+        dtype: str = "bfloat16",
+    ) -> Relay:
+        """Load the models (a model used twice is loaded once) and build a named policy."""
+        from relaygraph.agents.transformers_backend import TransformersBackend
+
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+        if policy != "solo" and not expert:
+            raise ConfigError(f"policy {policy!r} needs an expert model (--expert)")
+        loaded: dict[str, TransformersBackend] = {}
+
+        def backend(model: str) -> TransformersBackend:
+            if model not in loaded:
+                loaded[model] = TransformersBackend(model, dtype=dtype)
+            return loaded[model]
+
+        if policy == "solo":
+            return cls([Agent("controller", backend(controller))], SoloPolicy("controller"),
+                       store, max_tokens)
+        prompt = PROMPTED_CALL_SYSTEM_PROMPT if policy == "prompted-call" else MATH_SYSTEM_PROMPT
+        agents = [Agent("controller", backend(controller), system_prompt=prompt),
+                  Agent("expert", backend(expert or controller))]
+        rule = CallTokenPolicy("controller", "expert", max_call_tokens=max_call_tokens, name=policy)
+        return cls(agents, rule, store, max_tokens)
+
+    def run(self, question: str, trajectory_id: str | None = None,
+            on_event: Callable[[Event], None] | None = None) -> RunResult:
+        """Run one question to the end; ``on_event`` receives token and handoff events."""
+        started = time.perf_counter()
+        tid = trajectory_id or new_trajectory_id()
+        final: dict[str, Any] = {}
+        limit = 2 * self.max_tokens + 16  # every step but the last writes at least one token
+        with tracing.run_span(self.policy.name, len(question)):
+            try:
+                for mode, chunk in self.graph.stream(
+                    {"question": question, "trajectory_id": tid},
+                    stream_mode=["custom", "values"], config={"recursion_limit": limit},
+                ):
+                    if mode == "custom" and on_event is not None:
+                        on_event(chunk)
+                    elif mode == "values":
+                        final = chunk
+            except Exception as exc:
+                self._mark_failed(tid, exc)
+                raise
+        segments = self.store.read(tid)
+        return RunResult(
+            trajectory_id=tid, policy=self.policy.name, answer=final.get("answer", ""),
+            finish_reason=final.get("finish_reason", ""),
+            segments=[SegmentSummary(author=s.author, kind=s.kind, text=s.text,
+                                     n_tokens=s.n_tokens) for s in segments],
+            tokens_by_agent=final.get("tokens_by_agent", {}),
+            call_ratio=final.get("call_ratio", 0.0), handoffs=final.get("handoffs", 0),
+            counters=final.get("counters", {}), seconds=time.perf_counter() - started,
+        )
+
+    def _mark_failed(self, tid: str, exc: Exception) -> None:
+        try:
+            if self.store.exists(tid):
+                self.store.set_status(tid, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        except Exception:  # the store itself may be what failed
+            pass

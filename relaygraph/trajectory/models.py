@@ -1,0 +1,90 @@
+"""The shared trajectory: a task plus an ordered list of segments, each written by one agent."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SegmentKind = Literal["text", "call", "steer", "error"]
+"""``text``: reasoning an agent wrote; ``call``: a controller's ``<call>n</call>`` command;
+``steer``: guidance injected by a supervisor; ``error``: a failure recorded in the run."""
+
+FinishReason = Literal["stop", "eos", "length", "budget", "call", "low_confidence", "error"]
+"""Why a segment ended: a stop string, end of sequence, the backend's token limit, the
+policy's budget, a call command, a per-token confidence check, or an error."""
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def new_trajectory_id() -> str:
+    """A collision-resistant id: millisecond time prefix (sorts by creation) + 64 random bits."""
+    return f"{int(time.time() * 1000):x}-{secrets.token_hex(8)}"
+
+
+def check_trajectory_id(trajectory_id: str) -> str:
+    """Validate a (possibly user-supplied) id so it cannot address another key namespace."""
+    if not isinstance(trajectory_id, str) or not _ID_RE.match(trajectory_id):
+        raise ValueError(
+            f"invalid trajectory id {trajectory_id!r}: use 1-64 letters, digits, '-' or '_'"
+        )
+    return trajectory_id
+
+
+class Segment(BaseModel):
+    """One contiguous piece of the trajectory written by one author."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    author: str
+    kind: SegmentKind = "text"
+    text: str
+    token_ids: list[int] | None = None
+    """The author's own token ids for ``text`` (exactly what it generated), when known."""
+    tokenizer: str | None = None
+    """Fingerprint of the tokenizer ``token_ids`` belong to; agents that share it reuse ids."""
+    logprobs: list[float] | None = None
+    finish_reason: FinishReason | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+    """Policy details: requested call length, malformed command, handoff reason, ..."""
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else 0
+
+
+class Task(BaseModel):
+    """What the agents work on: the question and the run's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str
+    system_prompt: str | None = None
+    policy: str = ""
+    agents: dict[str, str] = Field(default_factory=dict)
+    """Agent name -> model identifier."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+
+    @field_validator("question")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the question is empty")
+        return v
+
+
+class Trajectory(BaseModel):
+    """A task and its segments in order (``segments[i]`` is at position ``i``)."""
+
+    id: str
+    task: Task
+    segments: list[Segment] = Field(default_factory=list)
+    status: str = "running"
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments if s.kind == "text")

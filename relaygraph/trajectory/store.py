@@ -1,0 +1,62 @@
+"""The trajectory store protocol. Every implementation passes ``relaygraph.trajectory.conformance``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+from relaygraph.trajectory.models import Segment, Task, Trajectory
+
+Status = str
+"""``running``, ``finished`` or ``failed``."""
+
+
+@runtime_checkable
+class TrajectoryStore(Protocol):
+    """Append-only storage of trajectories with exactly-once appends.
+
+    Positions are sequence numbers starting at 0. ``append(tid, seq, seg)`` succeeds only
+    when ``seq`` equals the current length; re-appending the identical segment at a
+    position already holding it is a no-op (a retry after a lost reply); appending a
+    different segment there raises :class:`~relaygraph.errors.PositionConflictError`.
+    """
+
+    def create(self, trajectory_id: str, task: Task) -> None:
+        """Register a new trajectory; raises ``ValueError`` if the id exists."""
+        ...
+
+    def exists(self, trajectory_id: str) -> bool:
+        """Whether a trajectory with this id was created."""
+        ...
+
+    def append(self, trajectory_id: str, seq: int, segment: Segment) -> None:
+        """Append ``segment`` at position ``seq`` exactly once."""
+        ...
+
+    def read(self, trajectory_id: str, start: int = 0, end: int | None = None) -> list[Segment]:
+        """Segments at positions ``start <= i < end`` (to the end when ``end`` is None)."""
+        ...
+
+    def length(self, trajectory_id: str) -> int:
+        """Number of segments appended so far."""
+        ...
+
+    def load(self, trajectory_id: str) -> Trajectory:
+        """The whole trajectory; raises ``TrajectoryNotFoundError`` if unknown."""
+        ...
+
+    def set_status(self, trajectory_id: str, status: Status, **info: str) -> None:
+        """Record the run's status (and small string facts such as an error message)."""
+        ...
+
+    def follow(
+        self, trajectory_id: str, start: int = 0, block_ms: int = 1000
+    ) -> Iterator[tuple[int, Segment]]:
+        """Yield ``(seq, segment)`` from ``start`` on as they are appended, until the run ends."""
+        ...
+
+    def list_ids(self, limit: int = 20) -> list[str]:
+        """Most recently created trajectory ids, newest first."""
+        ...
+
+    def close(self) -> None: ...

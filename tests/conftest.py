@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relaygraph.trajectory import RedisStore
+from tests.servers import RedisServer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_store(redis_server: RedisServer) -> Iterator[RedisStore]:
+    store = RedisStore.from_url(redis_server.url)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private RELAYGRAPH_HOME whose embedded server is stopped at the end of the session."""
+    from relaygraph.trajectory import embedded
+
+    home = Path("/tmp") / f"rg-test-{os.getpid()}"  # short: Unix socket paths are limited
+    old = os.environ.get("RELAYGRAPH_HOME")
+    os.environ["RELAYGRAPH_HOME"] = str(home)
+    yield home
+    embedded.stop_server()
+    if old is None:
+        os.environ.pop("RELAYGRAPH_HOME", None)
+    else:
+        os.environ["RELAYGRAPH_HOME"] = old
+
+
+@pytest.fixture
+def embedded_store(embedded_home: Path) -> Iterator[RedisStore]:
+    from relaygraph.trajectory import open_store
+
+    store = open_store()
+    yield store
+    store.close()
