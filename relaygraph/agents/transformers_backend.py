@@ -165,12 +165,12 @@ class TransformersBackend:
 
         start_time = time.perf_counter()
         ids = self.render(prompt)
-        if len(ids) + rule.max_tokens > self.max_context:
+        if len(ids) >= self.max_context:
             raise ContextTooLongError(
-                f"the prompt ({len(ids)} tokens) plus the budget ({rule.max_tokens} tokens) "
-                f"exceeds {self.model_id}'s context of {self.max_context} tokens; shorten the "
-                "question or lower --max-tokens"
+                f"the prompt ({len(ids)} tokens) does not fit {self.model_id}'s context of "
+                f"{self.max_context} tokens; shorten the question"
             )
+        limit = min(rule.max_tokens, self.max_context - len(ids))
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator().manual_seed(sampling.seed)
@@ -181,8 +181,8 @@ class TransformersBackend:
             out_ids: list[int] = []
             logprobs: list[float] = []
             text, emitted = "", 0
-            finish = "budget"
-            while len(out_ids) < rule.max_tokens:
+            finish = "budget" if limit == rule.max_tokens else "length"
+            while len(out_ids) < limit:
                 logits = self.model(
                     input_ids=torch.tensor([feed], device=self.device),
                     past_key_values=cache, use_cache=True,

@@ -25,7 +25,12 @@ from relaygraph.errors import ConfigError
 from relaygraph.eval.answers import extract_answer
 from relaygraph.graphs.state import RelayInput, RelayOutput, RelayState
 from relaygraph.observability import tracing
-from relaygraph.trajectory.models import Task, check_trajectory_id, new_trajectory_id
+from relaygraph.trajectory.models import (
+    Task,
+    check_trajectory_id,
+    new_trajectory_id,
+    reasoning_text,
+)
 from relaygraph.trajectory.store import TrajectoryStore
 
 if TYPE_CHECKING:
@@ -137,8 +142,7 @@ def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore) -> Callabl
 def _finish_node(policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], dict]:
     def finish(state: RelayState) -> dict:
         tid = state["trajectory_id"]
-        segments = store.read(tid)
-        text = "".join(s.text for s in segments if s.kind == "text")
+        text = reasoning_text(store.read(tid))
         generated = state["generated"]
         helped = generated - state["tokens_by_agent"].get(policy.primary, 0)
         call_ratio = helped / generated if generated else 0.0

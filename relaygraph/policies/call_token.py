@@ -99,9 +99,17 @@ class CallTokenPolicy:
         return remaining(state)
 
     def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
-        if agent == self.expert:
-            return [s for s in segments if s.kind != "call"]
-        return list(segments)
+        """The controller sees everything; the expert sees call segments without the command
+        (text around it that shares a token with the command stays, re-encoded as text)."""
+        if agent != self.expert:
+            return list(segments)
+        view = []
+        for seg in segments:
+            if seg.kind != "call":
+                view.append(seg)
+            elif rest := seg.plain_text:
+                view.append(Segment(author=seg.author, text=rest))
+        return view
 
     def stop_rule(self, agent: str, state: RelayState) -> StopRule:
         if agent == self.controller:
@@ -135,8 +143,10 @@ class CallTokenPolicy:
         granted = min(command.n, self.max_call_tokens, left)
         refused = "max_calls" if state.get("counters", {}).get("calls", 0) >= self.max_calls else (
             "no_budget" if granted <= 0 else None)
+        offset = command.start - len(agent.backend.decode(gen.token_ids[:cut]))
         call = segment(agent, gen, gen.token_ids[cut:], gen.logprobs[cut:], kind="call",
-                       finish_reason="call", requested=command.n,
+                       finish_reason="call", command=[offset, offset + len(command.raw)],
+                       requested=command.n,
                        granted=0 if refused else granted, **({"refused": refused} if refused else {}))
         if refused:
             return Decision(head + [call], self.controller if left > 0 else None, budget=left,

@@ -55,6 +55,21 @@ class Segment(BaseModel):
     def n_tokens(self) -> int:
         return len(self.token_ids) if self.token_ids is not None else 0
 
+    @property
+    def plain_text(self) -> str:
+        """The text without a call command: for a ``call`` segment, what lies around the
+        command (``meta["command"]`` holds its ``[start, end)`` character span, since a
+        token can straddle the command's edge, e.g. ``".<"``); otherwise the text."""
+        if self.kind == "call":
+            start, end = self.meta.get("command", (0, len(self.text)))
+            return self.text[:start] + self.text[end:]
+        return self.text
+
+
+def reasoning_text(segments: list[Segment]) -> str:
+    """The shared reasoning as plain text: without call commands, steers or errors."""
+    return "".join(s.plain_text for s in segments if s.kind in ("text", "call"))
+
 
 class Task(BaseModel):
     """What the agents work on: the question and the run's settings."""
@@ -87,4 +102,4 @@ class Trajectory(BaseModel):
 
     @property
     def text(self) -> str:
-        return "".join(s.text for s in self.segments if s.kind == "text")
+        return reasoning_text(self.segments)

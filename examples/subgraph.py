@@ -1,0 +1,47 @@
+"""Embed a relay as one node of your own LangGraph app.
+
+The relay graph takes ``{"question": ...}`` and returns ``answer``, ``trajectory_id``,
+``call_ratio``, ...: any parent state with those keys can use it as a node directly.
+
+    python examples/subgraph.py "What is 17 * 23?" [CONTROLLER EXPERT]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TypedDict
+
+from langgraph.graph import END, START, StateGraph
+
+from relaygraph import Relay
+
+
+class AppState(TypedDict, total=False):
+    question: str
+    answer: str
+    trajectory_id: str
+    call_ratio: float
+    report: str
+
+
+def build_app(relay: Relay):
+    def report(state: AppState) -> dict:
+        return {"report": f"answer {state['answer']!r} with {state['call_ratio']:.1%} expert "
+                          f"tokens (trajectory {state['trajectory_id']})"}
+
+    app = StateGraph(AppState)
+    app.add_node("relay", relay.graph)  # the compiled relay graph as a subgraph
+    app.add_node("report", report)
+    app.add_edge(START, "relay")
+    app.add_edge("relay", "report")
+    app.add_edge("report", END)
+    return app.compile()
+
+
+if __name__ == "__main__":
+    question = sys.argv[1] if len(sys.argv) > 1 else "What is 17 * 23?"
+    controller, expert = (sys.argv[2:4] if len(sys.argv) >= 4
+                          else ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"))
+    relay = Relay.from_models(controller, expert, policy="call-token", max_tokens=256)
+    final = build_app(relay).invoke({"question": question}, {"recursion_limit": 1000})
+    print(final["report"])

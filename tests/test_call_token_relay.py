@@ -1,0 +1,172 @@
+"""Exact RelayLLM call semantics, end to end, with tiny real models overfit in-process.
+
+The controller was trained to write ``Let me think.<call>3</call>`` then, after the expert's
+three tokens, `` so the answer is \\boxed{7}.``; the expert was trained on the text without
+the command. See tests/tiny_models.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relaygraph import Agent, CallTokenPolicy, Relay, SoloPolicy
+from relaygraph.agents.backend import Generation, Prompt, StopRule
+from relaygraph.agents.transformers_backend import TransformersBackend
+from relaygraph.trajectory import RedisStore, Trajectory
+from tests import tiny_models as tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("tiny")
+    controller, expert = tiny.build_relay_pair(root)
+    return controller, expert, tiny.load_relay_meta(root)
+
+
+@pytest.fixture(scope="session")
+def backends(tiny_dirs) -> tuple[TransformersBackend, TransformersBackend]:
+    controller, expert, _ = tiny_dirs
+    return (TransformersBackend(str(controller), dtype="float32"),
+            TransformersBackend(str(expert), dtype="float32"))
+
+
+def make_relay(backends, store: RedisStore, max_tokens: int = 64, **policy) -> Relay:
+    c, e = backends
+    return Relay([Agent("controller", c, tiny.SYSTEM_PROMPT), Agent("expert", e, tiny.SYSTEM_PROMPT)],
+                 CallTokenPolicy(**policy), store, max_tokens=max_tokens)
+
+
+def test_call_hands_n_tokens_to_the_expert_and_back(backends, tiny_dirs, redis_store) -> None:
+    meta = tiny_dirs[2]
+    events: list[dict] = []
+    result = make_relay(backends, redis_store).run(tiny.QUESTION, on_event=events.append)
+    trajectory: Trajectory = redis_store.load(result.trajectory_id)
+    segs = trajectory.segments
+
+    assert [(s.author, s.kind) for s in segs] == [
+        ("controller", "text"), ("controller", "call"), ("expert", "text"), ("controller", "text")]
+    call = segs[1]
+    assert call.plain_text + "" == segs[1].text.replace("<call>3</call>", "")
+    assert call.meta["requested"] == 3 and call.meta["granted"] == 3
+    assert segs[0].text + call.text == "Let me think.<call>3</call>"
+    # the expert wrote exactly the 3 tokens it writes when it sees the text *without* the command
+    assert segs[2].text == meta["e3_text"] and segs[2].token_ids == meta["e3_ids"]
+    assert segs[3].text == tiny.CONTROLLER_SUFFIX and segs[3].finish_reason == "eos"
+    assert trajectory.text == "Let me think." + meta["e3_text"] + tiny.CONTROLLER_SUFFIX
+
+    assert result.answer == "7"
+    assert result.tokens_by_agent["expert"] == 3
+    total = sum(result.tokens_by_agent.values())
+    assert result.call_ratio == pytest.approx(3 / total)
+    assert result.handoffs == 2 and result.counters == {"calls": 1}
+    assert result.finish_reason == "eos"
+    handoffs = [(e["from"], e["to"], e["reason"]) for e in events if e["type"] == "handoff"]
+    assert handoffs == [("controller", "expert", "call"), ("expert", "controller", "call_done"),
+                        ("controller", "finish", "eos")]
+    streamed = "".join(e["text"] for e in events if e["type"] == "token")
+    assert streamed == "".join(s.text for s in segs)
+    assert redis_store.status(result.trajectory_id) == "finished"
+
+
+def test_expert_view_strips_the_command_controller_view_keeps_it(backends, redis_store) -> None:
+    result = make_relay(backends, redis_store).run(tiny.QUESTION)
+    segs = redis_store.read(result.trajectory_id)
+    policy = CallTokenPolicy()
+    expert_view = "".join(s.text for s in policy.view("expert", segs))
+    controller_view = "".join(s.text for s in policy.view("controller", segs))
+    assert "<call>" not in expert_view and "</call>" not in expert_view
+    assert expert_view.startswith("Let me think.")  # the '.' sharing a token with '<' survives
+    assert "Let me think.<call>3</call>" in controller_view
+
+
+def test_call_is_clipped_to_max_call_tokens(backends, redis_store) -> None:
+    result = make_relay(backends, redis_store, max_call_tokens=2).run(tiny.QUESTION)
+    call, expert = redis_store.read(result.trajectory_id)[1:3]
+    assert call.meta == {"command": call.meta["command"], "requested": 3, "granted": 2}
+    assert expert.author == "expert" and expert.n_tokens == 2
+    assert result.tokens_by_agent["expert"] == 2
+
+
+def test_call_is_clipped_to_the_remaining_budget(backends, redis_store) -> None:
+    head = len(tiny.load_relay_meta(Path(backends[0].model_id).parent)["controller_head_ids"])
+    result = make_relay(backends, redis_store, max_tokens=head + 1).run(tiny.QUESTION)
+    segs = redis_store.read(result.trajectory_id)
+    assert segs[1].meta["granted"] == 1
+    assert segs[2].n_tokens == 1
+    assert sum(result.tokens_by_agent.values()) == head + 1
+    assert result.finish_reason == "budget"
+
+
+def test_malformed_command_is_recorded_and_kept_as_text(backends, redis_store) -> None:
+    result = make_relay(backends, redis_store).run(tiny.MALFORMED_QUESTION)
+    segs = redis_store.read(result.trajectory_id)
+    assert all(s.author == "controller" and s.kind == "text" for s in segs)
+    assert "".join(s.text for s in segs) == tiny.MALFORMED_ANSWER
+    assert segs[0].meta == {"malformed_call": "<call>abc</call>"}
+    assert result.counters == {"malformed_calls": 1}
+    assert result.tokens_by_agent["expert"] == 0 and result.call_ratio == 0
+
+
+def test_call_command_in_the_question_is_ignored(backends, redis_store) -> None:
+    result = make_relay(backends, redis_store).run("What is 1 + 1? <call>3</call>")
+    segs = redis_store.read(result.trajectory_id)
+    own = "".join(s.text for s in segs if s.author == "controller")
+    assert "</call>" not in own  # the controller did not write a command itself ...
+    assert result.counters.get("calls", 0) == 0  # ... so nothing was called
+    assert result.tokens_by_agent["expert"] == 0
+    assert not any(s.kind == "call" for s in segs)
+
+
+def test_call_command_in_the_expert_output_is_ignored(backends) -> None:
+    controller, expert = backends
+    policy = CallTokenPolicy()
+    text = " seven <call>5</call>"
+    ids = expert.encode(text)
+    gen = Generation(text=text, token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="budget",
+                     tokenizer=expert.tokenizer_id)
+    decision = policy.route(Agent("expert", expert), gen,
+                            {"max_tokens": 100, "generated": 10, "budget": len(ids)})
+    assert [s.kind for s in decision.segments] == ["text"]
+    assert decision.next == "controller" and decision.reason == "call_done"
+    assert decision.counters == {}
+
+
+def test_solo_policy(backends, redis_store) -> None:
+    relay = Relay([Agent("controller", backends[0], tiny.SYSTEM_PROMPT)], SoloPolicy(), redis_store)
+    result = relay.run(tiny.NOCALL_QUESTION)
+    assert result.answer == "2" and result.call_ratio == 0 and result.handoffs == 0
+    assert [s.text for s in result.segments] == [tiny.NOCALL_ANSWER]
+
+
+def test_kv_cache_reuse_gives_the_same_tokens_and_prefills_only_the_new_ones(backends) -> None:
+    controller, _ = backends
+    prompt = Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT)
+    first = controller.generate(prompt, StopRule(max_tokens=5), cache_key="k")
+    assert first.prefilled_tokens == first.prompt_tokens
+    from relaygraph.trajectory import Segment
+
+    seg = Segment(author="controller", text=first.text, token_ids=first.token_ids,
+                  tokenizer=first.tokenizer)
+    cont = Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT, (seg,))
+    cached = controller.generate(cont, StopRule(max_tokens=8), cache_key="k")
+    fresh = controller.generate(cont, StopRule(max_tokens=8))
+    assert cached.token_ids == fresh.token_ids
+    assert cached.prefilled_tokens == 1  # only its own last sampled token was not in the cache
+    assert fresh.prefilled_tokens == fresh.prompt_tokens
+    controller.drop_cache("k")
+
+
+def test_relay_graph_works_as_a_subgraph(backends, redis_store) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "subgraph_example", Path(__file__).parents[1] / "examples" / "subgraph.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    app = example.build_app(make_relay(backends, redis_store))
+    final = app.invoke({"question": tiny.QUESTION}, {"recursion_limit": 200})
+    assert final["answer"] == "7"
+    assert redis_store.exists(final["trajectory_id"])
+    assert "answer '7'" in final["report"]
