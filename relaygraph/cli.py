@@ -49,9 +49,14 @@ def friendly(func: F) -> F:
 
 
 def _ensure_pulled(*models: str | None) -> None:
+    """Check every model argument, then pull the catalog models not yet in the cache."""
     from relaygraph.agents import catalog
 
-    for model in models:
+    wanted = [m for m in models if m]
+    for model in wanted:
+        if model not in catalog.CATALOG:
+            catalog.resolve(model)  # fails fast on a bad path before any download
+    for model in wanted:
         if model in catalog.CATALOG and not catalog.is_pulled(model):
             catalog.pull(model, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
 
@@ -90,7 +95,7 @@ def run(
     out = Console(highlight=False)
     if as_json:
         result = relay.run(question)
-        print(result.model_dump_json(indent=2))
+        print(result.model_dump_json(indent=2, by_alias=True))
         return
     from relaygraph.observability.render import LivePrinter, Styles
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.errors import ConfigError
@@ -33,6 +33,20 @@ class SegmentSummary(BaseModel):
     n_tokens: int
 
 
+class HandoffRecord(BaseModel):
+    """Control moving from one agent to another."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: str = Field(alias="from")
+    to: str
+    reason: str
+    position: int
+    """Number of segments in the trajectory when control moved."""
+    requested_tokens: int | None = None
+    confidence: float | None = None
+
+
 class RunResult(BaseModel):
     """What a run produced (the trajectory itself stays in the store)."""
 
@@ -45,6 +59,7 @@ class RunResult(BaseModel):
     call_ratio: float
     """Tokens written by agents other than the policy's primary / all generated tokens."""
     handoffs: int
+    handoff_records: list[HandoffRecord]
     counters: dict[str, int]
     seconds: float
 
@@ -102,6 +117,7 @@ class Relay:
         started = time.perf_counter()
         tid = trajectory_id or new_trajectory_id()
         final: dict[str, Any] = {}
+        records: list[HandoffRecord] = []
         limit = 2 * self.max_tokens + 16  # every step but the last writes at least one token
         with tracing.run_span(self.policy.name, len(question)):
             try:
@@ -109,8 +125,11 @@ class Relay:
                     {"question": question, "trajectory_id": tid},
                     stream_mode=["custom", "values"], config={"recursion_limit": limit},
                 ):
-                    if mode == "custom" and on_event is not None:
-                        on_event(chunk)
+                    if mode == "custom":
+                        if chunk.get("type") == "handoff" and chunk["to"] != "finish":
+                            records.append(HandoffRecord.model_validate(chunk))
+                        if on_event is not None:
+                            on_event(chunk)
                     elif mode == "values":
                         final = chunk
             except Exception as exc:
@@ -124,6 +143,7 @@ class Relay:
                                      n_tokens=s.n_tokens) for s in segments],
             tokens_by_agent=final.get("tokens_by_agent", {}),
             call_ratio=final.get("call_ratio", 0.0), handoffs=final.get("handoffs", 0),
+            handoff_records=records,
             counters=final.get("counters", {}), seconds=time.perf_counter() - started,
         )
 

@@ -38,6 +38,11 @@ def test_run_json_with_a_relay(tiny_pair, redis_server) -> None:
     assert out["tokens_by_agent"]["expert"] == 3
     assert out["call_ratio"] == pytest.approx(3 / sum(out["tokens_by_agent"].values()))
     assert out["handoffs"] == 2
+    first, second = out["handoff_records"]
+    assert (first["from"], first["to"], first["reason"], first["requested_tokens"]) == (
+        "controller", "expert", "call", 3)
+    assert (second["from"], second["to"], second["reason"]) == ("expert", "controller", "call_done")
+    assert second["position"] == 3  # text, call, expert text appended before control came back
     store = RedisStore.from_url(redis_server.url)
     assert store.load(out["trajectory_id"]).status == "finished"
 

@@ -118,23 +118,25 @@ def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore) -> Callabl
             n = len(generation.token_ids)
             generated = state["generated"] + n
             nxt = decision.next if decision.next and generated < state["max_tokens"] else "finish"
-            tracing.record_turn(span, generation, decision, nxt)
+            handoff = {"type": "handoff", "from": agent.name, "to": nxt, "reason": decision.reason,
+                       "position": cursor, "requested_tokens": decision.budget,
+                       "confidence": decision.confidence, "policy": policy.name}
+            tracing.record_turn(span, generation, handoff)
         counters = dict(state.get("counters", {}))
         for key, value in decision.counters.items():
             counters[key] = counters.get(key, 0) + value
         tokens = dict(state["tokens_by_agent"])
         tokens[agent.name] = tokens.get(agent.name, 0) + n
-        handoff = nxt not in ("finish", agent.name)
-        if nxt != agent.name:
-            writer({"type": "handoff", "from": agent.name, "to": nxt, "reason": decision.reason,
-                    "position": cursor, "budget": decision.budget})
-        return Command(goto=nxt, update={
+        update: RelayState = {
             "cursor": cursor, "turn": nxt, "budget": decision.budget, "generated": generated,
             "tokens_by_agent": tokens, "counters": counters,
-            "handoffs": state["handoffs"] + handoff,
-            "finish_reason": decision.reason if nxt == "finish" and decision.next is None
-            else ("budget" if nxt == "finish" else ""),
-        })
+            "handoffs": state["handoffs"] + (nxt not in ("finish", agent.name)),
+        }
+        if nxt == "finish":  # the policy ended the run, or the run's budget did
+            update["finish_reason"] = decision.reason if decision.next is None else "budget"
+        if nxt != agent.name:
+            writer(handoff)
+        return Command(goto=nxt, update=update)
 
     return node
 

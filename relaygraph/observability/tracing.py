@@ -16,7 +16,7 @@ from opentelemetry import trace
 if TYPE_CHECKING:
     from relaygraph.agents.agent import Agent
     from relaygraph.agents.backend import Generation
-    from relaygraph.policies.base import Decision, Policy
+    from relaygraph.policies.base import Policy
 
 tracer = trace.get_tracer("relaygraph")
 
@@ -42,11 +42,12 @@ def agent_turn(agent: Agent, policy: Policy, trajectory_id: str, position: int) 
         yield span
 
 
-def record_turn(span: Any, generation: Generation, decision: Decision, next_node: str) -> None:
+def record_turn(span: Any, generation: Generation, handoff: dict[str, Any]) -> None:
+    """Usage of the turn and the handoff that ends it (``relaygraph.handoff.*``)."""
     span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
     span.set_attribute("gen_ai.usage.output_tokens", len(generation.token_ids))
     span.set_attribute("relaygraph.usage.prefilled_tokens", generation.prefilled_tokens)
     span.set_attribute("gen_ai.response.finish_reasons", [generation.finish_reason])
-    span.set_attribute("relaygraph.handoff.to", next_node)
-    span.set_attribute("relaygraph.handoff.reason", decision.reason)
-    span.set_attribute("relaygraph.handoff.requested_tokens", decision.budget)
+    for key in ("from", "to", "policy", "reason", "position", "requested_tokens", "confidence"):
+        if handoff.get(key) is not None:
+            span.set_attribute(f"relaygraph.handoff.{key}", handoff[key])

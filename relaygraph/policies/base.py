@@ -17,7 +17,8 @@ class Decision:
     """What a policy decides after a turn: what to append, and who writes next.
 
     ``next=None`` ends the run. ``counters`` are added to the run's counters (e.g.
-    ``{"calls": 1}``); ``reason`` names the handoff (``call``, ``call_done``, ``eos``, ...).
+    ``{"calls": 1}``); ``reason`` names the handoff (``call``, ``call_done``, ``eos``, ...);
+    ``confidence`` is the score that triggered it, when a confidence check did.
     """
 
     segments: list[Segment]
@@ -25,6 +26,7 @@ class Decision:
     budget: int = 0
     reason: str = ""
     counters: dict[str, int] = field(default_factory=dict)
+    confidence: float | None = None
 
 
 @runtime_checkable
