@@ -76,6 +76,8 @@ class Generation:
     cached prefix was reused)."""
     seconds: float = 0.0
     tokenizer: str | None = None
+    rejected: TokenStep | None = None
+    """The token a ``StopRule.check`` refused (finish reason ``low_confidence``)."""
     extra: dict[str, object] = field(default_factory=dict)
 
 

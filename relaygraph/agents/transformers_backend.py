@@ -181,6 +181,7 @@ class TransformersBackend:
             out_ids: list[int] = []
             logprobs: list[float] = []
             text, emitted = "", 0
+            rejected = None
             finish = "budget" if limit == rule.max_tokens else "length"
             while len(out_ids) < limit:
                 logits = self.model(
@@ -195,8 +196,9 @@ class TransformersBackend:
                     break
                 if rule.check is not None:
                     entropy = float(-(logp.exp() * logp).nan_to_num().sum())
-                    if rule.check(TokenStep(token, float(logp[token]), entropy, len(out_ids))):
-                        finish = "low_confidence"
+                    step = TokenStep(token, float(logp[token]), entropy, len(out_ids))
+                    if rule.check(step):
+                        finish, rejected = "low_confidence", step
                         break
                 out_ids.append(token)
                 logprobs.append(float(logp[token]))
@@ -216,7 +218,19 @@ class TransformersBackend:
             text=text, token_ids=out_ids, logprobs=logprobs, finish_reason=finish,  # type: ignore[arg-type]
             prompt_tokens=len(ids), prefilled_tokens=len(ids) - cached,
             seconds=time.perf_counter() - start_time, tokenizer=self.tokenizer_id,
+            rejected=rejected,
         )
+
+
+    def next_token_logprobs(self, prompt: Prompt, candidates: Sequence[str]) -> dict[str, float]:
+        """Log-probability of each candidate's first token right after ``prompt``."""
+        import torch
+
+        ids = self.render(prompt)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, -1]
+            logp = torch.log_softmax(logits.float(), dim=-1)
+        return {c: float(logp[self.encode(c)[0]]) for c in candidates}
 
 
 def _choose(logp: Any, sampling: Sampling, generator: Any) -> int:

@@ -23,10 +23,11 @@ from langgraph.types import Command
 
 from relaygraph.errors import ConfigError
 from relaygraph.eval.answers import extract_answer
-from relaygraph.graphs.state import RelayInput, RelayOutput, RelayState
+from relaygraph.graphs.state import SUPERVISOR, RelayInput, RelayOutput, RelayState
 from relaygraph.observability import tracing
 from relaygraph.trajectory.models import (
     Task,
+    active,
     check_trajectory_id,
     new_trajectory_id,
     reasoning_text,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from langgraph.graph.state import CompiledStateGraph
 
     from relaygraph.agents.agent import Agent
-    from relaygraph.policies.base import Policy
+    from relaygraph.policies.base import Decision, Policy
 
 RESERVED_NODES = frozenset({"start", "finish", START, END})
 
@@ -57,17 +58,20 @@ def build_graph(
         raise ConfigError(
             f"policy {policy.name!r} needs agents {list(policy.agents)}; missing: {missing}"
         )
-    if clash := RESERVED_NODES & set(by_name):
+    if clash := (RESERVED_NODES | {SUPERVISOR}) & set(by_name):
         raise ConfigError(f"agent names {sorted(clash)} are reserved; rename them")
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
 
+    supervised = callable(getattr(policy, "review", None))
+    targets = (*policy.agents, "finish", *((SUPERVISOR,) if supervised else ()))
     graph = StateGraph(RelayState, input_schema=RelayInput, output_schema=RelayOutput)
     graph.add_node("start", _start_node(policy, by_name, store, max_tokens),
-                   destinations=tuple(policy.agents[:1]))
+                   destinations=tuple(policy.agents))
     for name in policy.agents:
-        graph.add_node(name, _agent_node(by_name[name], policy, store),
-                       destinations=(*policy.agents, "finish"))
+        graph.add_node(name, _agent_node(by_name[name], policy, store), destinations=targets)
+    if supervised:
+        graph.add_node(SUPERVISOR, _supervisor_node(policy, store), destinations=targets)
     graph.add_node("finish", _finish_node(policy, store))
     graph.add_edge(START, "start")
     graph.add_edge("finish", END)
@@ -81,6 +85,9 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
         if not question or not question.strip():
             raise ConfigError("the question is empty; pass the text of a question")
         tid = check_trajectory_id(state.get("trajectory_id") or new_trajectory_id())
+        fresh: RelayState = {"trajectory_id": tid, "question": question,
+                             "max_tokens": max_tokens, "generated": 0}
+        first, budget = policy.first_turn(fresh)
         task = Task(
             question=question, policy=policy.name,
             agents={n: agents[n].backend.model_id for n in policy.agents},
@@ -88,10 +95,8 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
                     "system_prompts": {n: agents[n].system_prompt for n in policy.agents}},
         )
         store.create(tid, task)
-        first = policy.agents[0]
-        fresh: RelayState = {"trajectory_id": tid, "max_tokens": max_tokens, "generated": 0}
         return Command(goto=first, update={
-            **fresh, "cursor": 0, "turn": first, "budget": policy.first_budget(fresh),
+            **fresh, "cursor": 0, "turn": first, "budget": budget,
             "tokens_by_agent": {n: 0 for n in policy.agents}, "handoffs": 0, "counters": {},
         })
 
@@ -102,7 +107,7 @@ def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore) -> Callabl
     def node(state: RelayState) -> Command:
         tid, cursor = state["trajectory_id"], state["cursor"]
         writer = get_stream_writer()
-        view = policy.view(agent.name, store.read(tid, 0, cursor))
+        view = policy.view(agent.name, active(store.read(tid, 0, cursor)))
         rule = policy.stop_rule(agent.name, state)
         with tracing.agent_turn(agent, policy, tid, cursor) as span:
             generation = agent.backend.generate(
@@ -111,34 +116,63 @@ def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore) -> Callabl
                 cache_key=f"{tid}/{agent.name}",
             )
             decision = policy.route(agent, generation, state)
-            for seg in decision.segments:
-                if seg.text or seg.kind != "text":
-                    store.append(tid, cursor, seg)
-                    cursor += 1
-            n = len(generation.token_ids)
-            generated = state["generated"] + n
-            nxt = decision.next if decision.next and generated < state["max_tokens"] else "finish"
-            handoff = {"type": "handoff", "from": agent.name, "to": nxt, "reason": decision.reason,
-                       "position": cursor, "requested_tokens": decision.budget,
-                       "confidence": decision.confidence, "policy": policy.name}
+            update, handoff = _apply(decision, state, store, agent.name, len(generation.token_ids),
+                                     policy.name)
             tracing.record_turn(span, generation, handoff)
-        counters = dict(state.get("counters", {}))
-        for key, value in decision.counters.items():
-            counters[key] = counters.get(key, 0) + value
-        tokens = dict(state["tokens_by_agent"])
-        tokens[agent.name] = tokens.get(agent.name, 0) + n
-        update: RelayState = {
-            "cursor": cursor, "turn": nxt, "budget": decision.budget, "generated": generated,
-            "tokens_by_agent": tokens, "counters": counters,
-            "handoffs": state["handoffs"] + (nxt not in ("finish", agent.name)),
-        }
-        if nxt == "finish":  # the policy ended the run, or the run's budget did
-            update["finish_reason"] = decision.reason if decision.next is None else "budget"
-        if nxt != agent.name:
+        if handoff["to"] not in (agent.name, SUPERVISOR):  # a review is not a handoff
             writer(handoff)
-        return Command(goto=nxt, update=update)
+        return Command(goto=update["turn"], update=update)
 
     return node
+
+
+def _supervisor_node(policy: Any, store: TrajectoryStore) -> Callable[[RelayState], Command]:
+    def supervise(state: RelayState) -> Command:
+        segments = store.read(state["trajectory_id"], 0, state["cursor"])
+        writer = get_stream_writer()
+        decision = policy.review(segments, state)
+        for seg in decision.segments:
+            if seg.kind == "steer":
+                writer({"type": "token", "agent": SUPERVISOR, "text": seg.text})
+        last = next((s.author for s in reversed(segments) if s.author != SUPERVISOR), SUPERVISOR)
+        update, handoff = _apply(decision, state, store, last, 0, policy.name)
+        if decision.reason != "continue":
+            writer({"type": "review", "action": decision.reason, "worker": last,
+                    "position": update["cursor"], "score": decision.confidence})
+        if handoff["to"] not in (last, "finish"):
+            writer(handoff)
+        return Command(goto=update["turn"], update=update)
+
+    return supervise
+
+
+def _apply(decision: Decision, state: RelayState, store: TrajectoryStore, author: str,
+           n_tokens: int, policy_name: str) -> tuple[RelayState, dict[str, Any]]:
+    """Append the decision's segments at the cursor; the state update and handoff record."""
+    tid, cursor = state["trajectory_id"], state["cursor"]
+    for seg in decision.segments:
+        if seg.text or seg.kind != "text":
+            store.append(tid, cursor, seg)
+            cursor += 1
+    generated = state["generated"] + n_tokens
+    nxt = decision.next if decision.next and generated < state["max_tokens"] else "finish"
+    counters = dict(state.get("counters", {}))
+    for key, value in decision.counters.items():
+        counters[key] = counters.get(key, 0) + value
+    tokens = dict(state["tokens_by_agent"])
+    if author in tokens:
+        tokens[author] += n_tokens
+    moved = nxt not in ("finish", SUPERVISOR, author)
+    update: RelayState = {
+        "cursor": cursor, "turn": nxt, "budget": decision.budget, "generated": generated,
+        "tokens_by_agent": tokens, "counters": counters, "handoffs": state["handoffs"] + moved,
+    }
+    if nxt == "finish":  # the policy ended the run, or the run's budget did
+        update["finish_reason"] = decision.reason if decision.next is None else "budget"
+    handoff = {"type": "handoff", "from": author, "to": nxt, "reason": decision.reason,
+               "position": cursor, "requested_tokens": decision.budget,
+               "confidence": decision.confidence, "policy": policy_name}
+    return update, handoff
 
 
 def _finish_node(policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], dict]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+SUPERVISOR = "supervisor"
+"""Node name of a supervised policy's supervisor (policies with a ``review`` method)."""
+
 
 class RelayInput(TypedDict, total=False):
     """What a caller (or a parent graph) passes in: a question, or the id of a stored

@@ -95,8 +95,8 @@ class CallTokenPolicy:
     def primary(self) -> str:
         return self.controller
 
-    def first_budget(self, state: RelayState) -> int:
-        return remaining(state)
+    def first_turn(self, state: RelayState) -> tuple[str, int]:
+        return self.controller, remaining(state)
 
     def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
         """The controller sees everything; the expert sees call segments without the command

@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SegmentKind = Literal["text", "call", "steer", "error"]
+SegmentKind = Literal["text", "call", "steer", "retract", "error"]
 """``text``: reasoning an agent wrote; ``call``: a controller's ``<call>n</call>`` command;
-``steer``: guidance injected by a supervisor; ``error``: a failure recorded in the run."""
+``steer``: guidance injected by a supervisor, visible to all; ``retract``: a marker that
+rolls back earlier segments (``meta["retracts"]`` lists their positions; they stay in the
+store but leave every view); ``error``: a failure recorded in the run."""
 
 FinishReason = Literal["stop", "eos", "length", "budget", "call", "low_confidence", "error"]
 """Why a segment ended: a stop string, end of sequence, the backend's token limit, the
@@ -66,7 +69,18 @@ class Segment(BaseModel):
         return self.text
 
 
-def reasoning_text(segments: list[Segment]) -> str:
+def retracted(segments: Sequence[Segment]) -> set[int]:
+    """Positions rolled back by ``retract`` markers."""
+    return {seq for s in segments if s.kind == "retract" for seq in s.meta.get("retracts", ())}
+
+
+def active(segments: Sequence[Segment]) -> list[Segment]:
+    """The segments views are built from: without retracted ones and retraction markers."""
+    gone = retracted(segments)
+    return [s for i, s in enumerate(segments) if s.kind != "retract" and i not in gone]
+
+
+def reasoning_text(segments: Sequence[Segment]) -> str:
     """The shared reasoning as plain text: without call commands, steers or errors."""
     return "".join(s.plain_text for s in segments if s.kind in ("text", "call"))
 

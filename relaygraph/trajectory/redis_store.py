@@ -13,7 +13,6 @@ under retries and concurrent writers. Values are JSON; nothing is ever unpickled
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -195,15 +194,3 @@ class RedisStore:
     def close(self) -> None:
         self.client.close()
 
-
-def wait_for(store: RedisStore, timeout: float = 5.0) -> None:
-    """Block until the server answers PING (used after starting a server)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            store.client.ping()
-            return
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
