@@ -9,6 +9,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -61,37 +62,118 @@ def _ensure_pulled(*models: str | None) -> None:
             catalog.pull(model, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
 
 
+def _set_option(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, lists, ...)."""
+    import json
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def _relay_config(config: Path | None, policy: str | None, controller: str | None,
+                  expert: str | None, redis: str | None, max_tokens: int | None,
+                  dtype: str | None, options: dict[str, Any]) -> Any:
+    """The run's configuration: the config file (if any) with command-line overrides."""
+    from relaygraph.config import RelayConfig
+
+    if config is None:
+        return RelayConfig.from_options(
+            controller or "qwen2.5-coder-0.5b", expert or "qwen2.5-coder-1.5b",
+            policy or "call-token", max_tokens if max_tokens is not None else 512, redis,
+            dtype or "bfloat16", **options)
+    data = RelayConfig.load(config).model_dump(mode="json")
+    if policy:
+        data["policy"] = {"type": policy}
+    data["policy"].update(options)
+    for name, model in (("controller", controller), ("expert", expert)):
+        if model and name in data["agents"]:
+            data["agents"][name]["model"] = model
+    for agent in data["agents"].values():
+        agent["dtype"] = dtype or agent["dtype"]
+    data["max_tokens"] = max_tokens if max_tokens is not None else data["max_tokens"]
+    data["redis"] = redis or data["redis"]
+    return RelayConfig.parse(data, source=str(config))
+
+
+def _traced(func: F) -> F:
+    """Set up OpenTelemetry for the command when ``--trace`` or the ``OTEL_*`` variables ask
+    for it, and shut it down afterwards (bounded: a dead collector costs no waiting)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from relaygraph.observability.telemetry import configure, tracing_requested
+
+        target, content = kwargs.get("trace"), kwargs.get("trace_content")
+        if target is None and not tracing_requested():
+            if content:
+                raise ConfigError("--trace-content needs --trace (or OTEL_TRACES_EXPORTER / "
+                                  "OTEL_EXPORTER_OTLP_ENDPOINT)")
+            return func(*args, **kwargs)
+        endpoint = None
+        if target is not None and "://" in target:
+            endpoint = target.split("/v1/traces")[0].rstrip("/")
+            target = "otlp"
+        telemetry = configure(target, endpoint=endpoint, capture_content=content or None,
+                              quiet=not os.environ.get("RELAYGRAPH_DEBUG"))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            from relaygraph.observability import tracing
+
+            if not telemetry.shutdown() and telemetry.problems:
+                err.print(f"[yellow]warning:[/yellow] traces not exported: "
+                          f"{telemetry.problems[0]}; the run itself is unaffected")
+            elif telemetry.traces == "otlp" and tracing.last_trace_id:
+                err.print(f"[dim]trace {tracing.last_trace_id} sent to {telemetry.endpoint}[/dim]")
+
+    return wrapper  # type: ignore[return-value]
+
+
 @app.command()
 @friendly
+@_traced
 def run(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
-    policy: Annotated[str, typer.Option(help="call-token | prompted-call | solo")] = "call-token",
-    controller: Annotated[str, typer.Option(help="Controller model: catalog name, folder, .gguf or hub id.")] = "qwen2.5-coder-0.5b",
-    expert: Annotated[str, typer.Option(help="Expert model (ignored by solo).")] = "qwen2.5-coder-1.5b",
+    policy: Annotated[str | None, typer.Option(help="call-token | prompted-call | solo | confidence | supervisor | fixed-interval | random-router | perfect-router | truncate (default call-token)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Relay config file (.toml, .yaml, .json); options below override it.")] = None,
+    controller: Annotated[str | None, typer.Option(help="Controller model: catalog name, folder, .gguf or hub id (default qwen2.5-coder-0.5b).")] = None,
+    expert: Annotated[str | None, typer.Option(help="Expert model (default qwen2.5-coder-1.5b).")] = None,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Budget of generated tokens, all models together.")] = 512,
-    max_call_tokens: Annotated[int, typer.Option(help="Most tokens one call may ask of the expert.")] = 1024,
-    dtype: Annotated[str, typer.Option(help="bfloat16 | float32")] = "bfloat16",
+    max_tokens: Annotated[int | None, typer.Option(help="Budget of generated tokens, all models together (default 512).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32")] = None,
+    max_call_tokens: Annotated[int | None, typer.Option(help="call-token: most tokens one call may ask for.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="confidence/truncate: log-prob (or entropy) threshold.")] = None,
+    fallback_tokens: Annotated[int | None, typer.Option(help="confidence: tokens the fallback writes.")] = None,
+    interval: Annotated[int | None, typer.Option(help="fixed-interval: tokens per turn.")] = None,
+    p: Annotated[float | None, typer.Option("--p", help="random-router: share of queries sent to the expert.")] = None,
+    supervisor: Annotated[str | None, typer.Option(help="supervisor: module:function, judge:AGENT or score:AGENT.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any policy field as KEY=VALUE (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+    trace: Annotated[str | None, typer.Option("--trace", help="OpenTelemetry traces to: console | otlp | none | an OTLP URL such as http://localhost:6006 (default: the OTEL_* variables).")] = None,
+    trace_content: Annotated[bool, typer.Option("--trace-content", help="Record the question and generated text in spans (off by default).")] = False,
 ) -> None:
     """Answer QUESTION with a relay; tokens stream coloured by the model that wrote them."""
-    from relaygraph.policies.call_token import CallTokenPolicy
-    from relaygraph.relay import POLICIES, Relay
-    from relaygraph.trajectory import open_store
-
     if not question.strip():
         raise ConfigError("the question is empty; pass the text of a question in quotes")
-    if policy not in POLICIES:
-        raise ConfigError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
-    if max_tokens < 1:
-        raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
-    CallTokenPolicy(max_call_tokens=max_call_tokens)  # validates the option
-    store = open_store(redis)
-    _ensure_pulled(controller, None if policy == "solo" else expert)
+    flags = {"max_call_tokens": max_call_tokens, "threshold": threshold,
+             "fallback_tokens": fallback_tokens, "interval": interval, "p": p,
+             "supervisor": supervisor}
+    options = {k: v for k, v in flags.items() if v is not None} | _set_option(set_ or [])
+    cfg = _relay_config(config, policy, controller, expert, redis, max_tokens, dtype, options)
+    from relaygraph.trajectory import open_store
+
+    store = open_store(cfg.redis)
+    _ensure_pulled(*(cfg.agents[name].model for name in cfg.needed_agents()))
     with err.status("loading models…"):
-        relay = Relay.from_models(controller, expert, policy=policy, store=store,
-                                  max_tokens=max_tokens, max_call_tokens=max_call_tokens,
-                                  dtype=dtype)
+        relay = cfg.build(store)
     out = Console(highlight=False)
     if as_json:
         result = relay.run(question)
@@ -118,10 +200,10 @@ def show(
     trajectory_id: Annotated[str | None, typer.Argument(help="Id to show; omit to list recent runs.")] = None,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Watch a running trajectory live.")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Write one self-contained HTML page of the trajectory to this file.")] = None,
     limit: Annotated[int, typer.Option(help="How many recent ids to list.")] = 20,
 ) -> None:
-    """Render a stored trajectory coloured by author (or list recent ones)."""
-    from relaygraph.observability.render import Styles, render_segments, segment_text
+    """Render a stored trajectory coloured by author, with handoff markers (or list recent ones)."""
     from relaygraph.trajectory import check_trajectory_id, open_store
 
     store = open_store(redis)
@@ -130,18 +212,23 @@ def show(
         for tid in store.list_ids(limit):
             out.print(tid)
         return
-    trajectory = store.load(check_trajectory_id(trajectory_id))
-    styles = Styles(list(trajectory.task.agents))
-    out.print(f"[bold]{trajectory.task.question}[/bold]")
-    out.print(styles.legend())
+    from relaygraph.observability.render import follow_trajectory, render_trajectory
+
+    tid = check_trajectory_id(trajectory_id)
     if follow:
-        for _, segment in store.follow(trajectory_id):
-            out.print(segment_text(segment, styles), end="")
-        out.print()
+        trajectory = follow_trajectory(store, tid, out)
     else:
-        render_segments(trajectory.segments, out, styles)
-    out.print(f"[dim]status {store.status(trajectory_id)} · {len(trajectory.segments)} segments · "
-              f"policy {trajectory.task.policy}[/dim]")
+        trajectory = store.load(tid)
+        if html is None:
+            render_trajectory(trajectory, out)
+    if html is not None:
+        from relaygraph.observability.html import write_html
+
+        try:
+            path = write_html(trajectory, html)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {html}: {exc.strerror or exc}") from None
+        out.print(f"wrote {path} — open it in a browser")
 
 
 @models_app.command("pull")

@@ -13,16 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
-from relaygraph.errors import ConfigError
+from relaygraph.agents.agent import Agent
 from relaygraph.observability import tracing
-from relaygraph.policies import PROMPTED_CALL_SYSTEM_PROMPT, CallTokenPolicy, SoloPolicy
 from relaygraph.trajectory import TrajectoryStore, new_trajectory_id, open_store
 
 if TYPE_CHECKING:
     from relaygraph.policies.base import Policy
 
-POLICIES = ("call-token", "prompted-call", "solo")
 Event = dict[str, Any]
 
 
@@ -78,38 +75,16 @@ class Relay:
         self.graph = build_graph(self.agents, policy, self.store, max_tokens=max_tokens)
 
     @classmethod
-    def from_models(
-        cls,
-        controller: str,
-        expert: str | None = None,
-        policy: str = "call-token",
-        store: TrajectoryStore | None = None,
-        max_tokens: int = 512,
-        max_call_tokens: int = 1024,
-        dtype: str = "bfloat16",
-    ) -> Relay:
-        """Load the models (a model used twice is loaded once) and build a named policy."""
-        from relaygraph.agents.transformers_backend import TransformersBackend
+    def from_models(cls, controller: str, expert: str | None = None, policy: str = "call-token",
+                    store: TrajectoryStore | None = None, max_tokens: int = 512,
+                    dtype: str = "bfloat16", **options: Any) -> Relay:
+        """Load a controller (and expert) and build a named policy; ``options`` are the
+        policy's settings, e.g. ``threshold=-2.5`` (see :mod:`relaygraph.config`)."""
+        from relaygraph.config import RelayConfig
 
-        if policy not in POLICIES:
-            raise ConfigError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
-        if policy != "solo" and not expert:
-            raise ConfigError(f"policy {policy!r} needs an expert model (--expert)")
-        loaded: dict[str, TransformersBackend] = {}
-
-        def backend(model: str) -> TransformersBackend:
-            if model not in loaded:
-                loaded[model] = TransformersBackend(model, dtype=dtype)
-            return loaded[model]
-
-        if policy == "solo":
-            return cls([Agent("controller", backend(controller))], SoloPolicy("controller"),
-                       store, max_tokens)
-        prompt = PROMPTED_CALL_SYSTEM_PROMPT if policy == "prompted-call" else MATH_SYSTEM_PROMPT
-        agents = [Agent("controller", backend(controller), system_prompt=prompt),
-                  Agent("expert", backend(expert or controller))]
-        rule = CallTokenPolicy("controller", "expert", max_call_tokens=max_call_tokens, name=policy)
-        return cls(agents, rule, store, max_tokens)
+        config = RelayConfig.from_options(controller, expert, policy, max_tokens, dtype=dtype,
+                                          **options)
+        return config.build(store)
 
     def run(self, question: str, trajectory_id: str | None = None,
             on_event: Callable[[Event], None] | None = None) -> RunResult:
@@ -119,7 +94,8 @@ class Relay:
         final: dict[str, Any] = {}
         records: list[HandoffRecord] = []
         limit = 2 * self.max_tokens + 16  # every step but the last writes at least one token
-        with tracing.run_span(self.policy.name, len(question)):
+        with tracing.run_span(self.policy.name, len(question), trajectory_id=tid,
+                              question=question):
             try:
                 for mode, chunk in self.graph.stream(
                     {"question": question, "trajectory_id": tid},

@@ -53,4 +53,4 @@ def test_fuzz_never_crashes_and_agrees_with_the_spec(text: str) -> None:
     assert text[cmd.start:].startswith(cmd.raw)
     if cmd.n is not None:
         body = cmd.raw[len("<call>"):-len("</call>")].strip()
-        assert body.isascii() and body.isdigit() and int(body) == cmd.n > 0
+        assert body.isascii() and body.isdigit() and min(int(body), 10**18) == cmd.n > 0

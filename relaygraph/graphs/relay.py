@@ -112,7 +112,8 @@ def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore) -> Callabl
         with tracing.agent_turn(agent, policy, tid, cursor) as span:
             generation = agent.backend.generate(
                 agent.prompt(state["question"], view), rule, agent.sampling,
-                on_text=lambda text: writer({"type": "token", "agent": agent.name, "text": text}),
+                on_text=span.wrap_stream(
+                    lambda text: writer({"type": "token", "agent": agent.name, "text": text})),
                 cache_key=f"{tid}/{agent.name}",
             )
             decision = policy.route(agent, generation, state)
@@ -136,6 +137,7 @@ def _supervisor_node(policy: Any, store: TrajectoryStore) -> Callable[[RelayStat
                 writer({"type": "token", "agent": SUPERVISOR, "text": seg.text})
         last = next((s.author for s in reversed(segments) if s.author != SUPERVISOR), SUPERVISOR)
         update, handoff = _apply(decision, state, store, last, 0, policy.name)
+        tracing.record_review(handoff)
         if decision.reason != "continue":
             writer({"type": "review", "action": decision.reason, "worker": last,
                     "position": update["cursor"], "score": decision.confidence})

@@ -1,4 +1,9 @@
-"""Terminal rendering of trajectories: text coloured by author, with handoff markers."""
+"""Terminal rendering of trajectories: text coloured by author, with handoff markers.
+
+:class:`TrajectoryPrinter` prints a stored trajectory, or one segment at a time while a
+run is going (``relaygraph show ID --follow`` feeds it from blocking stream reads);
+:class:`LivePrinter` prints a running relay's token and handoff events.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,13 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from relaygraph.trajectory.models import Segment
+from relaygraph.observability.summary import (
+    Handoff,
+    HandoffTracker,
+    Totals,
+    retracted_positions,
+)
+from relaygraph.trajectory.models import Segment, Trajectory
 
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red")
 
@@ -26,29 +37,108 @@ class Styles:
             self._styles[author] = PALETTE[len(self._styles) % len(PALETTE)]
         return self._styles[author]
 
-    def legend(self) -> Text:
-        text = Text("authors: ", style="dim")
+    def legend(self, models: dict[str, str] | None = None) -> Text:
+        text = Text()
+        text.append("authors: ", style="dim")
         for author, style in self._styles.items():
-            text.append(f"■ {author}  ", style=style)
+            model = f" ({models[author]})" if models and author in models else ""
+            text.append(f"■ {author}{model}  ", style=style)
         return text
 
 
-def segment_text(segment: Segment, styles: Styles) -> Text:
+def segment_text(segment: Segment, styles: Styles, retracted: bool = False) -> Text:
     """One segment as styled text; commands, steers and errors are shown as markers."""
-    style = styles[segment.author]
+    style = styles[segment.author] + (" strike dim" if retracted else "")
     if segment.kind == "call":
         granted = segment.meta.get("granted")
-        return Text(f"{segment.text}", style=f"bold {style} reverse") + Text(
-            f"[→ {granted} tokens]" if granted else f"[refused: {segment.meta.get('refused')}]",
-            style="dim")
+        text = Text()
+        text.append(segment.text, style=f"bold {style} reverse")
+        text.append(f"[→ {granted} tokens]" if granted else
+                    f"[refused: {segment.meta.get('refused')}]", style="dim")
+        return text
     if segment.kind in ("steer", "error"):
         return Text(f"\n[{segment.kind} by {segment.author}] {segment.text}\n", style=f"italic {style}")
+    if segment.kind == "retract":
+        gone = ", ".join(f"#{i}" for i in segment.meta.get("retracts", ()))
+        why = f": {segment.meta['reason']}" if segment.meta.get("reason") else ""
+        return Text(f" ⟲ rollback of {gone}{why} ", style="bold red")
     return Text(segment.text, style=style)
 
 
+def handoff_marker(handoff: Handoff) -> Text:
+    """``⟨from→to: reason⟩`` (the live printer's marker), dim."""
+    note = f" ({handoff.note})" if handoff.note else ""
+    return Text(f" ⟨{handoff.label}{note}⟩ ", style="dim")
+
+
+class TrajectoryPrinter:
+    """Prints segments in order with a handoff marker wherever the writer changes."""
+
+    def __init__(self, console: Console, styles: Styles, retracted: Iterable[int] = ()) -> None:
+        self.console = console
+        self.styles = styles
+        self.retracted = set(retracted)
+        self.tracker = HandoffTracker()
+        self.count = 0
+
+    def add(self, position: int, segment: Segment) -> None:
+        handoff = self.tracker.push(position, segment)
+        if handoff is not None:
+            self.console.print(handoff_marker(handoff), end="", soft_wrap=True)
+        self.console.print(segment_text(segment, self.styles, position in self.retracted),
+                           end="", soft_wrap=True)
+        self.count += 1
+
+    def add_all(self, segments: Iterable[tuple[int, Segment]]) -> None:
+        for position, segment in segments:
+            self.add(position, segment)
+
+
+def header(trajectory: Trajectory, console: Console, styles: Styles) -> None:
+    console.print(Text(trajectory.task.question, style="bold"))
+    console.print(styles.legend(trajectory.task.agents))
+
+
+def footer(trajectory: Trajectory, totals: Totals, status: str, console: Console) -> None:
+    tokens = ", ".join(f"{k} {v}" for k, v in totals.tokens_by_agent.items())
+    console.print()
+    console.print(Text(f"answer: {totals.answer or '(none)'}", style="bold"))
+    console.print(Text(
+        f"status {status} · {totals.segments} segments · policy {trajectory.task.policy} · "
+        f"tokens {tokens} · call ratio {totals.call_ratio:.1%} · handoffs {totals.handoffs}"
+        + (f" · {totals.retracted} rolled back" if totals.retracted else ""), style="dim"))
+
+
+def render_trajectory(trajectory: Trajectory, console: Console, status: str | None = None) -> None:
+    """A stored trajectory: header, coloured text with handoff markers, totals."""
+    from relaygraph.observability.summary import summarize
+
+    styles = Styles(list(trajectory.task.agents))
+    header(trajectory, console, styles)
+    printer = TrajectoryPrinter(console, styles, retracted_positions(trajectory.segments))
+    printer.add_all(enumerate(trajectory.segments))
+    footer(trajectory, summarize(trajectory), status or trajectory.status, console)
+
+
+def follow_trajectory(store: Any, trajectory_id: str, console: Console,
+                      block_ms: int = 1000) -> Trajectory:
+    """Print a (running) trajectory as its segments arrive, by blocking reads on its stream,
+    until the run ends; returns the finished trajectory."""
+    from relaygraph.observability.summary import summarize
+
+    trajectory = store.load(trajectory_id)
+    styles = Styles(list(trajectory.task.agents))
+    header(trajectory, console, styles)
+    printer = TrajectoryPrinter(console, styles)
+    printer.add_all(store.follow(trajectory_id, 0, block_ms=block_ms))
+    trajectory = store.load(trajectory_id)
+    footer(trajectory, summarize(trajectory), trajectory.status, console)
+    return trajectory
+
+
 def render_segments(segments: Iterable[Segment], console: Console, styles: Styles) -> None:
-    for segment in segments:
-        console.print(segment_text(segment, styles), end="")
+    printer = TrajectoryPrinter(console, styles)
+    printer.add_all(enumerate(segments))
     console.print()
 
 

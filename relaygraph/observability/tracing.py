@@ -1,53 +1,510 @@
-"""OpenTelemetry spans for relays (GenAI semantic conventions where they exist).
+"""OpenTelemetry spans and metrics for relays (GenAI semantic conventions where they exist).
 
-Only the OpenTelemetry API is used here: without a configured SDK every call is a no-op.
-Span tree: ``invoke_workflow relaygraph`` (one per run) -> ``invoke_agent {agent}`` (one per
-turn), each turn carrying its handoff as ``relaygraph.handoff.*`` attributes.
+Only the OpenTelemetry *API* is imported here: without a configured SDK every call is a
+cheap no-op. :func:`relaygraph.observability.configure` (or :func:`use`, with providers
+you built yourself) installs an SDK for relaygraph; otherwise spans go to the global
+provider, if the application set one.
+
+One trace per run::
+
+    invoke_workflow relaygraph          run_span: policy, trajectory id, run totals
+      invoke_agent controller           agent_turn: one per turn, ends with its handoff
+        chat <model>                    the generation (usage, finish reason, TTFT)
+      invoke_agent expert
+        chat <model>
+      ...
+
+Each turn carries the handoff that ends it as ``relaygraph.handoff.*`` attributes (from,
+to, policy, reason, position, requested_tokens, confidence) and as a ``relaygraph.handoff``
+span event. Message content is recorded only when
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is true (or ``configure(...,
+capture_content=True)``); store URLs, credentials and headers are never recorded.
+
+Tracing never fails or blocks a run: every helper swallows its own errors (logged once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
 
 if TYPE_CHECKING:
     from relaygraph.agents.agent import Agent
     from relaygraph.agents.backend import Generation
     from relaygraph.policies.base import Policy
 
-tracer = trace.get_tracer("relaygraph")
+SCOPE = "relaygraph"
+SUPERVISOR = "supervisor"  # the graph's supervisor node (relaygraph.graphs.state.SUPERVISOR)
+CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+HANDOFF_KEYS = ("from", "to", "policy", "reason", "position", "requested_tokens", "confidence")
+_log = logging.getLogger(__name__)
+
+# The API's proxies: they follow the global providers once an application sets them.
+tracer = trace.get_tracer(SCOPE)
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+_SECONDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
+            20.48, 40.96, 81.92)
+_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+             0.5, 1.0, 2.5)
+_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+_RATIO = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Instruments:
+    """The metric instruments of one meter (names are part of the public interface).
+
+    - ``relaygraph.handoffs`` (counter): control moving between two different agents,
+      by ``relaygraph.handoff.from`` / ``.to`` / ``.reason`` and ``relaygraph.policy``;
+    - ``gen_ai.client.token.usage`` (histogram, ``{token}``): tokens per turn by
+      ``gen_ai.agent.name`` and ``gen_ai.token.type`` (``input``, ``output``); its sum per
+      agent is the tokens that agent read / wrote;
+    - ``relaygraph.run.call_ratio`` (histogram, 1): per run, tokens written by agents other
+      than the policy's primary / all generated tokens;
+    - ``relaygraph.handoff.overhead`` (histogram, s): from the end of one agent's
+      generation to the start of the next one's (store appends, graph step, view, tracing);
+    - ``gen_ai.server.time_to_first_token`` (histogram, s): from the start of a turn's
+      generation to its first streamed text;
+    - ``gen_ai.client.operation.duration`` (histogram, s): a turn's generation;
+    - ``relaygraph.runs`` (counter): runs by policy and outcome (``ok``/``error``).
+    """
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        def histogram(name: str, unit: str, description: str, bounds: tuple) -> Any:
+            try:
+                return meter.create_histogram(name, unit=unit, description=description,
+                                              explicit_bucket_boundaries_advisory=list(bounds))
+            except TypeError:  # an older API without bucket advice
+                return meter.create_histogram(name, unit=unit, description=description)
+
+        self.handoffs = meter.create_counter(
+            "relaygraph.handoffs", unit="{handoff}",
+            description="Control moving from one agent to another.")
+        self.runs = meter.create_counter("relaygraph.runs", unit="{run}",
+                                         description="Relay runs by outcome.")
+        self.tokens = histogram("gen_ai.client.token.usage", "{token}",
+                                "Number of input and output tokens used.", _TOKENS)
+        self.call_ratio = histogram(
+            "relaygraph.run.call_ratio", "1",
+            "Tokens written by agents other than the primary / all generated tokens, per run.",
+            _RATIO)
+        self.overhead = histogram(
+            "relaygraph.handoff.overhead", "s",
+            "Time from the end of one agent's generation to the start of the next agent's.",
+            _OVERHEAD)
+        self.ttft = histogram("gen_ai.server.time_to_first_token", "s",
+                              "Time to generate first token for successful responses.", _SECONDS)
+        self.duration = histogram("gen_ai.client.operation.duration", "s",
+                                  "GenAI operation duration.", _SECONDS)
+
+
+# --- which providers relaygraph uses -------------------------------------------------------
+
+@dataclass
+class _Installed:
+    tracer: Any
+    instruments: Instruments
+    capture_content: bool | None
+
+
+_GLOBAL = _Installed(tracer, Instruments(metrics.get_meter(SCOPE)), None)
+_installed: _Installed = _GLOBAL
+_warned: set[str] = set()
+
+
+def use(tracer_provider: Any = None, meter_provider: Any = None,
+        capture_content: bool | None = None) -> Callable[[], None]:
+    """Send relaygraph's spans and metrics to these providers (None: the global ones).
+
+    Returns a function that restores what was installed before. The global OpenTelemetry
+    providers are left alone (they can be set only once per process), so tests and
+    applications can install and swap their own.
+    """
+    global _installed
+    before = _installed
+    tr = tracer_provider.get_tracer(SCOPE) if tracer_provider is not None else tracer
+    meter = (meter_provider.get_meter(SCOPE) if meter_provider is not None
+             else metrics.get_meter(SCOPE))
+    _installed = _Installed(tr, Instruments(meter) if meter_provider is not None
+                            else _GLOBAL.instruments, capture_content)
+
+    def restore() -> None:
+        global _installed
+        _installed = before
+
+    return restore
 
 
 @contextmanager
-def run_span(policy_name: str, question_chars: int) -> Iterator[Any]:
-    with tracer.start_as_current_span("invoke_workflow relaygraph") as span:
-        span.set_attribute("gen_ai.operation.name", "invoke_workflow")
-        span.set_attribute("relaygraph.policy", policy_name)
-        span.set_attribute("relaygraph.question.chars", question_chars)
-        yield span
+def using(tracer_provider: Any = None, meter_provider: Any = None,
+          capture_content: bool | None = None) -> Iterator[None]:
+    """:func:`use` as a context manager."""
+    restore = use(tracer_provider, meter_provider, capture_content)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def capture_content(installed: _Installed | None = None) -> bool:
+    """Whether message content goes into spans (the standard GenAI opt-in)."""
+    installed = installed or _installed
+    if installed.capture_content is not None:
+        return installed.capture_content
+    value = os.environ.get(CAPTURE_ENV, "").strip().lower()
+    return value in ("1", "true", "yes", "on", "span_only", "span_and_event", "event_only")
+
+
+def _warn_once(what: str, exc: BaseException) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        _log.warning("relaygraph tracing: %s failed (%s: %s); the run goes on", what,
+                     type(exc).__name__, exc)
+
+
+# --- per-run state -------------------------------------------------------------------------
+
+@dataclass
+class RunStats:
+    """What the turns of one run add up to (kept in a context variable by :func:`run_span`)."""
+
+    policy: str = ""
+    question: str | None = None
+    turns: int = 0
+    handoffs: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)
+    primary: str | None = None
+    last_agent: str | None = None
+    last_generation_end: float | None = None
+    texts: list[str] = field(default_factory=list)
+
+
+_run: ContextVar[RunStats | None] = ContextVar("relaygraph_run", default=None)
+last_trace_id: str | None = None
+"""Hex id of the trace of the most recent run in this process (for "see trace ..." hints)."""
+
+
+@contextmanager
+def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = None,
+             question: str | None = None) -> Iterator[Any]:
+    """The root span of a run (``invoke_workflow relaygraph``); totals are added at the end."""
+    global last_trace_id
+    installed = _installed
+    stats = RunStats(policy=policy_name)
+    span = token = stats_token = None
+    try:
+        span = installed.tracer.start_span("invoke_workflow relaygraph")
+        if span.is_recording():
+            attrs: dict[str, Any] = {
+                "gen_ai.operation.name": "invoke_workflow", "gen_ai.workflow.name": "relaygraph",
+                "openinference.span.kind": "CHAIN",
+                "relaygraph.policy": policy_name, "relaygraph.question.chars": question_chars}
+            if trajectory_id:
+                attrs["relaygraph.trajectory.id"] = attrs["gen_ai.conversation.id"] = trajectory_id
+            if question is not None and capture_content(installed):
+                stats.question = question
+                attrs["gen_ai.input.messages"] = json.dumps(
+                    [{"role": "user", "parts": [{"type": "text", "content": question}]}],
+                    ensure_ascii=False)
+                attrs["input.value"] = question
+            span.set_attributes(attrs)
+            last_trace_id = format(span.get_span_context().trace_id, "032x")
+        token = otel_context.attach(trace.set_span_in_context(span))
+        stats_token = _run.set(stats)
+    except Exception as exc:  # noqa: BLE001 - tracing must never fail a run
+        _warn_once("starting the run span", exc)
+    outcome = "ok"
+    try:
+        yield span if span is not None else trace.INVALID_SPAN
+    except BaseException as exc:
+        outcome = "error"
+        if span is not None:
+            try:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}"))
+            except Exception as inner:  # noqa: BLE001
+                _warn_once("recording an error", inner)
+        raise
+    finally:
+        try:
+            if stats_token is not None:
+                _run.reset(stats_token)
+            if token is not None:
+                otel_context.detach(token)
+            _finish_run(installed, span, stats, outcome)
+        except Exception as exc:  # noqa: BLE001
+            _warn_once("ending the run span", exc)
+
+
+def _finish_run(installed: _Installed, span: Any, stats: RunStats, outcome: str) -> None:
+    total = sum(stats.tokens.values())
+    helped = total - stats.tokens.get(stats.primary or "", 0)
+    ratio = helped / total if total else 0.0
+    attrs = {"relaygraph.policy": stats.policy}
+    installed.instruments.runs.add(1, {**attrs, "relaygraph.run.outcome": outcome})
+    if total:
+        installed.instruments.call_ratio.record(ratio, attrs)
+    if span is None:
+        return
+    if span.is_recording():
+        names = list(stats.tokens)
+        span.set_attributes({
+            "relaygraph.turns": stats.turns, "relaygraph.handoffs": stats.handoffs,
+            "relaygraph.call_ratio": ratio, "gen_ai.usage.output_tokens": total,
+            "relaygraph.agents": names,
+            "relaygraph.usage.output_tokens_by_agent": [stats.tokens[n] for n in names],
+        })
+        if stats.question is not None:  # content capture was on when the run started
+            text = "".join(stats.texts)
+            span.set_attribute("gen_ai.output.messages", json.dumps(
+                [{"role": "assistant", "parts": [{"type": "text", "content": text}]}],
+                ensure_ascii=False))
+            span.set_attribute("output.value", text)
+    span.end()
+
+
+# --- per-turn spans ------------------------------------------------------------------------
+
+def provider_name(backend: Any) -> str:
+    """``gen_ai.provider.name`` of a backend: its ``provider_name`` attribute, else the class
+    name without ``Backend`` (``TransformersBackend`` -> ``transformers``)."""
+    name = getattr(backend, "provider_name", None)
+    if isinstance(name, str) and name:
+        return name
+    cls = type(backend).__name__
+    return (cls[:-len("Backend")] if cls.endswith("Backend") and len(cls) > 7 else cls).lower()
+
+
+class Turn:
+    """One agent turn: the ``invoke_agent`` span (attribute access goes to it) and timings."""
+
+    __slots__ = ("span", "agent", "policy", "model", "provider", "trajectory_id", "position",
+                 "started", "started_ns", "first_text", "stats", "installed")
+
+    def __init__(self, span: Any, agent: Any, policy: Any, trajectory_id: str, position: int,
+                 installed: _Installed, stats: RunStats | None) -> None:
+        self.span = span
+        self.agent = agent
+        self.policy = policy
+        self.model = str(getattr(agent.backend, "model_id", "") or "")
+        self.provider = provider_name(agent.backend)
+        self.trajectory_id = trajectory_id
+        self.position = position
+        self.started = time.perf_counter()
+        self.started_ns = time.time_ns()
+        self.first_text: float | None = None
+        self.stats = stats
+        self.installed = installed
+
+    def __getattr__(self, name: str) -> Any:  # set_attribute, add_event, ... of the span
+        return getattr(self.span, name)
+
+    def wrap_stream(self, on_text: Callable[[str], None]) -> Callable[[str], None]:
+        """``on_text`` that also notes when the first text of the turn arrived (TTFT)."""
+        def watched(text: str) -> None:
+            if self.first_text is None:
+                self.first_text = time.perf_counter()
+            on_text(text)
+
+        return watched
 
 
 @contextmanager
 def agent_turn(agent: Agent, policy: Policy, trajectory_id: str, position: int) -> Iterator[Any]:
-    with tracer.start_as_current_span(f"invoke_agent {agent.name}") as span:
-        span.set_attribute("gen_ai.operation.name", "invoke_agent")
-        span.set_attribute("gen_ai.agent.name", agent.name)
-        span.set_attribute("gen_ai.request.model", agent.backend.model_id)
-        span.set_attribute("relaygraph.policy", policy.name)
-        span.set_attribute("relaygraph.trajectory.id", trajectory_id)
-        span.set_attribute("relaygraph.segment.seq", position)
-        yield span
+    """The ``invoke_agent {agent}`` span of one turn, current while the turn runs."""
+    installed = _installed
+    turn: Turn | None = None
+    token = None
+    try:
+        span = installed.tracer.start_span(f"invoke_agent {agent.name}")
+        turn = Turn(span, agent, policy, trajectory_id, position, installed, _run.get())
+        if span.is_recording():
+            span.set_attributes({
+                "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent.name,
+                "gen_ai.request.model": turn.model, "gen_ai.provider.name": turn.provider,
+                "gen_ai.conversation.id": trajectory_id, "openinference.span.kind": "AGENT",
+                "relaygraph.policy": policy.name, "relaygraph.trajectory.id": trajectory_id,
+                "relaygraph.segment.seq": position,
+            })
+        stats = turn.stats
+        if stats is not None and stats.last_generation_end is not None:
+            gap = turn.started - stats.last_generation_end
+            if span.is_recording():
+                span.set_attribute("relaygraph.handoff.overhead_s", gap)
+            if stats.last_agent is not None and stats.last_agent != agent.name:
+                installed.instruments.overhead.record(gap, {
+                    "relaygraph.handoff.from": stats.last_agent,
+                    "relaygraph.handoff.to": agent.name, "relaygraph.policy": policy.name})
+        token = otel_context.attach(trace.set_span_in_context(span))
+    except Exception as exc:  # noqa: BLE001
+        _warn_once("starting a turn span", exc)
+    if turn is None:
+        turn = Turn(trace.INVALID_SPAN, agent, policy, trajectory_id, position, installed, None)
+    try:
+        yield turn
+    except BaseException as exc:
+        try:
+            turn.span.record_exception(exc)
+            turn.span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+        except Exception as inner:  # noqa: BLE001
+            _warn_once("recording an error", inner)
+        raise
+    finally:
+        try:
+            if token is not None:
+                otel_context.detach(token)
+            turn.span.end()
+        except Exception as exc:  # noqa: BLE001
+            _warn_once("ending a turn span", exc)
 
 
 def record_turn(span: Any, generation: Generation, handoff: dict[str, Any]) -> None:
-    """Usage of the turn and the handoff that ends it (``relaygraph.handoff.*``)."""
-    span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
-    span.set_attribute("gen_ai.usage.output_tokens", len(generation.token_ids))
-    span.set_attribute("relaygraph.usage.prefilled_tokens", generation.prefilled_tokens)
-    span.set_attribute("gen_ai.response.finish_reasons", [generation.finish_reason])
-    for key in ("from", "to", "policy", "reason", "position", "requested_tokens", "confidence"):
-        if handoff.get(key) is not None:
-            span.set_attribute(f"relaygraph.handoff.{key}", handoff[key])
+    """Usage of the turn, its ``chat`` generation span, and the handoff that ends it."""
+    try:
+        _record_turn(span, generation, handoff)
+    except Exception as exc:  # noqa: BLE001
+        _warn_once("recording a turn", exc)
+
+
+def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> None:
+    if not isinstance(turn, Turn):  # a bare span from older callers
+        _set_turn_attributes(turn, generation, handoff)
+        return
+    span, installed = turn.span, turn.installed
+    n_out = len(generation.token_ids)
+    n_in = generation.prompt_tokens
+    seconds = float(generation.seconds or 0.0)
+    ttft = turn.first_text - turn.started if turn.first_text is not None else None
+    model_attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": turn.provider,
+                   "gen_ai.request.model": turn.model, "gen_ai.agent.name": turn.agent.name}
+    if span.is_recording():
+        _set_turn_attributes(span, generation, handoff)
+        _chat_span(turn, generation, seconds, ttft)
+        event = {f"relaygraph.handoff.{k}": handoff[k] for k in HANDOFF_KEYS
+                 if handoff.get(k) is not None}
+        event["relaygraph.trajectory.id"] = turn.trajectory_id
+        span.add_event("relaygraph.handoff", event)
+    inst = installed.instruments
+    inst.tokens.record(n_in, {**model_attrs, "gen_ai.token.type": "input"})
+    inst.tokens.record(n_out, {**model_attrs, "gen_ai.token.type": "output"})
+    if seconds:
+        inst.duration.record(seconds, model_attrs)
+    if ttft is not None:
+        inst.ttft.record(ttft, model_attrs)
+    moved = _count_handoff(inst, handoff, turn.agent.name, turn.policy.name)
+    stats = turn.stats
+    if stats is not None:
+        stats.turns += 1
+        stats.handoffs += moved
+        stats.tokens[turn.agent.name] = stats.tokens.get(turn.agent.name, 0) + n_out
+        stats.primary = getattr(turn.policy, "primary", None)
+        stats.last_agent = turn.agent.name
+        stats.last_generation_end = turn.started + seconds
+        if stats.question is not None:
+            stats.texts.append(generation.text)
+
+
+def _moved(handoff: dict[str, Any], author: str) -> bool:
+    """Whether control moves to another agent (as the graph counts handoffs)."""
+    return handoff.get("to") not in (None, "finish", SUPERVISOR, handoff.get("from", author))
+
+
+def _count_handoff(inst: Instruments, handoff: dict[str, Any], author: str, policy: str) -> bool:
+    moved = _moved(handoff, author)
+    if moved:
+        inst.handoffs.add(1, {"relaygraph.handoff.from": str(handoff.get("from", author)),
+                              "relaygraph.handoff.to": str(handoff.get("to")),
+                              "relaygraph.handoff.reason": str(handoff.get("reason")),
+                              "relaygraph.policy": str(handoff.get("policy") or policy)})
+    return moved
+
+
+def record_review(handoff: dict[str, Any]) -> None:
+    """A supervisor's review: a ``relaygraph.review`` event on the current span (the run's),
+    with the handoff attributes; a switch to another agent counts as a handoff."""
+    try:
+        inst = _installed.instruments
+        author = str(handoff.get("from") or "")
+        moved = _count_handoff(inst, handoff, author, str(handoff.get("policy") or ""))
+        stats = _run.get()
+        if stats is not None:
+            stats.handoffs += moved
+        span = trace.get_current_span()
+        if span.is_recording() and handoff.get("reason") != "continue":
+            span.add_event("relaygraph.review", {
+                f"relaygraph.handoff.{k}": handoff[k] for k in HANDOFF_KEYS
+                if handoff.get(k) is not None})
+    except Exception as exc:  # noqa: BLE001
+        _warn_once("recording a review", exc)
+
+
+def _set_turn_attributes(span: Any, generation: Generation, handoff: dict[str, Any]) -> None:
+    n_in, prefilled = generation.prompt_tokens, generation.prefilled_tokens
+    attrs: dict[str, Any] = {
+        "gen_ai.usage.input_tokens": n_in, "gen_ai.usage.output_tokens": len(generation.token_ids),
+        "gen_ai.usage.cache_read.input_tokens": max(0, n_in - prefilled),
+        "relaygraph.usage.prefilled_tokens": prefilled,
+        "gen_ai.response.finish_reasons": [str(generation.finish_reason)],
+    }
+    for key in HANDOFF_KEYS:
+        value = handoff.get(key)
+        if value is not None:
+            attrs[f"relaygraph.handoff.{key}"] = value
+    if handoff.get("position") is not None and isinstance(span, Turn):
+        attrs["relaygraph.segment.count"] = handoff["position"] - span.position
+    span.set_attributes(attrs)
+
+
+def _chat_span(turn: Turn, generation: Generation, seconds: float, ttft: float | None) -> None:
+    """The generation as a child span, timed from the turn's start by the backend's clock."""
+    ctx = trace.set_span_in_context(turn.span)
+    end_ns = turn.started_ns + int(seconds * 1e9)
+    chat = turn.installed.tracer.start_span(f"chat {turn.model}", context=ctx,
+                                            start_time=turn.started_ns)
+    n_in, n_out = generation.prompt_tokens, len(generation.token_ids)
+    sampling = getattr(turn.agent, "sampling", None)
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": turn.provider,
+        "gen_ai.request.model": turn.model, "gen_ai.response.model": turn.model,
+        "gen_ai.agent.name": turn.agent.name, "gen_ai.conversation.id": turn.trajectory_id,
+        "gen_ai.usage.input_tokens": n_in, "gen_ai.usage.output_tokens": n_out,
+        "gen_ai.usage.cache_read.input_tokens": max(0, n_in - generation.prefilled_tokens),
+        "gen_ai.response.finish_reasons": [str(generation.finish_reason)],
+        "openinference.span.kind": "LLM", "llm.model_name": turn.model,
+        "llm.token_count.prompt": n_in, "llm.token_count.completion": n_out,
+        "llm.token_count.total": n_in + n_out,
+    }
+    if sampling is not None:
+        attrs["gen_ai.request.temperature"] = float(sampling.temperature)
+        attrs["gen_ai.request.top_p"] = float(sampling.top_p)
+        if sampling.seed is not None:
+            attrs["gen_ai.request.seed"] = int(sampling.seed)
+    if ttft is not None:
+        attrs["gen_ai.response.time_to_first_chunk"] = ttft
+    if capture_content(turn.installed):
+        system = getattr(turn.agent, "system_prompt", None)
+        if system:
+            attrs["gen_ai.system_instructions"] = json.dumps(
+                [{"type": "text", "content": system}], ensure_ascii=False)
+        if turn.stats is not None and turn.stats.question is not None:
+            attrs["gen_ai.input.messages"] = json.dumps(
+                [{"role": "user", "parts": [{"type": "text", "content": turn.stats.question}]}],
+                ensure_ascii=False)
+        attrs["gen_ai.output.messages"] = json.dumps(
+            [{"role": "assistant", "parts": [{"type": "text", "content": generation.text}],
+              "finish_reason": str(generation.finish_reason)}], ensure_ascii=False)
+        attrs["output.value"] = generation.text
+    chat.set_attributes(attrs)
+    chat.end(end_time=end_ns)

@@ -24,6 +24,8 @@ from relaygraph.policies.base import Decision, remaining, segment, split_tokens
 from relaygraph.trajectory.models import Segment
 
 CALL_OPEN, CALL_CLOSE = "<call>", "</call>"
+MAX_CALL_N = 10**18
+"""Requested lengths above this parse as this (they are clipped to the budget anyway)."""
 
 PROMPTED_CALL_SYSTEM_PROMPT = (
     MATH_SYSTEM_PROMPT
@@ -61,9 +63,8 @@ def parse_call(text: str) -> CallCommand | None:
     n: int | None = None
     if body.isascii() and body.isdigit():
         digits = body.lstrip("0")
-        # Clip absurd lengths before int(): Python refuses to parse > 4300 digits.
-        n = int(digits[:19]) if digits else 0
-        n = n or None
+        # Clip absurd lengths before int() (Python refuses > 4300 digits); callers clip n anyway.
+        n = (int(digits) if len(digits) <= 18 else MAX_CALL_N) if digits else None
     return CallCommand(start=start, raw=text[start:end + len(CALL_CLOSE)], n=n)
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -116,8 +118,11 @@ class SupervisorPolicy:
         verdict = self.supervisor(Review(state.get("question", ""), visible, chunk, worker)) or Verdict()
         ended = chunk.finish_reason == "eos"
         budget = min(self.chunk_tokens, remaining(state))
+        # guidance already in view is not repeated (repeats make small models loop)
+        repeated = any(s.kind == "steer" and s.text == verdict.guidance for s in visible)
         steer = ([Segment(author=SUPERVISOR, kind="steer", text=verdict.guidance,
-                          meta={"reason": verdict.reason})] if verdict.guidance else [])
+                          meta={"reason": verdict.reason})]
+                 if verdict.guidance and not repeated else [])
         meta = {"reason": verdict.reason} if verdict.reason else {}
         match verdict.action:
             case "stop":
@@ -126,18 +131,27 @@ class SupervisorPolicy:
             case "rollback":
                 retract = Segment(author=SUPERVISOR, kind="retract", text="",
                                   meta={"retracts": [chunk_seq], **meta})
-                return Decision([retract, *steer], worker, budget, "rollback",
-                                {"rollbacks": 1}, verdict.score)
+                return Decision([retract, *steer], self._worker(verdict, worker), budget,
+                                "rollback", {"rollbacks": 1}, verdict.score)
             case "steer":
-                return Decision(steer, verdict.worker or worker, budget, "steer", {"steers": 1},
-                                verdict.score)
+                return Decision(steer, self._worker(verdict, worker), budget, "steer",
+                                {"steers": 1}, verdict.score)
             case "switch":
-                nxt = verdict.worker or self.workers[(self.workers.index(worker) + 1) % len(self.workers)]
-                if nxt not in self.workers:
-                    raise ConfigError(f"supervisor switched to unknown worker {nxt!r}")
+                nxt = self._worker(verdict, self.workers[(self.workers.index(worker) + 1)
+                                                         % len(self.workers)])
                 return Decision(steer, nxt, budget, "switch", {"switches": 1}, verdict.score)
         return Decision(steer, None if ended else worker, budget, "eos" if ended else "continue",
                         confidence=verdict.score)
+
+
+    def _worker(self, verdict: Verdict, default: str) -> str:
+        """The worker a verdict names (``verdict.worker``), else ``default``."""
+        if verdict.worker is None:
+            return default
+        if verdict.worker not in self.workers:
+            raise ConfigError(f"supervisor chose unknown worker {verdict.worker!r}; "
+                              f"workers are {list(self.workers)}")
+        return verdict.worker
 
 
 # --- supervisors ------------------------------------------------------------------------
@@ -160,6 +174,8 @@ def keyword_guard(patterns: Sequence[str], guidance: str, action: Action = "roll
 def load_supervisor(spec: str) -> Supervisor:
     """Import ``module:function`` (a supervisor, or a factory taking no arguments)."""
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:  # like uvicorn: modules next to where the user runs
+        sys.path.insert(0, os.getcwd())
     if not module_name or not attr:
         raise ConfigError(f"supervisor {spec!r}: expected module:function or a model name")
     try:

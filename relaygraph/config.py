@@ -1,0 +1,305 @@
+"""Relay configuration: plain pydantic models, loadable from TOML or YAML, validated.
+
+```toml
+max_tokens = 512
+
+[agents.controller]
+model = "qwen2.5-coder-0.5b"
+
+[agents.expert]
+model = "qwen2.5-coder-1.5b"
+
+[policy]
+type = "confidence"        # call-token | prompted-call | solo | confidence | supervisor |
+threshold = -2.5           # fixed-interval | random-router | perfect-router | truncate
+fallback_tokens = 16
+```
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from relaygraph.agents.agent import MATH_SYSTEM_PROMPT
+from relaygraph.policies.call_token import PROMPTED_CALL_SYSTEM_PROMPT
+from relaygraph.errors import ConfigError
+
+if TYPE_CHECKING:
+    from relaygraph.agents.agent import Agent
+    from relaygraph.policies.base import Policy
+    from relaygraph.relay import Relay
+    from relaygraph.trajectory.store import TrajectoryStore
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentConfig(_Strict):
+    model: str
+    system_prompt: str | None = MATH_SYSTEM_PROMPT
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+
+
+class CallTokenConfig(_Strict):
+    type: Literal["call-token", "prompted-call"] = "call-token"
+    controller: str = "controller"
+    expert: str = "expert"
+    max_call_tokens: int = Field(1024, ge=1)
+    max_calls: int = Field(32, ge=0)
+
+
+class SoloConfig(_Strict):
+    type: Literal["solo"]
+    agent: str = "controller"
+
+
+class ConfidenceConfig(_Strict):
+    type: Literal["confidence"]
+    agents: list[str] = ["controller", "expert"]
+    threshold: float = -2.5
+    metric: Literal["logprob", "entropy"] = "logprob"
+    fallback_tokens: int = Field(16, ge=1)
+    fallback_until: Literal["tokens", "confident", "sentence"] = "tokens"
+    warmup: int = Field(0, ge=0)
+    min_gap: int = Field(0, ge=0)
+    max_handoffs: int | None = Field(None, ge=0)
+
+
+class FixedIntervalConfig(_Strict):
+    type: Literal["fixed-interval"]
+    agents: list[str] = ["controller", "expert"]
+    interval: int = Field(16, ge=1)
+
+
+class RandomRouterConfig(_Strict):
+    type: Literal["random-router"]
+    small: str = "controller"
+    large: str = "expert"
+    p: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+
+
+class PerfectRouterConfig(_Strict):
+    type: Literal["perfect-router"]
+    small: str = "controller"
+    large: str = "expert"
+    solo_results: Path
+    """JSON object or JSONL of ``{"question": ..., "correct": bool}``: the small model's solo results."""
+
+
+class TruncateConfig(_Strict):
+    type: Literal["truncate"]
+    initiator: str = "controller"
+    continuer: str = "expert"
+    threshold: float | None = None
+    metric: Literal["logprob", "entropy"] = "logprob"
+    cut_tokens: int | None = Field(None, ge=0)
+    warmup: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_cut(self) -> TruncateConfig:
+        if (self.threshold is None) == (self.cut_tokens is None):
+            raise ValueError("give exactly one of threshold and cut_tokens")
+        return self
+
+
+class SupervisorConfig(_Strict):
+    type: Literal["supervisor"]
+    workers: list[str] = ["controller"]
+    supervisor: str
+    """``module:function`` (a rule/classifier), ``judge:AGENT`` (an agent prompted as a judge)
+    or ``score:AGENT`` (an agent's log-prob score of " good" vs " bad")."""
+    chunk_tokens: int = Field(48, ge=1)
+    chunk_stops: list[str] = ["\n\n"]
+    score_threshold: float = 0.0
+
+
+PolicyConfig = Annotated[
+    CallTokenConfig | SoloConfig | ConfidenceConfig | FixedIntervalConfig | RandomRouterConfig
+    | PerfectRouterConfig | TruncateConfig | SupervisorConfig,
+    Field(discriminator="type"),
+]
+POLICY_TYPES = ("call-token", "prompted-call", "solo", "confidence", "supervisor",
+                "fixed-interval", "random-router", "perfect-router", "truncate")
+
+
+class RelayConfig(_Strict):
+    """Agents by name, a policy, and the run's budget."""
+
+    agents: dict[str, AgentConfig] = {
+        "controller": AgentConfig(model="qwen2.5-coder-0.5b"),
+        "expert": AgentConfig(model="qwen2.5-coder-1.5b"),
+    }
+    policy: PolicyConfig = CallTokenConfig()
+    max_tokens: int = Field(512, ge=1)
+    redis: str | None = None
+
+    @model_validator(mode="after")
+    def _agents_exist(self) -> RelayConfig:
+        missing = sorted(set(_policy_agents(self.policy)) - set(self.agents))
+        if missing:
+            raise ValueError(f"policy {self.policy.type!r} names agents {missing} that are not "
+                             f"in [agents] (have: {sorted(self.agents)})")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> RelayConfig:
+        """Read a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file; errors name the bad field."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(raw.decode())
+            elif path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(raw) or {}
+            elif path.suffix == ".json":
+                data = json.loads(raw)
+            else:
+                raise ConfigError(f"config {path}: use a .toml, .yaml or .json file")
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+        except ImportError:
+            raise ConfigError("YAML configs need PyYAML: pip install pyyaml") from None
+        except Exception as exc:  # yaml.YAMLError
+            raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        return cls.parse(data, source=str(path))
+
+    @classmethod
+    def parse(cls, data: Any, source: str = "config") -> RelayConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(f"{source}: {where}: {first['msg']} "
+                              f"({exc.error_count()} problem(s) in all)") from None
+
+    @classmethod
+    def from_options(cls, controller: str = "qwen2.5-coder-0.5b",
+                     expert: str | None = "qwen2.5-coder-1.5b", policy: str = "call-token",
+                     max_tokens: int = 512, redis: str | None = None, dtype: str = "bfloat16",
+                     **options: Any) -> RelayConfig:
+        """A two-agent config (``controller``, ``expert``) from command-line style options;
+        ``options`` are the policy's fields (e.g. ``threshold=-2.5``)."""
+        if policy not in POLICY_TYPES:
+            raise ConfigError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_TYPES)}")
+        prompt = PROMPTED_CALL_SYSTEM_PROMPT if policy == "prompted-call" else MATH_SYSTEM_PROMPT
+        agents = {"controller": {"model": controller, "system_prompt": prompt, "dtype": dtype}}
+        if policy not in ("solo", "supervisor") or options.get("workers", ["controller"]) != ["controller"]:
+            if not expert:
+                raise ConfigError(f"policy {policy!r} needs an expert model (--expert)")
+            agents["expert"] = {"model": expert, "dtype": dtype}
+        return cls.parse({"agents": agents, "policy": {"type": policy, **options},
+                          "max_tokens": max_tokens, "redis": redis}, source="options")
+
+    # building -------------------------------------------------------------------------------
+    def build_agents(self, names: list[str] | None = None) -> dict[str, Agent]:
+        """Load each model once (agents sharing a model and dtype share its weights)."""
+        from relaygraph.agents.agent import Agent
+        from relaygraph.agents.backend import Sampling
+        from relaygraph.agents.transformers_backend import TransformersBackend
+
+        loaded: dict[tuple[str, str], TransformersBackend] = {}
+        agents = {}
+        for name in names or list(self.agents):
+            cfg = self.agents[name]
+            key = (cfg.model, cfg.dtype)
+            if key not in loaded:
+                loaded[key] = TransformersBackend(cfg.model, dtype=cfg.dtype)
+            agents[name] = Agent(name, loaded[key], cfg.system_prompt,
+                                 Sampling(cfg.temperature, cfg.top_p, cfg.seed))
+        return agents
+
+    def needed_agents(self) -> list[str]:
+        return [n for n in self.agents if n in _policy_agents(self.policy)]
+
+    def build(self, store: TrajectoryStore | None = None) -> Relay:
+        """Load the agents the policy uses and compile the relay."""
+        from relaygraph.relay import Relay
+        from relaygraph.trajectory import open_store
+
+        agents = self.build_agents(self.needed_agents())
+        policy = build_policy(self.policy, agents)
+        return Relay(list(agents.values()), policy,
+                     store if store is not None else open_store(self.redis), self.max_tokens)
+
+
+def _policy_agents(policy: Any) -> list[str]:
+    match policy:
+        case CallTokenConfig():
+            return [policy.controller, policy.expert]
+        case SoloConfig():
+            return [policy.agent]
+        case ConfidenceConfig() | FixedIntervalConfig():
+            return list(policy.agents)
+        case RandomRouterConfig() | PerfectRouterConfig():
+            return [policy.small, policy.large]
+        case TruncateConfig():
+            return [policy.initiator, policy.continuer]
+        case SupervisorConfig():
+            kind, _, agent = policy.supervisor.partition(":")
+            return [*policy.workers, *([agent] if kind in ("judge", "score") else [])]
+    raise ConfigError(f"unknown policy config {policy!r}")
+
+
+def build_policy(cfg: Any, agents: dict[str, Agent]) -> Policy:
+    """The policy object a config describes (``agents`` is needed by model supervisors)."""
+    from relaygraph import policies as p
+
+    match cfg:
+        case CallTokenConfig():
+            return p.CallTokenPolicy(cfg.controller, cfg.expert, cfg.max_call_tokens,
+                                     cfg.max_calls, name=cfg.type)
+        case SoloConfig():
+            return p.SoloPolicy(cfg.agent)
+        case ConfidenceConfig():
+            return p.ConfidencePolicy(cfg.agents, cfg.threshold, cfg.metric, cfg.fallback_tokens,
+                                      cfg.fallback_until, cfg.warmup, cfg.min_gap, cfg.max_handoffs)
+        case FixedIntervalConfig():
+            return p.FixedIntervalPolicy(cfg.agents, cfg.interval)
+        case RandomRouterConfig():
+            return p.QueryRouter.random(cfg.small, cfg.large, cfg.p, cfg.seed)
+        case PerfectRouterConfig():
+            return p.QueryRouter.perfect(load_solo_results(cfg.solo_results), cfg.small, cfg.large)
+        case TruncateConfig():
+            return p.TruncatePolicy(cfg.initiator, cfg.continuer, cfg.threshold, cfg.metric,
+                                    cfg.cut_tokens, cfg.warmup)
+        case SupervisorConfig():
+            kind, _, agent = cfg.supervisor.partition(":")
+            if kind == "judge":
+                supervisor: Any = p.JudgeSupervisor(agents[agent])
+            elif kind == "score":
+                supervisor = p.ScoreSupervisor(agents[agent], cfg.score_threshold)
+            else:
+                supervisor = p.load_supervisor(cfg.supervisor)
+            return p.SupervisorPolicy(supervisor, cfg.workers, cfg.chunk_tokens,
+                                      tuple(cfg.chunk_stops))
+    raise ConfigError(f"unknown policy config {cfg!r}")
+
+
+def load_solo_results(path: Path) -> dict[str, bool]:
+    """``{"question": bool}`` from a JSON object or JSONL rows with question and correct."""
+    try:
+        text = Path(path).read_text()
+        if text.lstrip().startswith("{") and "\n{" not in text.strip():
+            data = json.loads(text)
+            return {str(k): bool(v) for k, v in data.items()}
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return {r["question"]: bool(r["correct"]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"solo results {path}: expected JSON {{question: bool}} or JSONL rows "
+                          f"with question and correct ({exc})") from None

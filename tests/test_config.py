@@ -1,0 +1,99 @@
+"""Relay config files: validated with clear errors, built into working relays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from relaygraph.config import RelayConfig, build_policy
+from relaygraph.errors import ConfigError
+from relaygraph.policies import (
+    CallTokenPolicy,
+    ConfidencePolicy,
+    FixedIntervalPolicy,
+    QueryRouter,
+    SupervisorPolicy,
+    TruncatePolicy,
+)
+from tests import tiny_models as tiny
+
+
+def test_defaults_are_the_offline_pair_with_call_token() -> None:
+    cfg = RelayConfig()
+    assert cfg.agents["controller"].model == "qwen2.5-coder-0.5b"
+    assert cfg.agents["expert"].model == "qwen2.5-coder-1.5b"
+    assert cfg.policy.type == "call-token" and cfg.max_tokens == 512
+
+
+def test_toml_config_builds_each_policy(tmp_path: Path) -> None:
+    solo = tmp_path / "solo.json"
+    solo.write_text(json.dumps({"q1": True, "q2": False}))
+    cases = {
+        'type = "confidence"\nthreshold = -1.5\nmetric = "entropy"\nfallback_until = "sentence"':
+            ConfidencePolicy,
+        'type = "fixed-interval"\ninterval = 4': FixedIntervalPolicy,
+        'type = "random-router"\np = 0.25': QueryRouter,
+        f'type = "perfect-router"\nsolo_results = "{solo}"': QueryRouter,
+        'type = "truncate"\ncut_tokens = 12': TruncatePolicy,
+        'type = "prompted-call"\nmax_call_tokens = 50': CallTokenPolicy,
+        'type = "supervisor"\nsupervisor = "tests.test_config:no_op_supervisor"\nchunk_tokens = 8':
+            SupervisorPolicy,
+    }
+    for body, kind in cases.items():
+        path = tmp_path / "relay.toml"
+        path.write_text(f'max_tokens = 99\n[agents.controller]\nmodel = "a"\n'
+                        f'[agents.expert]\nmodel = "b"\n[policy]\n{body}\n')
+        cfg = RelayConfig.load(path)
+        assert cfg.max_tokens == 99
+        policy = build_policy(cfg.policy, {})
+        assert isinstance(policy, kind), body
+    assert policy.chunk_tokens == 8  # the last case's value made it through
+    perfect = build_policy(RelayConfig.parse({"policy": {"type": "perfect-router",
+                                                         "solo_results": str(solo)}}).policy, {})
+    assert perfect.first_turn({"question": "q2", "max_tokens": 5})[0] == "expert"
+
+
+def no_op_supervisor(review):  # used by the config above through module:function
+    return None
+
+
+def test_yaml_and_json_configs(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "relay.yaml"
+    yaml_file.write_text("policy:\n  type: fixed-interval\n  interval: 3\n")
+    assert RelayConfig.load(yaml_file).policy.interval == 3
+    json_file = tmp_path / "relay.json"
+    json_file.write_text('{"policy": {"type": "solo"}}')
+    assert RelayConfig.load(json_file).policy.type == "solo"
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[policy]\ntype = "confidence"\nthreshold = "high"', "policy.confidence.threshold"),
+    ('[policy]\ntype = "teleport"', "does not match any of the expected tags"),
+    ('[policy]\ntype = "fixed-interval"\nagents = ["controller", "ghost"]', "ghost"),
+    ('[policy]\ntype = "truncate"', "exactly one of threshold and cut_tokens"),
+    ('max_tokens = 0', "max_tokens"),
+    ('[agents.controller]\nmodell = "typo"', "agents.controller"),
+    ('max_tokens = [', "not valid TOML"),
+])
+def test_bad_configs_say_what_is_wrong(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(body + "\n")
+    with pytest.raises(ConfigError, match=None) as info:
+        RelayConfig.load(path)
+    assert message in str(info.value), str(info.value)
+
+
+def test_options_build_a_runnable_relay(tmp_path_factory, redis_store) -> None:
+    controller, expert = tiny.build_relay_pair(tmp_path_factory.mktemp("tiny-config"))
+    cfg = RelayConfig.from_options(str(controller), str(expert), "fixed-interval", max_tokens=10,
+                                   dtype="float32", interval=3)
+    relay = cfg.build(redis_store)
+    result = relay.run(tiny.QUESTION)
+    assert [s.author for s in result.segments][:2] == ["controller", "expert"]
+    assert all(s.n_tokens <= 3 for s in result.segments)
+    # one backend per (model, dtype): agents sharing a model share its weights
+    same = RelayConfig.from_options(str(controller), str(controller), "fixed-interval",
+                                    dtype="float32").build_agents()
+    assert same["controller"].backend is same["expert"].backend
