@@ -128,10 +128,11 @@ def _traced(func: F) -> F:
         finally:
             from relaygraph.observability import tracing
 
-            if not telemetry.shutdown() and telemetry.problems:
-                err.print(f"[yellow]warning:[/yellow] traces not exported: "
-                          f"{telemetry.problems[0]}; the run itself is unaffected")
-            elif telemetry.traces == "otlp" and tracing.last_trace_id:
+            if not telemetry.shutdown():
+                for problem in telemetry.problems:
+                    err.print(f"[yellow]warning:[/yellow] {problem}; the run itself is unaffected")
+            if telemetry.traces == "otlp" and tracing.last_trace_id and not any(
+                    p.startswith("traces") for p in telemetry.problems):
                 err.print(f"[dim]trace {tracing.last_trace_id} sent to {telemetry.endpoint}[/dim]")
 
     return wrapper  # type: ignore[return-value]
@@ -196,6 +197,34 @@ def run(
 
 @app.command()
 @friendly
+def resume(
+    trajectory_id: Annotated[str, typer.Argument(help="Id of the interrupted run.")],
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Continue an interrupted run from its last completed step (same models and policy)."""
+    from relaygraph.config import RelayConfig
+    from relaygraph.trajectory import check_trajectory_id, open_store
+
+    store = open_store(redis)
+    task = store.load(check_trajectory_id(trajectory_id)).task
+    if "relay" not in task.config:
+        raise ConfigError(f"trajectory {trajectory_id} was not started from a config (a Relay "
+                          "built in Python); resume it in Python with Relay.resume(id)")
+    cfg = RelayConfig.parse(task.config["relay"], source=f"trajectory {trajectory_id}")
+    _ensure_pulled(*(cfg.agents[name].model for name in cfg.needed_agents()))
+    with err.status("loading models…"):
+        relay = cfg.build(store)
+    result = relay.resume(trajectory_id)
+    if as_json:
+        print(result.model_dump_json(indent=2, by_alias=True))
+    else:
+        Console(highlight=False).print(f"answer: {result.answer or '(none)'} · status "
+                                       f"{store.status(trajectory_id)} · {len(result.segments)} segments")
+
+
+@app.command()
+@friendly
 def show(
     trajectory_id: Annotated[str | None, typer.Argument(help="Id to show; omit to list recent runs.")] = None,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL.")] = None,
@@ -228,7 +257,7 @@ def show(
             path = write_html(trajectory, html)
         except OSError as exc:
             raise ConfigError(f"cannot write {html}: {exc.strerror or exc}") from None
-        out.print(f"wrote {path} — open it in a browser")
+        out.print(f"wrote {path} — open it in a browser", soft_wrap=True)
 
 
 @models_app.command("pull")
@@ -272,6 +301,36 @@ def store_stop() -> None:
     from relaygraph.trajectory import embedded
 
     print("stopped" if embedded.stop_server() else "not running")
+
+
+@app.command()
+@friendly
+@_traced
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve config (.toml, .yaml, .json): [relays.NAME] tables, each a relay config; a plain relay config is served as relay-<policy>. Default: the offline pair as relay-call-token and relay-prompted-call.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: the config's redis, $REDIS_URL, else the embedded server).")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="RELAYGRAPH_API_KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on /v1 routes (prefer the RELAYGRAPH_API_KEY variable: arguments show in ps).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Relay runs at once (worker threads).")] = 4,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a worker; more get a 429.")] = 64,
+    queue_timeout: Annotated[float, typer.Option(min=0.0, help="Seconds a request may wait for a worker before a 503.")] = 60.0,
+    max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger get a 413.")] = 1 << 20,
+    trace: Annotated[str | None, typer.Option("--trace", help="OpenTelemetry traces to: console | otlp | none | an OTLP URL (default: the OTEL_* variables). One trace per request.")] = None,
+    trace_content: Annotated[bool, typer.Option("--trace-content", help="Record questions and generated text in spans (off by default).")] = False,
+) -> None:
+    """Serve relays as OpenAI-compatible models (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from relaygraph.serve import ServeConfig, ServeSettings, serve as run_server
+
+    cfg = ServeConfig.load(config) if config is not None else ServeConfig.default()
+    _ensure_pulled(*(model for model, _ in cfg.backend_keys()))
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/yellow] listening on {host} without an API key; set "
+                  "RELAYGRAPH_API_KEY to require one")
+    settings = ServeSettings(api_key=api_key or None, concurrency=concurrency,
+                             max_queue=max_queue, queue_timeout=queue_timeout,
+                             max_request_bytes=max_request_bytes)
+    run_server(cfg, host, port, redis, settings, announce=lambda line: err.print(line, markup=False))
 
 
 def main() -> None:

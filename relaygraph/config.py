@@ -235,7 +235,8 @@ class RelayConfig(_Strict):
         agents = self.build_agents(self.needed_agents())
         policy = build_policy(self.policy, agents)
         return Relay(list(agents.values()), policy,
-                     store if store is not None else open_store(self.redis), self.max_tokens)
+                     store if store is not None else open_store(self.redis), self.max_tokens,
+                     config=self)
 
 
 def _policy_agents(policy: Any) -> list[str]:

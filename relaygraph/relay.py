@@ -11,13 +11,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from relaygraph.agents.agent import Agent
+from relaygraph.errors import StoreUnavailableError
 from relaygraph.observability import tracing
 from relaygraph.trajectory import TrajectoryStore, new_trajectory_id, open_store
 
 if TYPE_CHECKING:
+    from relaygraph.config import RelayConfig
     from relaygraph.policies.base import Policy
 
 Event = dict[str, Any]
@@ -65,14 +68,18 @@ class Relay:
     """Agents + a policy + a store, compiled into a LangGraph graph (``self.graph``)."""
 
     def __init__(self, agents: Sequence[Agent], policy: Policy,
-                 store: TrajectoryStore | None = None, max_tokens: int = 512) -> None:
+                 store: TrajectoryStore | None = None, max_tokens: int = 512,
+                 config: RelayConfig | None = None) -> None:
         from relaygraph.graphs.relay import build_graph
 
         self.agents = list(agents)
         self.policy = policy
         self.store = store if store is not None else open_store()
         self.max_tokens = max_tokens
-        self.graph = build_graph(self.agents, policy, self.store, max_tokens=max_tokens)
+        # a relay built from a config records it, so `relaygraph resume` can rebuild it
+        recorded = {"relay": config.model_dump(mode="json", exclude={"redis"})} if config else {}
+        self.graph = build_graph(self.agents, policy, self.store, max_tokens=max_tokens,
+                                 task_config=recorded)
 
     @classmethod
     def from_models(cls, controller: str, expert: str | None = None, policy: str = "call-token",
@@ -108,6 +115,11 @@ class Relay:
                             on_event(chunk)
                     elif mode == "values":
                         final = chunk
+            except redis.RedisError as exc:
+                raise StoreUnavailableError(
+                    f"lost the trajectory store ({type(exc).__name__}: {exc}); what was written "
+                    f"is kept — once the server is back, run `relaygraph resume {tid}`"
+                ) from None
             except Exception as exc:
                 self._mark_failed(tid, exc)
                 raise
@@ -122,6 +134,16 @@ class Relay:
             handoff_records=records,
             counters=final.get("counters", {}), seconds=time.perf_counter() - started,
         )
+
+    def resume(self, trajectory_id: str, on_event: Callable[[Event], None] | None = None) -> RunResult:
+        """Continue a stored run (after a crash or a lost server) from its last completed step.
+
+        Segments of a step that did not complete are written again at the same positions
+        (identical under greedy decoding, so the exactly-once appends keep one copy). A
+        finished run is returned as it is.
+        """
+        task = self.store.load(trajectory_id).task
+        return self.run(task.question, trajectory_id=trajectory_id, on_event=on_event)
 
     def _mark_failed(self, tid: str, exc: Exception) -> None:
         try:

@@ -31,11 +31,13 @@ def require_redis_server() -> str:
 class RedisServer:
     """A ``redis-server`` process; ``url`` connects to it."""
 
-    def __init__(self, workdir: Path, password: str | None = None, tls: bool = False) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, tls: bool = False,
+                 persistent: bool = False) -> None:
         self.binary = require_redis_server()
         self.workdir = workdir
         self.password = password
         self.tls = tls
+        self.persistent = persistent  # AOF, fsync on every write: survives SIGKILL
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -47,8 +49,8 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir)]
+        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir),
+                "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always"]
         if self.password:
             args += ["--requirepass", self.password]
         if self.tls:

@@ -84,7 +84,9 @@ def test_expert_view_strips_the_command_controller_view_keeps_it(backends, redis
 def test_call_is_clipped_to_max_call_tokens(backends, redis_store) -> None:
     result = make_relay(backends, redis_store, max_call_tokens=2).run(tiny.QUESTION)
     call, expert = redis_store.read(result.trajectory_id)[1:3]
-    assert call.meta == {"command": call.meta["command"], "requested": 3, "granted": 2}
+    assert call.meta == {"command": call.meta["command"], "requested": 3, "granted": 2,
+                         "step": call.meta["step"]}
+    assert call.meta["step"]["to"] == "expert" and call.meta["step"]["budget"] == 2
     assert expert.author == "expert" and expert.n_tokens == 2
     assert result.tokens_by_agent["expert"] == 2
 
@@ -104,7 +106,8 @@ def test_malformed_command_is_recorded_and_kept_as_text(backends, redis_store) -
     segs = redis_store.read(result.trajectory_id)
     assert all(s.author == "controller" and s.kind == "text" for s in segs)
     assert "".join(s.text for s in segs) == tiny.MALFORMED_ANSWER
-    assert segs[0].meta == {"malformed_call": "<call>abc</call>"}
+    assert segs[0].meta["malformed_call"] == "<call>abc</call>"
+    assert segs[0].meta["step"]["reason"] == "malformed_call"
     assert result.counters == {"malformed_calls": 1}
     assert result.tokens_by_agent["expert"] == 0 and result.call_ratio == 0
 

@@ -17,7 +17,8 @@ from tests.servers import free_port
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "relaygraph.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          cwd=Path(__file__).parents[1])
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,29 @@ def test_real_qwen_pair_end_to_end(policy: str, redis_server) -> None:
     assert out["call_ratio"] == pytest.approx(out["tokens_by_agent"]["expert"] / total)
     assert "".join(s["text"] for s in out["segments"]).strip()
     assert all(s["author"] in ("controller", "expert") for s in out["segments"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy_args", [
+    ["--policy", "confidence", "--threshold", "-1.0", "--fallback-tokens", "4"],
+    ["--policy", "fixed-interval", "--interval", "6"],
+    ["--policy", "random-router", "--p", "1.0"],
+    ["--policy", "truncate", "--set", "cut_tokens=8"],
+    ["--policy", "supervisor", "--supervisor", "examples.safety_supervisor:guard",
+     "--set", "workers=[\"controller\",\"expert\"]", "--set", "chunk_tokens=8"],
+    ["--policy", "solo", "--controller", "qwen2.5-coder-1.5b"],
+])
+def test_every_policy_on_the_real_pair(policy_args: list[str], redis_server) -> None:
+    proc = cli("run", "Natalia sold clips to 48 of her friends in April, and then she sold half "
+               "as many clips in May. How many clips did Natalia sell altogether?",
+               *policy_args, "--max-tokens", "24", "--redis", redis_server.url, "--json",
+               timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    total = sum(out["tokens_by_agent"].values())
+    assert 0 < total <= 24
+    policy = policy_args[1]
+    if policy in ("fixed-interval", "confidence", "truncate", "random-router"):
+        assert out["tokens_by_agent"]["expert"] > 0, out  # the expert really wrote
+    if policy == "fixed-interval":
+        assert [s["author"] for s in out["segments"]][:2] == ["controller", "expert"]

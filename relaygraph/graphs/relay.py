@@ -26,6 +26,7 @@ from relaygraph.eval.answers import extract_answer
 from relaygraph.graphs.state import SUPERVISOR, RelayInput, RelayOutput, RelayState
 from relaygraph.observability import tracing
 from relaygraph.trajectory.models import (
+    Segment,
     Task,
     active,
     check_trajectory_id,
@@ -49,8 +50,10 @@ def build_graph(
     store: TrajectoryStore,
     max_tokens: int = 512,
     checkpointer: Any = None,
+    task_config: dict[str, Any] | None = None,
 ) -> CompiledStateGraph:
-    """Compile the relay graph. ``max_tokens`` bounds generated tokens over all agents."""
+    """Compile the relay graph. ``max_tokens`` bounds generated tokens over all agents;
+    ``task_config`` is recorded with each trajectory's task (e.g. the relay's config)."""
     by_name = {a.name: a for a in agents}
     if len(by_name) != len(agents):
         raise ConfigError("agent names must be unique")
@@ -66,7 +69,7 @@ def build_graph(
     supervised = callable(getattr(policy, "review", None))
     targets = (*policy.agents, "finish", *((SUPERVISOR,) if supervised else ()))
     graph = StateGraph(RelayState, input_schema=RelayInput, output_schema=RelayOutput)
-    graph.add_node("start", _start_node(policy, by_name, store, max_tokens),
+    graph.add_node("start", _start_node(policy, by_name, store, max_tokens, task_config or {}),
                    destinations=tuple(policy.agents))
     for name in policy.agents:
         graph.add_node(name, _agent_node(by_name[name], policy, store), destinations=targets)
@@ -79,12 +82,20 @@ def build_graph(
 
 
 def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore,
-                max_tokens: int) -> Callable[[RelayState], Command]:
+                max_tokens: int, task_config: dict[str, Any]) -> Callable[[RelayState], Command]:
     def start(state: RelayState) -> Command:
         question = state.get("question", "")
         if not question or not question.strip():
             raise ConfigError("the question is empty; pass the text of a question")
         tid = check_trajectory_id(state.get("trajectory_id") or new_trajectory_id())
+        if store.exists(tid):  # resume a stored run from its last completed step
+            task = store.load(tid).task
+            base: RelayState = {"trajectory_id": tid, "question": task.question,
+                                "max_tokens": task.config.get("max_tokens", max_tokens)}
+            resumed = replay(store.read(tid), policy.agents)
+            if resumed is not None:
+                store.set_status(tid, "running")
+                return Command(goto=resumed["turn"], update={**base, **resumed})
         fresh: RelayState = {"trajectory_id": tid, "question": question,
                              "max_tokens": max_tokens, "generated": 0}
         first, budget = policy.first_turn(fresh)
@@ -92,9 +103,11 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
             question=question, policy=policy.name,
             agents={n: agents[n].backend.model_id for n in policy.agents},
             config={"max_tokens": max_tokens,
-                    "system_prompts": {n: agents[n].system_prompt for n in policy.agents}},
+                    "system_prompts": {n: agents[n].system_prompt for n in policy.agents},
+                    **task_config},
         )
-        store.create(tid, task)
+        if not store.exists(tid):
+            store.create(tid, task)
         return Command(goto=first, update={
             **fresh, "cursor": 0, "turn": first, "budget": budget,
             "tokens_by_agent": {n: 0 for n in policy.agents}, "handoffs": 0, "counters": {},
@@ -152,19 +165,23 @@ def _apply(decision: Decision, state: RelayState, store: TrajectoryStore, author
            n_tokens: int, policy_name: str) -> tuple[RelayState, dict[str, Any]]:
     """Append the decision's segments at the cursor; the state update and handoff record."""
     tid, cursor = state["trajectory_id"], state["cursor"]
-    for seg in decision.segments:
-        if seg.text or seg.kind != "text":
-            store.append(tid, cursor, seg)
-            cursor += 1
     generated = state["generated"] + n_tokens
     nxt = decision.next if decision.next and generated < state["max_tokens"] else "finish"
+    moved = nxt not in ("finish", SUPERVISOR, author)
+    segments = [s for s in decision.segments if s.text or s.kind != "text" or s.token_ids]
+    if segments:  # the step's outcome rides on its last segment: what resume replays
+        step = {"author": author, "tokens": n_tokens, "to": nxt, "budget": decision.budget,
+                "reason": decision.reason, "counters": decision.counters, "moved": moved}
+        segments[-1] = segments[-1].model_copy(update={"meta": {**segments[-1].meta, "step": step}})
+    for seg in segments:
+        store.append(tid, cursor, seg)
+        cursor += 1
     counters = dict(state.get("counters", {}))
     for key, value in decision.counters.items():
         counters[key] = counters.get(key, 0) + value
     tokens = dict(state["tokens_by_agent"])
     if author in tokens:
         tokens[author] += n_tokens
-    moved = nxt not in ("finish", SUPERVISOR, author)
     update: RelayState = {
         "cursor": cursor, "turn": nxt, "budget": decision.budget, "generated": generated,
         "tokens_by_agent": tokens, "counters": counters, "handoffs": state["handoffs"] + moved,
@@ -175,6 +192,33 @@ def _apply(decision: Decision, state: RelayState, store: TrajectoryStore, author
                "position": cursor, "requested_tokens": decision.budget,
                "confidence": decision.confidence, "policy": policy_name}
     return update, handoff
+
+
+def replay(segments: Sequence[Segment], agents: Sequence[str]) -> RelayState | None:
+    """The state after the last completed step, from the step records on the segments.
+
+    Segments after the last record belong to a step that did not complete (a crash between
+    its appends): resuming re-runs that step at the same position, and the store's
+    exactly-once appends turn the repeated segments into no-ops. None: no step completed.
+    """
+    last = max((i for i, s in enumerate(segments) if "step" in s.meta), default=None)
+    if last is None:
+        return None
+    tokens = {a: 0 for a in agents}
+    counters: dict[str, int] = {}
+    handoffs = 0
+    for seg in segments[:last + 1]:
+        if (step := seg.meta.get("step")) is None:
+            continue
+        if step["author"] in tokens:
+            tokens[step["author"]] += step["tokens"]
+        for key, value in step["counters"].items():
+            counters[key] = counters.get(key, 0) + value
+        handoffs += bool(step["moved"])
+    final = segments[last].meta["step"]
+    return {"cursor": last + 1, "turn": final["to"], "budget": final["budget"],
+            "generated": sum(tokens.values()), "tokens_by_agent": tokens, "counters": counters,
+            "handoffs": handoffs, "finish_reason": final["reason"] if final["to"] == "finish" else ""}
 
 
 def _finish_node(policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], dict]:

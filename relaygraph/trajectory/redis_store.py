@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from relaygraph.errors import (
     PositionConflictError,
@@ -73,10 +75,19 @@ class RedisStore:
         self._append = client.register_script(_APPEND)
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "relaygraph", **kwargs: object) -> RedisStore:
-        """Connect to ``url`` (redis://, rediss://, unix://) and check the server answers."""
+    def from_url(cls, url: str, namespace: str = "relaygraph", retries: int = 8,
+                 **kwargs: object) -> RedisStore:
+        """Connect to ``url`` (redis://, rediss://, unix://) and check the server answers.
+
+        Commands that hit a dropped connection are retried ``retries`` times with
+        exponential backoff (0.1 s doubling to 2 s: about 9 s for the default 8), so a
+        server restart is ridden out; appends stay exactly-once because a retried append
+        that had landed is recognised as a duplicate.
+        """
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries,
+                      (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
         try:
-            client = redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+            client = redis.Redis.from_url(url, retry=retry, **kwargs)  # type: ignore[arg-type]
         except ValueError as exc:
             raise StoreUnavailableError(
                 f"invalid Redis URL {redact_url(url)!r}: {exc}; expected e.g. "

@@ -1,0 +1,234 @@
+"""Fault injection: a crashed process, a restarted and a lost Redis server — nothing lost,
+nothing doubled, and resumed runs identical to uninterrupted greedy runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from relaygraph import Agent, CallTokenPolicy, Relay
+from relaygraph.agents.transformers_backend import TransformersBackend
+from relaygraph.errors import StoreUnavailableError
+from relaygraph.policies import FixedIntervalPolicy
+from relaygraph.trajectory import RedisStore, Segment
+from tests import tiny_models as tiny
+from tests.servers import RedisServer
+
+FIGURES = {"interrupted": 0, "resumed": 0, "lost": 0, "doubled": 0}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> tuple[Path, Path]:
+    return tiny.build_relay_pair(tmp_path_factory.mktemp("tiny-faults"))
+
+
+@pytest.fixture(scope="module")
+def pair(dirs) -> list[Agent]:
+    return [Agent("controller", TransformersBackend(str(dirs[0]), dtype="float32"), tiny.SYSTEM_PROMPT),
+            Agent("expert", TransformersBackend(str(dirs[1]), dtype="float32"), tiny.SYSTEM_PROMPT)]
+
+
+POLICIES = {
+    "call-token": lambda: CallTokenPolicy(),
+    "fixed-interval": lambda: FixedIntervalPolicy(interval=1),
+}
+
+
+def crew(pair: list[Agent], policy: str) -> list[Agent]:
+    """For fixed-interval both turns use the expert's model, so the relay writes its whole
+    trained answer (one token a turn: ~20 steps) instead of stopping early."""
+    if policy == "call-token":
+        return pair
+    return [Agent("controller", pair[1].backend, tiny.SYSTEM_PROMPT), pair[1]]
+
+
+def same(a: list[Segment], b: list[Segment]) -> bool:
+    """Same trajectory: authors, kinds, text and token ids, position by position."""
+    return [(s.author, s.kind, s.text, s.token_ids) for s in a] == [
+        (s.author, s.kind, s.text, s.token_ids) for s in b]
+
+
+def count(result: list[Segment], reference: list[Segment]) -> None:
+    FIGURES["lost"] += max(0, len(reference) - len(result))
+    FIGURES["doubled"] += max(0, len(result) - len(reference))
+
+
+CRASHING_RUN = textwrap.dedent("""
+    import os, sys
+    from relaygraph import Agent, Relay, CallTokenPolicy
+    from relaygraph.agents.transformers_backend import TransformersBackend
+    from relaygraph.policies import FixedIntervalPolicy
+    from relaygraph.trajectory import RedisStore
+    from tests import tiny_models as tiny
+
+    url, controller, expert, policy, tid, crash_after = sys.argv[1:7]
+    store = RedisStore.from_url(url)
+    appended = 0
+    real_append = store.append
+
+    def append(*args):
+        global appended
+        real_append(*args)
+        appended += 1
+        if appended == int(crash_after):
+            os._exit(9)  # the process dies right after this append, mid-run
+
+    store.append = append
+    expert_backend = TransformersBackend(expert, dtype="float32")
+    first = TransformersBackend(controller, dtype="float32") if policy == "call-token" else expert_backend
+    agents = [Agent("controller", first, tiny.SYSTEM_PROMPT),
+              Agent("expert", expert_backend, tiny.SYSTEM_PROMPT)]
+    policy = CallTokenPolicy() if policy == "call-token" else FixedIntervalPolicy(interval=1)
+    Relay(agents, policy, store, max_tokens=40).run(tiny.QUESTION, trajectory_id=tid)
+""")
+
+
+@pytest.mark.parametrize("policy, crash_after", [
+    ("call-token", 1),      # after the controller's text, before its call segment: mid-step
+    ("call-token", 2),      # after a whole step
+    ("call-token", 3),      # after the expert's turn
+    ("fixed-interval", 5),
+    ("fixed-interval", 11),
+])
+def test_process_crash_then_resume_is_identical(policy, crash_after, pair, dirs, redis_server) -> None:
+    store = RedisStore.from_url(redis_server.url)
+    reference = Relay(crew(pair, policy), POLICIES[policy](), store, max_tokens=40).run(tiny.QUESTION)
+    ref_segments = store.read(reference.trajectory_id)
+    assert len(ref_segments) > crash_after
+
+    tid = f"crash-{policy}-{crash_after}-{time.time_ns()}"
+    proc = subprocess.run([sys.executable, "-c", CRASHING_RUN, redis_server.url, str(dirs[0]),
+                           str(dirs[1]), policy, tid, str(crash_after)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 9, proc.stderr
+    assert store.length(tid) == crash_after and store.status(tid) == "running"
+    FIGURES["interrupted"] += 1
+
+    resumed = Relay(crew(pair, policy), POLICIES[policy](), store, max_tokens=40).resume(tid)
+    FIGURES["resumed"] += 1
+    segments = store.read(tid)
+    count(segments, ref_segments)
+    assert same(segments, ref_segments)
+    assert resumed.answer == reference.answer
+    assert resumed.tokens_by_agent == reference.tokens_by_agent
+    assert resumed.counters == reference.counters and resumed.handoffs == reference.handoffs
+    assert store.status(tid) == "finished"
+
+
+def test_redis_restart_mid_run_is_ridden_out(pair, tmp_path) -> None:
+    """The server is killed after the 4th handoff and back 0.5 s later: the run goes on."""
+    server = RedisServer(tmp_path, persistent=True).start()
+    try:
+        store = RedisStore.from_url(server.url)
+        relay = Relay(crew(pair, "fixed-interval"), FixedIntervalPolicy(interval=1), store,
+                      max_tokens=40)
+        reference = store.read(relay.run(tiny.QUESTION).trajectory_id)
+        handoffs = []
+
+        def restart() -> None:
+            time.sleep(0.5)
+            server.start()
+
+        restarter = threading.Thread(target=restart)
+
+        def on_event(event: dict) -> None:
+            if event["type"] == "handoff":
+                handoffs.append(event)
+                if len(handoffs) == 4:
+                    server.stop()  # SIGKILL, mid-run
+                    restarter.start()
+
+        result = relay.run(tiny.QUESTION, on_event=on_event)
+        restarter.join()
+        assert len(handoffs) > 4
+        FIGURES["interrupted"] += 1
+        segments = store.read(result.trajectory_id)
+        count(segments, reference)
+        assert same(segments, reference)
+        assert store.status(result.trajectory_id) == "finished"
+    finally:
+        server.stop()
+
+
+def test_redis_down_too_long_fails_cleanly_then_resumes(pair, tmp_path) -> None:
+    server = RedisServer(tmp_path, persistent=True).start()
+    try:
+        store = RedisStore.from_url(server.url, retries=1)
+        relay = Relay(crew(pair, "fixed-interval"), FixedIntervalPolicy(interval=1), store,
+                      max_tokens=40)
+        reference = store.read(relay.run(tiny.QUESTION).trajectory_id)
+        tid = f"down-{time.time_ns()}"
+        killed = {"done": False}
+
+        def on_event(event: dict) -> None:
+            if event["type"] == "handoff" and not killed["done"]:
+                killed["done"] = True
+                server.stop()
+
+        with pytest.raises(StoreUnavailableError, match=f"relaygraph resume {tid}"):
+            relay.run(tiny.QUESTION, trajectory_id=tid, on_event=on_event)
+        FIGURES["interrupted"] += 1
+        server.start()
+        resumed = relay.resume(tid)
+        FIGURES["resumed"] += 1
+        segments = store.read(tid)
+        count(segments, reference)
+        assert same(segments, reference)
+        assert resumed.finish_reason and store.status(tid) == "finished"
+    finally:
+        server.stop()
+
+
+def test_resume_of_a_finished_run_changes_nothing(pair, redis_store) -> None:
+    relay = Relay(pair, CallTokenPolicy(), redis_store, max_tokens=40)
+    first = relay.run(tiny.QUESTION)
+    again = relay.resume(first.trajectory_id)
+    assert same(redis_store.read(first.trajectory_id), redis_store.read(again.trajectory_id))
+    assert again.answer == first.answer == "7"
+    assert again.tokens_by_agent == first.tokens_by_agent
+
+
+def test_figures_report() -> None:
+    """Runs last in this module: prints the fault-injection figures for the closing note."""
+    print(f"\nfault injection: {FIGURES}")
+    assert FIGURES["lost"] == 0 and FIGURES["doubled"] == 0
+
+
+class Crash(BaseException):
+    """Stands for the process dying (not an Exception: nothing handles it)."""
+
+
+def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server) -> None:
+    from relaygraph.config import RelayConfig
+    from tests.test_cli import cli
+
+    store = RedisStore.from_url(redis_server.url)
+    cfg = RelayConfig.from_options(str(dirs[0]), str(dirs[1]), "call-token", max_tokens=40,
+                                   dtype="float32")
+    reference = store.read(cfg.build(store).run(tiny.QUESTION).trajectory_id)
+    crashing = RedisStore.from_url(redis_server.url)
+    real_append = crashing.append
+
+    def append(tid: str, seq: int, seg: Segment) -> None:
+        real_append(tid, seq, seg)
+        if seq == 1:
+            raise Crash()
+
+    crashing.append = append  # type: ignore[method-assign]
+    tid = f"cli-resume-{time.time_ns()}"
+    with pytest.raises(Crash):
+        cfg.build(crashing).run(tiny.QUESTION, trajectory_id=tid)
+    assert store.length(tid) == 2
+    proc = cli("resume", tid, "--redis", redis_server.url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert same(store.read(tid), reference)
+    assert '"answer": "7"' in proc.stdout
+    missing = cli("resume", "no-such-run", "--redis", redis_server.url)
+    assert missing.returncode == 2 and "no trajectory" in missing.stderr
