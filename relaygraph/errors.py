@@ -24,6 +24,10 @@ class StoreUnavailableError(RelayGraphError):
     """The trajectory store (Redis/Valkey) cannot be reached."""
 
 
+class BackendError(RelayGraphError):
+    """A model backend kept failing (raised, timed out or returned nothing) after retries."""
+
+
 class TrajectoryNotFoundError(RelayGraphError):
     """No trajectory with this id exists in the store."""
 

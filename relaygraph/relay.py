@@ -15,7 +15,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from relaygraph.agents.agent import Agent
-from relaygraph.errors import StoreUnavailableError
+from relaygraph.errors import BackendError, StoreUnavailableError
 from relaygraph.observability import tracing
 from relaygraph.trajectory import TrajectoryStore, new_trajectory_id, open_store
 
@@ -69,7 +69,7 @@ class Relay:
 
     def __init__(self, agents: Sequence[Agent], policy: Policy,
                  store: TrajectoryStore | None = None, max_tokens: int = 512,
-                 config: RelayConfig | None = None) -> None:
+                 config: RelayConfig | None = None, retries: int = 2) -> None:
         from relaygraph.graphs.relay import build_graph
 
         self.agents = list(agents)
@@ -79,7 +79,7 @@ class Relay:
         # a relay built from a config records it, so `relaygraph resume` can rebuild it
         recorded = {"relay": config.model_dump(mode="json", exclude={"redis"})} if config else {}
         self.graph = build_graph(self.agents, policy, self.store, max_tokens=max_tokens,
-                                 task_config=recorded)
+                                 task_config=recorded, retries=retries)
 
     @classmethod
     def from_models(cls, controller: str, expert: str | None = None, policy: str = "call-token",
@@ -120,6 +120,9 @@ class Relay:
                     f"lost the trajectory store ({type(exc).__name__}: {exc}); what was written "
                     f"is kept — once the server is back, run `relaygraph resume {tid}`"
                 ) from None
+            except BackendError as exc:
+                self._mark_failed(tid, exc)
+                raise BackendError(f"{exc}: `relaygraph resume {tid}`") from None
             except Exception as exc:
                 self._mark_failed(tid, exc)
                 raise

@@ -232,3 +232,61 @@ def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server
     assert '"answer": "7"' in proc.stdout
     missing = cli("resume", "no-such-run", "--redis", redis_server.url)
     assert missing.returncode == 2 and "no trajectory" in missing.stderr
+
+
+class FaultInjector:
+    """Wraps a real backend and injects faults into its first calls (raises, or returns an
+    empty completion) — fault injection around the real model, not a stand-in for it."""
+
+    def __init__(self, backend: TransformersBackend, failures: int, empty: bool = False) -> None:
+        self.backend, self.failures, self.empty, self.calls = backend, failures, empty, 0
+        self.model_id, self.tokenizer_id = backend.model_id, backend.tokenizer_id
+
+    def decode(self, ids):
+        return self.backend.decode(ids)
+
+    def generate(self, prompt, rule, sampling=None, on_text=None, cache_key=None):
+        self.calls += 1
+        if self.calls <= self.failures:
+            if self.empty:
+                from relaygraph.agents.backend import Generation
+
+                return Generation(text="", token_ids=[], logprobs=[], finish_reason="budget")
+            raise ConnectionError("inference server went away")
+        return self.backend.generate(prompt, rule, sampling, on_text=on_text, cache_key=cache_key)
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_flaky_backend_is_retried(empty, pair, redis_store, monkeypatch) -> None:
+    import relaygraph.graphs.relay as graph_module
+
+    monkeypatch.setattr(graph_module, "RETRY_BACKOFF_S", 0.01)
+    reference = redis_store.read(Relay(pair, CallTokenPolicy(), redis_store).run(tiny.QUESTION).trajectory_id)
+    flaky = [pair[0], Agent("expert", FaultInjector(pair[1].backend, failures=2, empty=empty),
+                            tiny.SYSTEM_PROMPT)]
+    events: list[dict] = []
+    result = Relay(flaky, CallTokenPolicy(), redis_store, retries=2).run(tiny.QUESTION,
+                                                                        on_event=events.append)
+    assert same(redis_store.read(result.trajectory_id), reference)
+    retries = [e for e in events if e["type"] == "retry"]
+    assert len(retries) == 2 and retries[0]["agent"] == "expert"
+    assert ("empty completion" if empty else "went away") in retries[0]["error"]
+
+
+def test_a_dead_backend_fails_cleanly_keeps_the_trajectory_and_resumes(pair, redis_store,
+                                                                       monkeypatch) -> None:
+    import relaygraph.graphs.relay as graph_module
+    from relaygraph.errors import BackendError
+
+    monkeypatch.setattr(graph_module, "RETRY_BACKOFF_S", 0.01)
+    reference = redis_store.read(Relay(pair, CallTokenPolicy(), redis_store).run(tiny.QUESTION).trajectory_id)
+    dead = [pair[0], Agent("expert", FaultInjector(pair[1].backend, failures=99), tiny.SYSTEM_PROMPT)]
+    tid = f"dead-{time.time_ns()}"
+    with pytest.raises(BackendError, match=f"failed 3 times.*went away.*relaygraph resume {tid}"):
+        Relay(dead, CallTokenPolicy(), redis_store, retries=2).run(tiny.QUESTION, trajectory_id=tid)
+    trajectory = redis_store.load(tid)
+    assert trajectory.status == "failed"
+    assert redis_store.client.hget(f"relaygraph:{{{tid}}}:meta", "error").decode().startswith("BackendError")
+    assert [s.kind for s in trajectory.segments] == ["text", "call"]  # the controller's part is kept
+    Relay(pair, CallTokenPolicy(), redis_store).resume(tid)  # the expert is back
+    assert same(redis_store.read(tid), reference)

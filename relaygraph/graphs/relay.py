@@ -14,6 +14,7 @@ graph whose state has those keys.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
-from relaygraph.errors import ConfigError
+from relaygraph.errors import BackendError, ConfigError, RelayGraphError
 from relaygraph.eval.answers import extract_answer
 from relaygraph.graphs.state import SUPERVISOR, RelayInput, RelayOutput, RelayState
 from relaygraph.observability import tracing
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from relaygraph.policies.base import Decision, Policy
 
 RESERVED_NODES = frozenset({"start", "finish", START, END})
+RETRY_BACKOFF_S = 0.5
 
 
 def build_graph(
@@ -51,9 +53,11 @@ def build_graph(
     max_tokens: int = 512,
     checkpointer: Any = None,
     task_config: dict[str, Any] | None = None,
+    retries: int = 2,
 ) -> CompiledStateGraph:
     """Compile the relay graph. ``max_tokens`` bounds generated tokens over all agents;
-    ``task_config`` is recorded with each trajectory's task (e.g. the relay's config)."""
+    ``task_config`` is recorded with each trajectory's task (e.g. the relay's config);
+    a failing generation is retried ``retries`` times before the run fails."""
     by_name = {a.name: a for a in agents}
     if len(by_name) != len(agents):
         raise ConfigError("agent names must be unique")
@@ -72,7 +76,8 @@ def build_graph(
     graph.add_node("start", _start_node(policy, by_name, store, max_tokens, task_config or {}),
                    destinations=tuple(policy.agents))
     for name in policy.agents:
-        graph.add_node(name, _agent_node(by_name[name], policy, store), destinations=targets)
+        graph.add_node(name, _agent_node(by_name[name], policy, store, retries),
+                       destinations=targets)
     if supervised:
         graph.add_node(SUPERVISOR, _supervisor_node(policy, store), destinations=targets)
     graph.add_node("finish", _finish_node(policy, store))
@@ -116,17 +121,45 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
     return start
 
 
-def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], Command]:
+def _generate(agent: Agent, prompt: Any, rule: Any, retries: int, on_text: Callable[[str], None],
+              on_retry: Callable[[str], None], cache_key: str) -> Any:
+    """The backend's generation, retried with backoff when it raises or returns nothing
+    without a reason; errors that are the user's to fix (bad input) are not retried."""
+    for attempt in range(retries + 1):
+        try:
+            generation = agent.backend.generate(prompt, rule, agent.sampling, on_text=on_text,
+                                                cache_key=cache_key)
+            if generation.token_ids or generation.finish_reason in ("eos", "stop", "low_confidence") \
+                    or rule.max_tokens == 0:
+                return generation
+            error = "empty completion"
+        except RelayGraphError:
+            raise
+        except Exception as exc:  # a backend fault: a dead server, a timeout, a bug
+            error = f"{type(exc).__name__}: {exc}"
+        if attempt < retries:
+            on_retry(error)
+            time.sleep(RETRY_BACKOFF_S * 2**attempt)
+    raise BackendError(
+        f"agent {agent.name!r} ({agent.backend.model_id}) failed {retries + 1} times, last: "
+        f"{error[:300]}; the trajectory is kept — fix the backend, then resume the run"
+    )
+
+
+def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore,
+                retries: int) -> Callable[[RelayState], Command]:
     def node(state: RelayState) -> Command:
         tid, cursor = state["trajectory_id"], state["cursor"]
         writer = get_stream_writer()
         view = policy.view(agent.name, active(store.read(tid, 0, cursor)))
         rule = policy.stop_rule(agent.name, state)
         with tracing.agent_turn(agent, policy, tid, cursor) as span:
-            generation = agent.backend.generate(
-                agent.prompt(state["question"], view), rule, agent.sampling,
+            generation = _generate(
+                agent, agent.prompt(state["question"], view), rule, retries,
                 on_text=span.wrap_stream(
                     lambda text: writer({"type": "token", "agent": agent.name, "text": text})),
+                on_retry=lambda error: writer({"type": "retry", "agent": agent.name,
+                                               "error": error}),
                 cache_key=f"{tid}/{agent.name}",
             )
             decision = policy.route(agent, generation, state)
