@@ -184,8 +184,10 @@ class RelayConfig(_Strict):
             return cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise ConfigError(f"{source}: {where}: {first['msg']} "
+            where = ".".join(str(p) if str(p).isprintable() else repr(p)
+                             for p in first["loc"]) or "(top level)"
+            message = " ".join(str(first["msg"]).split())
+            raise ConfigError(f"{source}: {where}: {message} "
                               f"({exc.error_count()} problem(s) in all)") from None
 
     @classmethod

@@ -1,0 +1,116 @@
+"""Security and bad-input properties: fuzzed config loading, many concurrent runs, ids,
+no pickle, secrets kept out of outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relaygraph import Agent, CallTokenPolicy, Relay
+from relaygraph.agents.transformers_backend import TransformersBackend
+from relaygraph.config import RelayConfig
+from relaygraph.errors import ConfigError
+from relaygraph.trajectory import RedisStore, new_trajectory_id
+from relaygraph.trajectory.models import check_trajectory_id
+from tests import tiny_models as tiny
+
+ROOT = Path(__file__).parents[1]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+policy_like = st.fixed_dictionaries(
+    {"type": st.sampled_from(["call-token", "confidence", "supervisor", "truncate", "x", 3])},
+    optional={k: json_values for k in ("threshold", "agents", "interval", "p", "cut_tokens",
+                                       "supervisor", "max_call_tokens", "metric")},
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["policy", "agents", "max_tokens", "redis", "extra"]),
+                       json_values | policy_like, max_size=4))
+def test_fuzzed_configs_either_load_or_raise_config_error(data) -> None:
+    try:
+        cfg = RelayConfig.parse(data)
+    except ConfigError as exc:
+        assert str(exc).startswith("config:") and "\n" not in str(exc)
+        return
+    assert cfg.max_tokens >= 1 and set(cfg.needed_agents()) <= set(cfg.agents)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzzed_config_files_never_crash(tmp_path_factory, raw: bytes) -> None:
+    path = tmp_path_factory.mktemp("cfg") / "relay.toml"
+    path.write_bytes(raw)
+    try:
+        RelayConfig.load(path)
+    except ConfigError:
+        pass
+
+
+def test_trajectory_ids_do_not_collide_and_cannot_escape_the_namespace() -> None:
+    ids = {new_trajectory_id() for _ in range(20_000)}
+    assert len(ids) == 20_000
+    for bad in ("x}:meta", "a{b}", "relaygraph:{other}", "a\nb", "*", "a b"):
+        with pytest.raises(ValueError):
+            check_trajectory_id(bad)
+
+
+def test_no_pickle_or_eval_of_stored_data() -> None:
+    source = "\n".join(p.read_text() for p in (ROOT / "relaygraph").rglob("*.py"))
+    assert not re.search(r"\bimport pickle\b|\bpickle\.loads?\b|(?<![.\w])eval\(|(?<![.\w])exec\(", source)
+
+
+def test_many_runs_in_parallel_on_one_redis(tmp_path_factory, redis_server) -> None:
+    controller, expert = tiny.build_relay_pair(tmp_path_factory.mktemp("tiny-parallel"))
+    c = TransformersBackend(str(controller), dtype="float32")
+    e = TransformersBackend(str(expert), dtype="float32")
+    store = RedisStore.from_url(redis_server.url)
+    relay = Relay([Agent("controller", c, tiny.SYSTEM_PROMPT), Agent("expert", e, tiny.SYSTEM_PROMPT)],
+                  CallTokenPolicy(), store)
+    results, errors = [], []
+
+    def one() -> None:
+        try:
+            results.append(relay.run(tiny.QUESTION))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({r.trajectory_id for r in results}) == 12
+    texts = {tuple(s.text for s in store.read(r.trajectory_id)) for r in results}
+    assert len(texts) == 1 and all(r.answer == "7" for r in results)
+
+
+def test_the_password_never_reaches_json_output_or_errors(tmp_path, tmp_path_factory) -> None:
+    from tests.servers import RedisServer
+    from tests.test_cli import cli
+
+    controller, expert = tiny.build_relay_pair(tmp_path_factory.mktemp("tiny-secret"))
+    server = RedisServer(tmp_path, password="pw-SECRET-42").start()
+    try:
+        ok = cli("run", tiny.QUESTION, "--controller", str(controller), "--expert", str(expert),
+                 "--dtype", "float32", "--redis", server.url, "--json")
+        assert ok.returncode == 0, ok.stderr
+        assert "pw-SECRET-42" not in ok.stdout + ok.stderr
+        meta = RedisStore.from_url(server.url).load(json.loads(ok.stdout)["trajectory_id"]).task
+        assert "pw-SECRET-42" not in meta.model_dump_json()
+        bad = cli("run", tiny.QUESTION, "--controller", str(controller), "--expert", str(expert),
+                  "--redis", server.url.replace("pw-SECRET-42", "pw-WRONG-43"))
+        assert bad.returncode == 2 and "pw-WRONG-43" not in bad.stderr + bad.stdout
+    finally:
+        server.stop()
