@@ -307,14 +307,14 @@ def store_stop() -> None:
 @friendly
 @_traced
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve config (.toml, .yaml, .json): [relays.NAME] tables, each a relay config; a plain relay config is served as relay-<policy>. Default: the offline pair as relay-call-token and relay-prompted-call.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve config (.toml, .yaml, .json): \\[relays.NAME] tables, each a relay config; a plain relay config is served as relay-<policy>. Default: the offline pair as relay-call-token and relay-prompted-call.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: the config's redis, $REDIS_URL, else the embedded server).")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="RELAYGRAPH_API_KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on /v1 routes (prefer the RELAYGRAPH_API_KEY variable: arguments show in ps).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Relay runs at once (worker threads).")] = 4,
     max_queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a worker; more get a 429.")] = 64,
-    queue_timeout: Annotated[float, typer.Option(min=0.0, help="Seconds a request may wait for a worker before a 503.")] = 60.0,
+    queue_timeout: Annotated[float, typer.Option(min=0.0, help="Seconds a request may wait for a worker before a 503 (0: no limit).")] = 60.0,
     max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger get a 413.")] = 1 << 20,
     trace: Annotated[str | None, typer.Option("--trace", help="OpenTelemetry traces to: console | otlp | none | an OTLP URL (default: the OTEL_* variables). One trace per request.")] = None,
     trace_content: Annotated[bool, typer.Option("--trace-content", help="Record questions and generated text in spans (off by default).")] = False,

@@ -1,0 +1,318 @@
+"""The relays a server offers, by model name, loaded once and shared by every request.
+
+A serve config names several relays; each is a :class:`~relaygraph.config.RelayConfig`
+(agents, policy, max_tokens) plus two serving keys::
+
+    redis = "redis://localhost:6379/0"        # optional (else --redis, $REDIS_URL, embedded)
+
+    [relays.relay-call-token]
+    description = "0.5B controller, calls the 1.5B expert"
+    system_message = "append"                 # append | override | reject
+    max_tokens = 512
+    [relays.relay-call-token.agents.controller]
+    model = "qwen2.5-coder-0.5b"
+    [relays.relay-call-token.agents.expert]
+    model = "qwen2.5-coder-1.5b"
+    [relays.relay-call-token.policy]
+    type = "call-token"
+
+A plain relay config (what ``relaygraph run --config`` reads) is served as one relay named
+``relay-<policy type>``. Agents with the same model and dtype share one loaded backend
+across all relays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import threading
+import time
+import tomllib
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from relaygraph.agents.agent import Agent
+from relaygraph.agents.backend import Prompt, Sampling
+from relaygraph.config import RelayConfig, _policy_agents, build_policy
+from relaygraph.errors import ConfigError
+from relaygraph.serve.runner import load_backends
+from relaygraph.serve.schemas import APIError, bad_request, validation_error
+
+if TYPE_CHECKING:
+    from relaygraph.relay import Relay
+    from relaygraph.trajectory.store import TrajectoryStore
+
+NOT_PER_REQUEST = ("type", "supervisor", "solo_results")
+"""Policy fields a request may not override: they change the policy's kind, or name code to
+import or a file to read on the server."""
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+SystemMessage = Literal["append", "override", "reject"]
+
+
+class ServedRelayConfig(RelayConfig):
+    """A relay config with what serving adds."""
+
+    description: str = ""
+    system_message: SystemMessage = "append"
+    """What a request's system (or developer) message does: ``append`` it to each agent's
+    system prompt (the relay's prompt stays first: it may carry a protocol, such as the
+    call tool's instructions), ``override`` the agents' system prompts with it, or
+    ``reject`` the request with a 400."""
+
+    @field_validator("redis")
+    @classmethod
+    def _no_redis(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("a served relay has no store of its own; set redis at the top "
+                             "level of the serve config (or pass --redis)")
+        return value
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    relays: dict[str, ServedRelayConfig] = Field(min_length=1)
+    redis: str | None = None
+
+    @field_validator("relays")
+    @classmethod
+    def _names(cls, relays: dict[str, ServedRelayConfig]) -> dict[str, ServedRelayConfig]:
+        for name in relays:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"relay name {name!r}: use 1-64 letters, digits and . _ : / -")
+        return relays
+
+    @classmethod
+    def parse(cls, data: Any, source: str = "serve config") -> ServeConfig:
+        if isinstance(data, dict) and "relays" not in data and (
+                {"agents", "policy", "max_tokens"} & set(data)):
+            plain = RelayConfig.parse(data, source=source)  # a `relaygraph run` config
+            redis = data.get("redis")
+            relay = {k: v for k, v in data.items() if k != "redis"}
+            data = {"relays": {f"relay-{plain.policy.type}": relay}, "redis": redis}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) if str(p).isprintable() else repr(p)
+                             for p in first["loc"]) or "(top level)"
+            message = " ".join(str(first["msg"]).split())
+            raise ConfigError(f"{source}: {where}: {message} "
+                              f"({exc.error_count()} problem(s) in all)") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServeConfig:
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(raw.decode())
+            elif path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(raw) or {}
+            elif path.suffix == ".json":
+                data = json.loads(raw)
+            else:
+                raise ConfigError(f"config {path}: use a .toml, .yaml or .json file")
+        except ConfigError:
+            raise
+        except Exception as exc:  # TOML/JSON/YAML/Unicode errors
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"config {path} is not valid {path.suffix[1:].upper()}: "
+                              f"{first}") from None
+        return cls.parse(data, source=str(path))
+
+    @classmethod
+    def default(cls, controller: str = "qwen2.5-coder-0.5b",
+                expert: str = "qwen2.5-coder-1.5b") -> ServeConfig:
+        """The offline pair as ``relay-call-token`` and ``relay-prompted-call``."""
+        relays = {}
+        for policy, text in (("call-token", "the controller calls the expert with "
+                              "<call>n</call> (RelayLLM; needs a controller trained to call)"),
+                             ("prompted-call", "the same, with the call tool explained in the "
+                              "controller's system prompt")):
+            cfg = RelayConfig.from_options(controller, expert, policy).model_dump()
+            cfg.pop("redis")
+            relays[f"relay-{policy}"] = {**cfg, "description": f"{controller} + {expert}: {text}"}
+        return cls.parse({"relays": relays}, source="default serve config")
+
+    def backend_keys(self) -> list[tuple[str, str]]:
+        keys = []
+        for cfg in self.relays.values():
+            for name in cfg.needed_agents():
+                keys.append((cfg.agents[name].model, cfg.agents[name].dtype))
+        return list(dict.fromkeys(keys))
+
+
+def _sampling(base: Sampling, temperature: float | None, top_p: float | None,
+              seed: int | None) -> Sampling:
+    return Sampling(base.temperature if temperature is None else temperature,
+                    base.top_p if top_p is None else top_p,
+                    base.seed if seed is None else seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a request may change about a relay."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    system: str | None = None
+    policy: str = "{}"
+    """JSON of the policy overrides (sorted keys)."""
+
+
+class ServedRelay:
+    """One named relay: its config, its agents (on shared backends), and its variants."""
+
+    def __init__(self, name: str, config: ServedRelayConfig, agents: dict[str, Agent],
+                 store: TrajectoryStore, cache_size: int = 64) -> None:
+        from relaygraph.relay import Relay
+
+        self.name = name
+        self.config = config
+        self.agents = agents
+        self.store = store
+        self.created = int(time.time())
+        policy = build_policy(config.policy, agents)
+        self.relay = Relay(list(agents.values()), policy, store, config.max_tokens)
+        self._variants: OrderedDict[Variant, Relay] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.config.policy.type, "description": self.config.description,
+                "agents": {n: a.backend.model_id for n, a in self.agents.items()},
+                "max_tokens": self.config.max_tokens,
+                "system_message": self.config.system_message}
+
+    def variant(self, max_tokens: int | None = None, temperature: float | None = None,
+                top_p: float | None = None, seed: int | None = None, system: str | None = None,
+                policy: dict[str, Any] | None = None) -> Relay:
+        """The relay with a request's changes (built once per distinct change, cached);
+        bad values are a 400 naming the parameter."""
+        if max_tokens is not None and max_tokens > self.config.max_tokens:
+            raise bad_request(f"max_tokens is {max_tokens}, but {self.name} generates at most "
+                              f"{self.config.max_tokens} tokens", "max_tokens", "invalid_value")
+        if system is not None and self.config.system_message == "reject":
+            raise bad_request(f"{self.name} takes no system message (its system_message "
+                              "setting is 'reject'); send the question as a user message",
+                              "messages", "unsupported_system_message")
+        try:
+            key = Variant(max_tokens, temperature, top_p, seed, system,
+                          json.dumps(policy or {}, sort_keys=True))
+        except (TypeError, ValueError):
+            raise bad_request("relaygraph.policy must be a JSON object of policy fields",
+                              "relaygraph.policy", "invalid_value") from None
+        if key == Variant():
+            return self.relay
+        with self._lock:
+            if key in self._variants:
+                self._variants.move_to_end(key)
+                return self._variants[key]
+        relay = self._build(key, policy or {})
+        with self._lock:
+            self._variants[key] = relay
+            while len(self._variants) > self._cache_size:
+                self._variants.popitem(last=False)
+        return relay
+
+    def _build(self, key: Variant, overrides: dict[str, Any]) -> Relay:
+        from relaygraph.relay import Relay
+
+        policy_cfg = self._policy_config(overrides)
+        names = list(dict.fromkeys(_policy_agents(policy_cfg)))
+        if missing := [n for n in names if n not in self.agents]:
+            raise bad_request(f"the policy would need agents {missing}, but {self.name} serves "
+                              f"{sorted(self.agents)}", "relaygraph.policy", "invalid_value")
+        agents = {}
+        for n in names:
+            base = self.agents[n]
+            prompt = base.system_prompt
+            if key.system is not None:
+                prompt = (key.system if self.config.system_message == "override" or not prompt
+                          else f"{prompt}\n\n{key.system}")
+            agents[n] = dataclasses.replace(
+                base, system_prompt=prompt,
+                sampling=_sampling(base.sampling, key.temperature, key.top_p, key.seed))
+        try:
+            policy = build_policy(policy_cfg, agents)
+        except (ValueError, ConfigError) as exc:
+            raise bad_request(f"relaygraph.policy: {exc}", "relaygraph.policy",
+                              "invalid_value") from None
+        return Relay(list(agents.values()), policy, self.store,
+                     key.max_tokens or self.config.max_tokens)
+
+    def _policy_config(self, overrides: dict[str, Any]) -> Any:
+        if not overrides:
+            return self.config.policy
+        for field in NOT_PER_REQUEST:
+            if field in overrides:
+                raise bad_request(f"relaygraph.policy.{field} cannot be set per request; "
+                                  "serve another relay for that", f"relaygraph.policy.{field}",
+                                  "invalid_value")
+        cls = type(self.config.policy)
+        try:
+            return cls.model_validate({**self.config.policy.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise validation_error(exc, "relaygraph.policy.") from None
+
+    def prompt_tokens(self, relay: Relay, question: str) -> tuple[int, int | None]:
+        """Tokens of the primary agent's rendered prompt, and the least room any agent has
+        left in its context window (None when a backend cannot say)."""
+        counted = 0
+        room: int | None = None
+        for agent in relay.agents:
+            render = getattr(agent.backend, "render", None)
+            if render is None:
+                continue
+            n = len(render(Prompt(question, agent.system_prompt)))
+            if agent.name == relay.policy.primary:
+                counted = n
+            limit = getattr(agent.backend, "max_context", None)
+            if isinstance(limit, int):
+                room = limit - n if room is None else min(room, limit - n)
+        return counted, room
+
+
+class Registry:
+    """The served relays by model name, and the backends they share."""
+
+    def __init__(self, relays: dict[str, ServedRelay], backends: dict[tuple[str, str], Any]):
+        self.relays = relays
+        self.backends = backends
+
+    @classmethod
+    def build(cls, config: ServeConfig, store: TrajectoryStore,
+              backend_factory: Callable[[str, str], Any] | None = None) -> Registry:
+        """Load every model once (``backend_factory(model, dtype)``, default transformers)
+        and build each relay on the shared, cancellable backends."""
+        backends = load_backends(config.backend_keys(), backend_factory)
+        relays = {}
+        for name, cfg in config.relays.items():
+            agents = {}
+            for agent_name in cfg.needed_agents():
+                a = cfg.agents[agent_name]
+                agents[agent_name] = Agent(agent_name, backends[(a.model, a.dtype)],
+                                           a.system_prompt, Sampling(a.temperature, a.top_p, a.seed))
+            relays[name] = ServedRelay(name, cfg, agents, store)
+        return cls(relays, backends)
+
+    def get(self, model: str) -> ServedRelay:
+        relay = self.relays.get(model)
+        if relay is None:
+            raise APIError(404, f"The model `{model}` does not exist; this server offers: "
+                           f"{', '.join(self.relays)} (GET /v1/models)", "invalid_request_error",
+                           "model", "model_not_found")
+        return relay

@@ -1,0 +1,285 @@
+"""Running relays for a server: a bounded worker pool, backpressure and cancellation.
+
+``Relay.run`` is synchronous; a request runs it on one of ``concurrency`` worker threads.
+At most ``concurrency + max_queue`` requests are admitted at once (the rest get a 429), and
+a request that waits longer than ``queue_timeout`` for a worker gets a 503.
+
+Cancellation (a client disconnects, the server shuts down) sets a flag that stops
+generation at the next token: every backend a server loads is wrapped in
+:class:`CancellableBackend`, whose stop-rule check raises :class:`RunCancelled` once the
+flag of the run it serves is set (the run is found through a context variable, which
+LangGraph copies into its node threads). The interrupted turn is dropped, every turn that
+completed stays in the store, and the trajectory's status becomes ``cancelled`` (with a
+``cancel_reason``), so it reads as consistent as a crash at a step boundary would (and
+``relaygraph resume`` can continue it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback, TokenStep
+from relaygraph.errors import RelayGraphError
+from relaygraph.observability.tracing import provider_name
+
+log = logging.getLogger("relaygraph.serve")
+
+
+class RunCancelled(RelayGraphError):
+    """Raised inside generation when the run's request was cancelled.
+
+    A :class:`~relaygraph.errors.RelayGraphError`, so the graph does not retry the turn
+    (it retries backend faults, not errors with a known cause) and the run ends at once.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RunControl:
+    """Per-run state the backends consult: the cancellation flag and the KV caches used."""
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+        self.reason = ""
+        self.cache_keys: set[tuple[Any, str]] = set()
+        self.tokens_after_cancel = 0
+
+    def cancel(self, reason: str) -> None:
+        if not self._cancelled.is_set():
+            self.reason = reason
+            self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def check(self) -> None:
+        if self._cancelled.is_set():
+            raise RunCancelled(self.reason)
+
+
+_current: contextvars.ContextVar[RunControl | None] = contextvars.ContextVar(
+    "relaygraph_serve_run", default=None)
+
+
+class CancellableBackend:
+    """A loaded backend shared by every relay and request of a server, made cancellable.
+
+    Everything but ``generate`` goes to the wrapped backend. ``generate`` checks the
+    current run's flag before it starts and at every token (through the stop rule's
+    ``check``), and remembers the KV-cache key so the server can drop it after the run.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.provider_name = provider_name(inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def generate(self, prompt: Prompt, rule: StopRule, sampling: Sampling = Sampling(),
+                 on_text: TextCallback | None = None, cache_key: str | None = None) -> Generation:
+        control = _current.get()
+        if control is None:
+            return self.inner.generate(prompt, rule, sampling, on_text, cache_key)
+        control.check()
+        if cache_key is not None:
+            control.cache_keys.add((self.inner, cache_key))
+        inner_check = rule.check
+
+        def check(step: TokenStep) -> bool:
+            if control.cancelled:
+                control.tokens_after_cancel += 1
+                raise RunCancelled(control.reason)
+            return inner_check(step) if inner_check is not None else False
+
+        return self.inner.generate(prompt, dataclasses.replace(rule, check=check), sampling,
+                                   on_text, cache_key)
+
+
+class ServerBusy(Exception):
+    """No room: ``concurrency`` runs are running and ``max_queue`` are waiting."""
+
+
+class ServerClosing(Exception):
+    """The server is shutting down and takes no new runs."""
+
+
+class RunHandle:
+    """One admitted request: its run's control, its events, and its outcome."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+        self.loop = loop
+        self.control = RunControl()
+        self.events: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
+        self.started = asyncio.Event()
+        self.future: Future[Any] | None = None
+        self.submitted = time.perf_counter()
+        self.started_at: float | None = None
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """``Relay.run``'s ``on_event`` (called on the worker thread)."""
+        if self.events is not None:
+            self._post(self.events.put_nowait, event)
+
+    def cancel(self, reason: str) -> None:
+        """Stop the run at its next token; a run still waiting in the queue never starts."""
+        self.control.cancel(reason)
+        if self.future is not None:
+            self.future.cancel()
+
+    @property
+    def wait_seconds(self) -> float:
+        return (self.started_at or time.perf_counter()) - self.submitted
+
+
+DONE = object()
+"""Put on a streaming handle's event queue after its run ended (either way)."""
+
+
+class Scheduler:
+    """A bounded pool of worker threads running relays, with admission control."""
+
+    def __init__(self, concurrency: int = 4, max_queue: int = 64) -> None:
+        if concurrency < 1 or max_queue < 0:
+            raise ValueError("concurrency must be >= 1 and max_queue >= 0")
+        self.concurrency = concurrency
+        self.max_queue = max_queue
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="relaygraph-run")
+        self._lock = threading.Lock()
+        self._admitted: set[RunHandle] = set()
+        self._running = 0
+        self.closing = False
+        """Set when the server begins to shut down: no new runs; a request that ends now
+        cancels its run for that reason rather than for a client disconnect."""
+
+    @property
+    def end_reason(self) -> str:
+        """Why a request that ends before its run is cancelling the run."""
+        return "server shutdown" if self.closing else "client disconnected"
+
+    @property
+    def capacity(self) -> int:
+        return self.concurrency + self.max_queue
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            running = self._running
+            return {"running": running, "queued": len(self._admitted) - running,
+                    "concurrency": self.concurrency, "max_queue": self.max_queue}
+
+    def submit(self, handle: RunHandle, work: Callable[[], Any]) -> Future[Any]:
+        """Queue ``work`` for ``handle``, or raise :class:`ServerBusy` or
+        :class:`ServerClosing`."""
+        with self._lock:
+            if self.closing:
+                raise ServerClosing()
+            if len(self._admitted) >= self.capacity:
+                raise ServerBusy()
+            self._admitted.add(handle)
+
+        def job() -> Any:
+            with self._lock:
+                self._running += 1
+            handle.started_at = time.perf_counter()
+            handle._post(handle.started.set)
+            try:
+                return work()
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+        future = self._pool.submit(job)
+        handle.future = future
+
+        def done(_: Future[Any]) -> None:
+            with self._lock:
+                self._admitted.discard(handle)
+            if handle.events is not None:
+                handle._post(handle.events.put_nowait, DONE)
+            handle._post(handle.started.set)  # wake a waiter if the job was cancelled unstarted
+
+        future.add_done_callback(done)
+        return future
+
+    def shutdown(self, reason: str = "server shutdown", timeout: float = 10.0) -> None:
+        """Cancel every admitted run and wait (bounded) for the workers to stop."""
+        with self._lock:
+            self.closing = True
+            handles = list(self._admitted)
+        for handle in handles:
+            handle.cancel(reason)
+        futures = [h.future for h in handles if h.future is not None]
+        deadline = time.monotonic() + timeout
+        for future in futures:
+            try:
+                future.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - cancelled, timed out: nothing more to do
+                pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_relay(relay: Any, handle: RunHandle, question: str, trajectory_id: str,
+              parent_context: Any = None) -> Any:
+    """The work of one request (on a worker thread): ``relay.run`` under the request's
+    control and trace context; a cancelled run's trajectory is marked ``cancelled``."""
+    from opentelemetry import context as otel_context
+
+    control = handle.control
+    token = _current.set(control)
+    otel_token = otel_context.attach(parent_context) if parent_context is not None else None
+    try:
+        control.check()  # cancelled while queued: nothing is written
+        return relay.run(question, trajectory_id=trajectory_id, on_event=handle.emit)
+    except RunCancelled as exc:
+        _mark_cancelled(relay.store, trajectory_id, exc.reason)
+        raise
+    finally:
+        if otel_token is not None:
+            otel_context.detach(otel_token)
+        _current.reset(token)
+        for backend, key in control.cache_keys:  # a served run is never continued in place
+            drop = getattr(backend, "drop_cache", None)
+            if drop is not None:
+                drop(key)
+
+
+def _mark_cancelled(store: Any, trajectory_id: str, reason: str) -> None:
+    try:
+        if store.exists(trajectory_id):
+            store.set_status(trajectory_id, "cancelled", cancel_reason=reason)
+    except Exception as exc:  # noqa: BLE001 - the store may be what failed
+        log.warning("could not mark trajectory %s cancelled (%s)", trajectory_id,
+                    type(exc).__name__)
+
+
+def load_backends(keys: Sequence[tuple[str, str]],
+                  factory: Callable[[str, str], Any] | None = None) -> dict[tuple[str, str], Any]:
+    """One cancellable backend per (model, dtype)."""
+    if factory is None:
+        from relaygraph.agents.transformers_backend import TransformersBackend
+
+        def factory(model: str, dtype: str) -> Any:
+            return TransformersBackend(model, dtype=dtype)
+
+    loaded: dict[tuple[str, str], Any] = {}
+    for key in keys:
+        if key not in loaded:
+            loaded[key] = CancellableBackend(factory(*key))
+    return loaded
