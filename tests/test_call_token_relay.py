@@ -20,7 +20,7 @@ from tests import tiny_models as tiny
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    root = tmp_path_factory.mktemp("tiny")
+    root = tmp_path_factory.getbasetemp() / "tiny-pair"
     controller, expert = tiny.build_relay_pair(root)
     return controller, expert, tiny.load_relay_meta(root)
 

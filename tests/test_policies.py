@@ -28,7 +28,7 @@ from tests import tiny_models as tiny
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[TransformersBackend, TransformersBackend]:
-    c, e = tiny.build_relay_pair(tmp_path_factory.mktemp("tiny-policies"))
+    c, e = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
     return TransformersBackend(str(c), dtype="float32"), TransformersBackend(str(e), dtype="float32")
 
 
@@ -190,6 +190,7 @@ def test_safety_guard_rolls_back_the_unsafe_step_and_steers(safety_worker, redis
     assert tiny.UNSAFE_CHUNK not in [s.text for s in visible]
     assert "steal" not in reasoning_text(visible)
     assert result.counters == {"rollbacks": 1}
+    assert result.answer == tiny.SAFE_END  # the final line of what is shown, not the retracted step
     assert result.tokens_by_agent["worker"] == sum(s.n_tokens for s in segs)  # cost still counted
     assert [e["action"] for e in events if e["type"] == "review"] == ["rollback", "eos"]
 

@@ -257,7 +257,7 @@ def replay(segments: Sequence[Segment], agents: Sequence[str]) -> RelayState | N
 def _finish_node(policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], dict]:
     def finish(state: RelayState) -> dict:
         tid = state["trajectory_id"]
-        text = reasoning_text(store.read(tid))
+        text = reasoning_text(active(store.read(tid)))  # rolled-back steps are not the answer
         generated = state["generated"]
         helped = generated - state["tokens_by_agent"].get(policy.primary, 0)
         call_ratio = helped / generated if generated else 0.0
