@@ -40,7 +40,7 @@ def backends(tmp_path_factory: pytest.TempPathFactory):
     from relaygraph.agents.transformers_backend import TransformersBackend
 
     # one build per session, shared with test_observability_viewer.py (cached under root)
-    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-obs")
+    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
     return (TransformersBackend(str(controller), dtype="float32"),
             TransformersBackend(str(expert), dtype="float32"))
 
@@ -75,7 +75,7 @@ HANDOFF = ("from", "to", "policy", "reason", "position", "requested_tokens")
 
 
 def test_otlp_http_receives_span_tree_handoffs_and_metrics(backends, redis_store, receiver) -> None:
-    telemetry = configure("otlp", endpoint=receiver.url, service_name="relay-under-test",
+    telemetry = configure("otlp", "otlp", endpoint=receiver.url, service_name="relay-under-test",
                           quiet=True)
     try:
         result = make_relay(backends, redis_store).run(tiny.QUESTION)
@@ -119,6 +119,7 @@ def test_otlp_http_receives_span_tree_handoffs_and_metrics(backends, redis_store
     assert got[2][:4] == ("controller", "finish", "call-token", "eos")
     assert [t.attributes["relaygraph.segment.seq"] for t in turns] == [0, first.position,
                                                                        second.position]
+    assert [t.attributes["relaygraph.segment.count"] for t in turns] == [2, 1, 1]
     # the same handoff as a span event, with the trajectory id
     name, event = turns[0].events[0]
     assert name == "relaygraph.handoff" and event["relaygraph.handoff.to"] == "expert"
@@ -158,7 +159,6 @@ def test_grpc_from_environment_with_content_capture(backends, redis_store, monke
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.url)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         monkeypatch.setenv("OTEL_SERVICE_NAME", "relay-grpc")
-        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
         monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
         telemetry = configure(quiet=True)
         assert (telemetry.traces, telemetry.metrics, telemetry.protocol) == ("otlp", "none", "grpc")
@@ -304,7 +304,8 @@ def test_cli_run_exports_to_the_endpoint_from_the_environment(backends, redis_se
     """The real process, configured only by OTEL_* variables, as a user would run it."""
     c, e = (b.model_id for b in backends)
     env = {**os.environ, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "relay-cli"}
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "relay-cli",
+           "OTEL_METRICS_EXPORTER": "otlp"}
     proc = subprocess.run([sys.executable, "-m", "relaygraph.cli", "run", tiny.QUESTION,
                            "--controller", c, "--expert", e, "--dtype", "float32",
                            "--redis", redis_server.url, "--json"],
@@ -317,6 +318,39 @@ def test_cli_run_exports_to_the_endpoint_from_the_environment(backends, redis_se
     assert [t.attributes["relaygraph.handoff.to"] for t in turns] == ["expert", "controller", "finish"]
     assert f"trace {root.trace_id} sent to {receiver.url}/v1/traces" in proc.stderr
     assert any(p.metric == "relaygraph.handoffs" for p in receiver.points)
+
+
+def test_trace_only_viewer_gets_traces_and_a_metrics_refusal_is_reported_apart(
+        backends, redis_store) -> None:
+    """Phoenix and Jaeger answer 404 to /v1/metrics: metrics are off unless asked for, and
+    when asked for, their refusal does not read as lost traces."""
+    require("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    from relaygraph.observability.receiver import OtlpReceiver
+
+    relay = make_relay(backends, redis_store)
+    with OtlpReceiver(signals=("traces",)) as rx:
+        telemetry = configure("otlp", endpoint=rx.url, quiet=True)
+        assert telemetry.metrics == "none"
+        relay.run(tiny.QUESTION)
+        assert telemetry.shutdown(), telemetry.problems
+        assert len(rx.spans) == 7
+        rx.clear()
+        telemetry = configure("otlp", "otlp", endpoint=rx.url, quiet=True)
+        relay.run(tiny.QUESTION)
+        assert telemetry.shutdown() is False
+        assert len(rx.spans) == 7
+    assert telemetry.problems == [f"metrics not exported: 1 export(s) to {rx.url}/v1/metrics failed"]
+    assert any("404" in d for d in telemetry.details), telemetry.details
+
+
+def test_a_forgotten_shutdown_still_flushes_at_exit(receiver) -> None:
+    code = ("from relaygraph.observability import configure, tracing\n"
+            f"configure('otlp', endpoint={receiver.url!r})\n"
+            "with tracing.run_span('call-token', 14, trajectory_id='t-exit'):\n    pass\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (span,) = receiver.wait_for_spans(1, timeout=5)
+    assert span.attributes["relaygraph.trajectory.id"] == "t-exit"
 
 
 def test_configure_rejects_bad_settings_and_defaults_to_off() -> None:

@@ -204,7 +204,8 @@ def _apply(decision: Decision, state: RelayState, store: TrajectoryStore, author
     segments = [s for s in decision.segments if s.text or s.kind != "text" or s.token_ids]
     if segments:  # the step's outcome rides on its last segment: what resume replays
         step = {"author": author, "tokens": n_tokens, "to": nxt, "budget": decision.budget,
-                "reason": decision.reason, "counters": decision.counters, "moved": moved}
+                "reason": decision.reason, "counters": decision.counters, "moved": moved,
+                "confidence": decision.confidence}
         segments[-1] = segments[-1].model_copy(update={"meta": {**segments[-1].meta, "step": step}})
     for seg in segments:
         store.append(tid, cursor, seg)

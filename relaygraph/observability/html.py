@@ -236,9 +236,11 @@ def render_html(trajectory: Trajectory, decoders: dict[str, Decoder] | None = No
         for n, (h, tok) in enumerate(handoffs, 1))
     handoff_table = (
         "<table><thead><tr><th>#</th><th>segment</th><th>after token</th><th>from → to</th>"
-        f"<th>reason</th><th>tokens granted</th><th>confidence</th></tr></thead><tbody>{rows}"
+        f"<th>reason</th><th title='token budget of the next turn (for a call: the tokens "
+        f"granted)'>budget</th><th>confidence</th></tr></thead><tbody>{rows}"
         "</tbody></table>" if handoffs else "<p class='muted'>No handoffs: one agent wrote "
         "everything.</p>")
+    ended = f" ({_esc(totals.finish_reason)})" if totals.finish_reason else ""
     created = dt.datetime.fromtimestamp(task.created_at, dt.timezone.utc).strftime(
         "%Y-%m-%d %H:%M:%S UTC")
     return f"""<!doctype html>
@@ -251,7 +253,7 @@ def render_html(trajectory: Trajectory, decoders: dict[str, Decoder] | None = No
 <body>
 <header><h1>{_esc(task.question)}</h1>
 <div class="meta">trajectory <code>{_esc(trajectory.id)}</code> · policy <b>{_esc(task.policy)}</b>
-· status <b>{_esc(status or trajectory.status)}</b> · {created}</div></header>
+· status <b>{_esc(status or trajectory.status)}</b>{ended} · {created}</div></header>
 <section class="legend" aria-label="legend">{''.join(legend)}</section>
 <section class="totals" aria-label="totals">{_cards(totals, authors)}</section>
 <main id="trajectory">{body}</main>

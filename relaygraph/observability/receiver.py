@@ -19,7 +19,7 @@ import gzip
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -137,7 +137,7 @@ class _Store:
         self.requests = 0
         self.cond = threading.Condition()
 
-    def add(self, spans: list[ReceivedSpan] = (), points: list[ReceivedPoint] = ()) -> None:  # type: ignore[assignment]
+    def add(self, spans: Sequence[ReceivedSpan] = (), points: Sequence[ReceivedPoint] = ()) -> None:
         with self.cond:
             self.spans.extend(spans)
             self.points.extend(points)
@@ -197,12 +197,15 @@ class _ReceiverBase:
 class OtlpReceiver(_ReceiverBase):
     """OTLP/HTTP (protobuf) on ``host``:``port`` (0: a free port): ``/v1/traces`` and
     ``/v1/metrics``. ``url`` is the base URL to give an exporter. ``delay`` s before each
-    answer simulates a slow collector."""
+    answer simulates a slow collector; ``signals=("traces",)`` answers 404 to metrics, as
+    trace-only viewers (Phoenix, Jaeger) do."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, delay: float = 0.0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, delay: float = 0.0,
+                 signals: tuple[str, ...] = ("traces", "metrics")) -> None:
         super().__init__()
         store = self._store
         self.delay = delay
+        self.signals = signals
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -218,10 +221,11 @@ class OtlpReceiver(_ReceiverBase):
                 if receiver.delay:
                     time.sleep(receiver.delay)
                 try:
-                    if self.path.rstrip("/").endswith("/v1/traces"):
+                    path = self.path.rstrip("/")
+                    if path.endswith("/v1/traces") and "traces" in receiver.signals:
                         store.add(spans=decode_traces(body))
                         reply = _empty("trace")
-                    elif self.path.rstrip("/").endswith("/v1/metrics"):
+                    elif path.endswith("/v1/metrics") and "metrics" in receiver.signals:
                         store.add(points=decode_metrics(body))
                         reply = _empty("metrics")
                     else:

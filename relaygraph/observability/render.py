@@ -104,7 +104,8 @@ def footer(trajectory: Trajectory, totals: Totals, status: str, console: Console
     console.print()
     console.print(Text(f"answer: {totals.answer or '(none)'}", style="bold"))
     console.print(Text(
-        f"status {status} · {totals.segments} segments · policy {trajectory.task.policy} · "
+        f"status {status}" + (f" ({totals.finish_reason})" if totals.finish_reason else "")
+        + f" · {totals.segments} segments · policy {trajectory.task.policy} · "
         f"tokens {tokens} · call ratio {totals.call_ratio:.1%} · handoffs {totals.handoffs}"
         + (f" · {totals.retracted} rolled back" if totals.retracted else ""), style="dim"))
 

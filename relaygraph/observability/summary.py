@@ -1,10 +1,11 @@
 """What a stored trajectory says about its run: handoffs, totals, per-token confidence.
 
-Shared by the terminal and HTML viewers. A segment may carry the exact handoff that
-followed it in ``meta["handoff"]`` (``to``, ``reason``, ``requested_tokens``,
-``confidence``); otherwise the handoff is inferred from the segments: a granted call
-command (``call``), a turn that used up its grant (``call_done``), a refused
-low-confidence token (``low_confidence``), a supervisor's steer or rollback, or the
+Shared by the terminal and HTML viewers. The last segment of each graph step carries the
+step's outcome in ``meta["step"]`` (``to``, ``reason``, ``budget``, ...: what the policy
+decided), so handoffs are shown exactly as they happened. For segments without it (older
+trajectories, a supervisor decision that appended nothing) the handoff is inferred: a
+granted call command (``call``), a turn that used up its grant (``call_done``), a refused
+low-confidence token (``low_confidence``), a supervisor's rollback or switch, or the
 segment's finish reason.
 """
 
@@ -19,6 +20,8 @@ from relaygraph.trajectory.models import Segment, Trajectory
 
 SUPERVISOR = "supervisor"
 WORK_KINDS = ("text", "call")
+ENDINGS = ("eos", "stop", "budget", "empty")
+"""Step reasons that end a run by themselves (others end it only when the budget is spent)."""
 
 
 @dataclass
@@ -54,15 +57,18 @@ class Totals:
     low_tokens: int = 0
     """Tokens with probability below 0.5."""
     answer: str = ""
+    finish_reason: str = ""
+    """Why the run ended (the last step's reason), when recorded."""
 
 
 def retracted_positions(segments: Sequence[Segment]) -> set[int]:
     return {seq for s in segments if s.kind == "retract" for seq in s.meta.get("retracts", ())}
 
 
-def _stored(seg: Segment) -> dict[str, Any] | None:
-    handoff = seg.meta.get("handoff")
-    return handoff if isinstance(handoff, dict) and handoff.get("to") else None
+def step_of(seg: Segment) -> dict[str, Any] | None:
+    """The graph step record on a segment (``meta["step"]``), if it has one."""
+    step = seg.meta.get("step")
+    return step if isinstance(step, dict) and step.get("to") else None
 
 
 class HandoffTracker:
@@ -95,12 +101,16 @@ def infer_handoffs(segments: Sequence[Segment]) -> list[Handoff]:
 
 def _handoff(position: int, prev: Segment, to: str, called: bool,
              between: list[Segment]) -> Handoff:
-    stored = _stored(prev)
-    if stored is not None:
-        return Handoff(position, prev.author, to, str(stored.get("reason", "handoff")),
-                       stored.get("requested_tokens"), stored.get("confidence"))
-    review = next((s for s in reversed(between) if s.kind in ("retract", "steer")), None)
-    if review is not None:
+    for seg in [*reversed(between), prev]:  # the decision that sent control to ``to``
+        step = step_of(seg)
+        if step is not None and step["to"] == to:
+            note = str(seg.meta.get("reason", "")) if seg.author == SUPERVISOR else ""
+            budget = step.get("budget")
+            return Handoff(position, prev.author, to, str(step.get("reason") or "handoff"),
+                           int(budget) if isinstance(budget, int) else None, note=note)
+    review = next((s for s in between if s.kind == "retract"), None) or next(
+        (s for s in between if s.kind == "steer"), None)
+    if review is not None:  # the supervisor rolled back, or switched writers
         reason = "rollback" if review.kind == "retract" else "switch"
         return Handoff(position, prev.author, to, reason, note=str(review.meta.get("reason", "")))
     if prev.kind == "call" and prev.meta.get("granted"):
@@ -141,6 +151,14 @@ def summarize(trajectory: Trajectory) -> Totals:
     text = "".join(s.plain_text for i, s in enumerate(segments)
                    if s.kind in WORK_KINDS and i not in gone)
     totals.answer = extract_answer(text)
+    last = next((step for seg in reversed(segments) if (step := step_of(seg)) is not None), None)
+    if last is not None and last["to"] == "finish":
+        reason = str(last.get("reason") or "")
+        budget = trajectory.task.config.get("max_tokens")
+        # as the graph does: a policy that wanted to go on was stopped by the run's budget
+        if isinstance(budget, int) and totals.total_tokens >= budget and reason not in ENDINGS:
+            reason = "budget"
+        totals.finish_reason = reason
     return totals
 
 

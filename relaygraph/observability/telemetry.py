@@ -8,8 +8,8 @@
 Variables read (arguments override them):
 
 - ``OTEL_TRACES_EXPORTER`` = ``otlp`` (the default), ``console`` or ``none``;
-- ``OTEL_METRICS_EXPORTER`` = ``otlp``, ``console`` or ``none`` (default: ``otlp`` when
-  traces go to OTLP, else ``none``);
+- ``OTEL_METRICS_EXPORTER`` = ``otlp``, ``console`` or ``none`` (default ``none``: trace
+  viewers such as Phoenix or Jaeger refuse metrics; set it for a collector that takes them);
 - ``OTEL_EXPORTER_OTLP_ENDPOINT`` (base URL, default ``http://localhost:4318``, or
   ``http://localhost:4317`` for grpc), ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
   ``..._METRICS_ENDPOINT`` (full URLs), ``OTEL_EXPORTER_OTLP_PROTOCOL`` (and the
@@ -30,6 +30,7 @@ endpoint. The SDK and exporters are imported only here, only when asked for.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -105,6 +106,8 @@ class _Guarded:
     inner: Any
     failure: Any = None
     """The exporter's FAILURE result value."""
+    signal: str = "traces"
+    endpoint: str | None = None
     ok: int = 0
     failed: int = 0
     closed: bool = False
@@ -163,6 +166,9 @@ class Telemetry:
     shutdown_timeout: float = 3.0
     exporters: list[_Guarded] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    """One line per problem, e.g. ``traces not exported: nothing listens at ...``."""
+    details: list[str] = field(default_factory=list)
+    """What the exporters logged when something went wrong (with ``quiet=True``)."""
     _restore: Any = None
     _handler: _Problems | None = None
     _loggers: list[tuple[logging.Logger, bool]] = field(default_factory=list)
@@ -179,6 +185,7 @@ class Telemetry:
         if self._done:
             return not self.problems
         self._done = True
+        atexit.unregister(self.shutdown)
         if self._restore is not None:
             self._restore()
         timeout = self.shutdown_timeout if timeout is None else timeout
@@ -209,18 +216,21 @@ class Telemetry:
             for exporter in self.exporters:
                 exporter.shutdown()
             finished = done.wait(0.1) and reachable
-        failed = sum(e.failed for e in self.exporters)
         if not reachable:
-            self.problems.insert(0, f"nothing listens at {self.endpoint}; spans and metrics "
-                                    "of this run were dropped")
+            self.problems.insert(0, f"traces not exported: nothing listens at {self.endpoint}; "
+                                    "the spans and metrics of this run were dropped")
         elif not finished:
-            self.problems.insert(0, f"the collector at {self.endpoint} did not answer within "
-                                    f"{timeout:g} s; some spans were dropped")
-        elif failed:
-            self.problems.insert(0, f"{failed} export(s) to {self.endpoint} failed")
+            self.problems.insert(0, f"traces not exported: the collector at {self.endpoint} did "
+                                    f"not answer within {timeout:g} s; some spans were dropped")
+        else:
+            for exporter in self.exporters:
+                if exporter.failed:
+                    self.problems.append(
+                        f"{exporter.signal} not exported: {exporter.failed} export(s) to "
+                        f"{exporter.endpoint or exporter.signal + ' exporter'} failed")
         if self._handler is not None:
-            if not reachable or not finished or failed:
-                self.problems.extend(m for m in self._handler.messages if m not in self.problems)
+            if self.problems:
+                self.details.extend(self._handler.messages)
             for logger, propagate in self._loggers:
                 logger.removeHandler(self._handler)
                 logger.propagate = propagate
@@ -373,8 +383,8 @@ def configure(
     """
     disabled = _env("OTEL_SDK_DISABLED") == "true"
     traces = _choice(traces or _env("OTEL_TRACES_EXPORTER") or "otlp", EXPORTERS, "traces exporter")
-    default_metrics = "otlp" if traces == "otlp" else "none"
-    metrics = _choice(metrics or _env("OTEL_METRICS_EXPORTER") or default_metrics, EXPORTERS,
+    # Trace viewers (Phoenix, Jaeger) take no metrics: metrics are sent only when asked for.
+    metrics = _choice(metrics or _env("OTEL_METRICS_EXPORTER") or "none", EXPORTERS,
                       "metrics exporter")
     protocol = _choice(protocol or _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                                         "OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf",
@@ -384,7 +394,7 @@ def configure(
         raise ConfigError(f"the OTLP endpoint must be an http:// or https:// URL, not "
                           f"{redact_endpoint(endpoint)!r}")
     if capture_content is None:
-        capture_content = tracing.capture_content(tracing._Installed(None, None, None))  # type: ignore[arg-type]
+        capture_content = tracing.capture_content_from_env()
     telemetry = Telemetry(traces="none" if disabled else traces,
                           metrics="none" if disabled else metrics,
                           protocol=protocol, capture_content=capture_content,
@@ -412,11 +422,12 @@ def configure(
             from opentelemetry.sdk.trace.export import SpanExportResult
 
             exporter = _Guarded(_span_exporter(traces, protocol, endpoint, out),
-                                SpanExportResult.FAILURE)
+                                SpanExportResult.FAILURE, "traces")
             telemetry.exporters.append(exporter)
             provider.add_span_processor(BatchSpanProcessor(exporter))  # type: ignore[arg-type]
             if traces == "otlp":
-                telemetry.endpoint = redact_endpoint(_otlp_endpoint(protocol, endpoint, "traces"))
+                exporter.endpoint = telemetry.endpoint = redact_endpoint(
+                    _otlp_endpoint(protocol, endpoint, "traces"))
         telemetry.tracer_provider = provider
     if metrics != "none" or metric_readers:
         from opentelemetry.sdk.metrics import MeterProvider
@@ -427,12 +438,13 @@ def configure(
             from opentelemetry.sdk.metrics.export import MetricExportResult
 
             exporter = _Guarded(_metric_exporter(metrics, protocol, endpoint, out),
-                                MetricExportResult.FAILURE)
+                                MetricExportResult.FAILURE, "metrics")
             telemetry.exporters.append(exporter)
             readers.append(PeriodicExportingMetricReader(
                 exporter, export_interval_millis=metric_interval_s * 1000))  # type: ignore[arg-type]
-            if metrics == "otlp" and telemetry.endpoint is None:
-                telemetry.endpoint = redact_endpoint(_otlp_endpoint(protocol, endpoint, "metrics"))
+            if metrics == "otlp":
+                exporter.endpoint = redact_endpoint(_otlp_endpoint(protocol, endpoint, "metrics"))
+                telemetry.endpoint = telemetry.endpoint or exporter.endpoint
         telemetry.meter_provider = MeterProvider(resource=resource, metric_readers=readers,
                                                  shutdown_on_exit=False)
     if set_global:
@@ -446,4 +458,5 @@ def configure(
     if install:
         telemetry._restore = tracing.use(telemetry.tracer_provider, telemetry.meter_provider,
                                          capture_content)
+    atexit.register(telemetry.shutdown)  # a forgotten shutdown still flushes (bounded)
     return telemetry

@@ -158,13 +158,19 @@ def using(tracer_provider: Any = None, meter_provider: Any = None,
         restore()
 
 
+def capture_content_from_env() -> bool:
+    """``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``, the standard GenAI opt-in."""
+    value = os.environ.get(CAPTURE_ENV, "").strip().lower()
+    return value in ("1", "true", "yes", "on", "span_only", "span_and_event", "event_only")
+
+
 def capture_content(installed: _Installed | None = None) -> bool:
-    """Whether message content goes into spans (the standard GenAI opt-in)."""
+    """Whether message content goes into spans: as installed (:func:`use`), else the
+    environment's opt-in."""
     installed = installed or _installed
     if installed.capture_content is not None:
         return installed.capture_content
-    value = os.environ.get(CAPTURE_ENV, "").strip().lower()
-    return value in ("1", "true", "yes", "on", "span_only", "span_and_event", "event_only")
+    return capture_content_from_env()
 
 
 def _warn_once(what: str, exc: BaseException) -> None:
@@ -238,14 +244,16 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
                 _warn_once("recording an error", inner)
         raise
     finally:
-        try:
-            if stats_token is not None:
-                _run.reset(stats_token)
-            if token is not None:
-                otel_context.detach(token)
-            _finish_run(installed, span, stats, outcome)
-        except Exception as exc:  # noqa: BLE001
-            _warn_once("ending the run span", exc)
+        for step, what in ((lambda: stats_token is not None and _run.reset(stats_token),
+                            "leaving the run"),
+                           (lambda: token is not None and otel_context.detach(token),
+                            "detaching the run span"),
+                           (lambda: _finish_run(installed, span, stats, outcome),
+                            "ending the run span")):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - each step on its own
+                _warn_once(what, exc)
 
 
 def _finish_run(installed: _Installed, span: Any, stats: RunStats, outcome: str) -> None:
@@ -340,7 +348,7 @@ def agent_turn(agent: Agent, policy: Policy, trajectory_id: str, position: int) 
             })
         stats = turn.stats
         if stats is not None and stats.last_generation_end is not None:
-            gap = turn.started - stats.last_generation_end
+            gap = max(0.0, turn.started - stats.last_generation_end)
             if span.is_recording():
                 span.set_attribute("relaygraph.handoff.overhead_s", gap)
             if stats.last_agent is not None and stats.last_agent != agent.name:
@@ -391,6 +399,8 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
                    "gen_ai.request.model": turn.model, "gen_ai.agent.name": turn.agent.name}
     if span.is_recording():
         _set_turn_attributes(span, generation, handoff)
+        if isinstance(handoff.get("position"), int):
+            span.set_attribute("relaygraph.segment.count", handoff["position"] - turn.position)
         _chat_span(turn, generation, seconds, ttft)
         event = {f"relaygraph.handoff.{k}": handoff[k] for k in HANDOFF_KEYS
                  if handoff.get(k) is not None}
@@ -411,7 +421,8 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
         stats.tokens[turn.agent.name] = stats.tokens.get(turn.agent.name, 0) + n_out
         stats.primary = getattr(turn.policy, "primary", None)
         stats.last_agent = turn.agent.name
-        stats.last_generation_end = turn.started + seconds
+        # the backend's clock: the generation ended at most now (never after the turn)
+        stats.last_generation_end = min(turn.started + seconds, time.perf_counter())
         if stats.question is not None:
             stats.texts.append(generation.text)
 
@@ -462,8 +473,6 @@ def _set_turn_attributes(span: Any, generation: Generation, handoff: dict[str, A
         value = handoff.get(key)
         if value is not None:
             attrs[f"relaygraph.handoff.{key}"] = value
-    if handoff.get("position") is not None and isinstance(span, Turn):
-        attrs["relaygraph.segment.count"] = handoff["position"] - span.position
     span.set_attributes(attrs)
 
 
