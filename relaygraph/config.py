@@ -142,6 +142,8 @@ class RelayConfig(_Strict):
     policy: PolicyConfig = CallTokenConfig()
     max_tokens: int = Field(512, ge=1)
     redis: str | None = None
+    fallbacks: dict[str, str] = {}
+    """Agent -> agent that writes its turn when its backend keeps failing."""
 
     @model_validator(mode="after")
     def _agents_exist(self) -> RelayConfig:
@@ -227,7 +229,8 @@ class RelayConfig(_Strict):
         return agents
 
     def needed_agents(self) -> list[str]:
-        return [n for n in self.agents if n in _policy_agents(self.policy)]
+        wanted = {*_policy_agents(self.policy), *self.fallbacks.values()}
+        return [n for n in self.agents if n in wanted]
 
     def build(self, store: TrajectoryStore | None = None) -> Relay:
         """Load the agents the policy uses and compile the relay."""
@@ -238,7 +241,7 @@ class RelayConfig(_Strict):
         policy = build_policy(self.policy, agents)
         return Relay(list(agents.values()), policy,
                      store if store is not None else open_store(self.redis), self.max_tokens,
-                     config=self)
+                     config=self, fallbacks=self.fallbacks)
 
 
 def _policy_agents(policy: Any) -> list[str]:

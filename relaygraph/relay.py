@@ -69,7 +69,8 @@ class Relay:
 
     def __init__(self, agents: Sequence[Agent], policy: Policy,
                  store: TrajectoryStore | None = None, max_tokens: int = 512,
-                 config: RelayConfig | None = None, retries: int = 2) -> None:
+                 config: RelayConfig | None = None, retries: int = 2,
+                 fallbacks: dict[str, str] | None = None) -> None:
         from relaygraph.graphs.relay import build_graph
 
         self.agents = list(agents)
@@ -79,7 +80,7 @@ class Relay:
         # a relay built from a config records it, so `relaygraph resume` can rebuild it
         recorded = {"relay": config.model_dump(mode="json", exclude={"redis"})} if config else {}
         self.graph = build_graph(self.agents, policy, self.store, max_tokens=max_tokens,
-                                 task_config=recorded, retries=retries)
+                                 task_config=recorded, retries=retries, fallbacks=fallbacks)
 
     @classmethod
     def from_models(cls, controller: str, expert: str | None = None, policy: str = "call-token",

@@ -290,3 +290,32 @@ def test_a_dead_backend_fails_cleanly_keeps_the_trajectory_and_resumes(pair, red
     assert [s.kind for s in trajectory.segments] == ["text", "call"]  # the controller's part is kept
     Relay(pair, CallTokenPolicy(), redis_store).resume(tid)  # the expert is back
     assert same(redis_store.read(tid), reference)
+
+
+def test_a_dead_expert_falls_back_to_the_controller_where_configured(pair, redis_store,
+                                                                    monkeypatch) -> None:
+    import relaygraph.graphs.relay as graph_module
+
+    monkeypatch.setattr(graph_module, "RETRY_BACKOFF_S", 0.01)
+    dead = [pair[0], Agent("expert", FaultInjector(pair[1].backend, failures=99), tiny.SYSTEM_PROMPT)]
+    events: list[dict] = []
+    relay = Relay(dead, CallTokenPolicy(), redis_store, retries=1,
+                  fallbacks={"expert": "controller"})
+    result = relay.run(tiny.QUESTION, on_event=events.append)
+    segs = redis_store.read(result.trajectory_id)
+    from relaygraph.agents.backend import Prompt, StopRule
+
+    assert [(s.author, s.kind) for s in segs][:2] == [("controller", "text"), ("controller", "call")]
+    # the controller's model wrote the expert's turn: the expert's view, the call's budget
+    expected = pair[0].backend.generate(
+        Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT, tuple(CallTokenPolicy().view("expert", segs[:2]))),
+        StopRule(max_tokens=3))
+    stand_in = [s for s in segs if s.meta.get("fallback_for") == "expert"]
+    assert [t for s in stand_in for t in s.token_ids] == expected.token_ids
+    assert all(s.author == "controller" for s in stand_in)
+    assert [e["to"] for e in events if e["type"] == "fallback"] == ["controller"]
+    assert result.counters["fallback_turns"] == 1
+    assert result.tokens_by_agent["expert"] == 0
+    assert redis_store.status(result.trajectory_id) == "finished"
+    with pytest.raises(Exception, match="unknown agents"):
+        Relay(dead, CallTokenPolicy(), redis_store, fallbacks={"expert": "ghost"})

@@ -22,6 +22,7 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
+from relaygraph.agents.agent import Agent
 from relaygraph.errors import BackendError, ConfigError, RelayGraphError
 from relaygraph.eval.answers import extract_answer
 from relaygraph.graphs.state import SUPERVISOR, RelayInput, RelayOutput, RelayState
@@ -39,7 +40,6 @@ from relaygraph.trajectory.store import TrajectoryStore
 if TYPE_CHECKING:
     from langgraph.graph.state import CompiledStateGraph
 
-    from relaygraph.agents.agent import Agent
     from relaygraph.policies.base import Decision, Policy
 
 RESERVED_NODES = frozenset({"start", "finish", START, END})
@@ -54,10 +54,12 @@ def build_graph(
     checkpointer: Any = None,
     task_config: dict[str, Any] | None = None,
     retries: int = 2,
+    fallbacks: dict[str, str] | None = None,
 ) -> CompiledStateGraph:
     """Compile the relay graph. ``max_tokens`` bounds generated tokens over all agents;
     ``task_config`` is recorded with each trajectory's task (e.g. the relay's config);
-    a failing generation is retried ``retries`` times before the run fails."""
+    a failing generation is retried ``retries`` times, then written by the agent named in
+    ``fallbacks`` (``{"expert": "controller"}``) if there is one, else the run fails."""
     by_name = {a.name: a for a in agents}
     if len(by_name) != len(agents):
         raise ConfigError("agent names must be unique")
@@ -69,6 +71,10 @@ def build_graph(
         raise ConfigError(f"agent names {sorted(clash)} are reserved; rename them")
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    fallbacks = fallbacks or {}
+    if unknown := sorted({*fallbacks, *fallbacks.values()} - set(by_name)):
+        raise ConfigError(f"fallbacks name unknown agents {unknown}")
+    backups = {name: by_name[backup] for name, backup in fallbacks.items()}
 
     supervised = callable(getattr(policy, "review", None))
     targets = (*policy.agents, "finish", *((SUPERVISOR,) if supervised else ()))
@@ -76,7 +82,7 @@ def build_graph(
     graph.add_node("start", _start_node(policy, by_name, store, max_tokens, task_config or {}),
                    destinations=tuple(policy.agents))
     for name in policy.agents:
-        graph.add_node(name, _agent_node(by_name[name], policy, store, retries),
+        graph.add_node(name, _agent_node(by_name[name], policy, store, retries, backups),
                        destinations=targets)
     if supervised:
         graph.add_node(SUPERVISOR, _supervisor_node(policy, store), destinations=targets)
@@ -146,25 +152,46 @@ def _generate(agent: Agent, prompt: Any, rule: Any, retries: int, on_text: Calla
     )
 
 
-def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore,
-                retries: int) -> Callable[[RelayState], Command]:
+def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore, retries: int,
+                fallbacks: dict[str, Agent]) -> Callable[[RelayState], Command]:
     def node(state: RelayState) -> Command:
         tid, cursor = state["trajectory_id"], state["cursor"]
         writer = get_stream_writer()
         view = policy.view(agent.name, active(store.read(tid, 0, cursor)))
         rule = policy.stop_rule(agent.name, state)
         with tracing.agent_turn(agent, policy, tid, cursor) as span:
-            generation = _generate(
-                agent, agent.prompt(state["question"], view), rule, retries,
-                on_text=span.wrap_stream(
-                    lambda text: writer({"type": "token", "agent": agent.name, "text": text})),
-                on_retry=lambda error: writer({"type": "retry", "agent": agent.name,
-                                               "error": error}),
-                cache_key=f"{tid}/{agent.name}",
-            )
-            decision = policy.route(agent, generation, state)
-            update, handoff = _apply(decision, state, store, agent.name, len(generation.token_ids),
-                                     policy.name)
+            writer_agent = agent  # who actually writes this turn (a fallback, if configured)
+
+            def attempt(who: Agent) -> Any:
+                # the backup writes the failed agent's turn: same view, rule and cache slot
+                proxy = Agent(agent.name, who.backend, who.system_prompt, who.sampling)
+                return proxy, _generate(
+                    proxy, proxy.prompt(state["question"], view), rule, retries,
+                    on_text=span.wrap_stream(
+                        lambda text: writer({"type": "token", "agent": who.name, "text": text})),
+                    on_retry=lambda error: writer({"type": "retry", "agent": who.name,
+                                                   "error": error}),
+                    cache_key=f"{tid}/{agent.name}/{who.name}",
+                )
+
+            try:
+                proxy, generation = attempt(agent)
+            except BackendError as exc:
+                if agent.name not in fallbacks:
+                    raise
+                writer_agent = fallbacks[agent.name]
+                writer({"type": "fallback", "agent": agent.name, "to": writer_agent.name,
+                        "error": str(exc)})
+                proxy, generation = attempt(writer_agent)
+            decision = policy.route(proxy, generation, state)
+            if writer_agent is not agent:
+                decision.segments = [
+                    s.model_copy(update={"author": writer_agent.name,
+                                         "meta": {**s.meta, "fallback_for": agent.name}})
+                    for s in decision.segments]
+                decision.counters = {**decision.counters, "fallback_turns": 1}
+            update, handoff = _apply(decision, state, store, writer_agent.name,
+                                     len(generation.token_ids), policy.name)
             tracing.record_turn(span, generation, handoff)
         if handoff["to"] not in (agent.name, SUPERVISOR):  # a review is not a handoff
             writer(handoff)
@@ -214,8 +241,8 @@ def _apply(decision: Decision, state: RelayState, store: TrajectoryStore, author
     for key, value in decision.counters.items():
         counters[key] = counters.get(key, 0) + value
     tokens = dict(state["tokens_by_agent"])
-    if author in tokens:
-        tokens[author] += n_tokens
+    if n_tokens:
+        tokens[author] = tokens.get(author, 0) + n_tokens
     update: RelayState = {
         "cursor": cursor, "turn": nxt, "budget": decision.budget, "generated": generated,
         "tokens_by_agent": tokens, "counters": counters, "handoffs": state["handoffs"] + moved,
@@ -244,8 +271,8 @@ def replay(segments: Sequence[Segment], agents: Sequence[str]) -> RelayState | N
     for seg in segments[:last + 1]:
         if (step := seg.meta.get("step")) is None:
             continue
-        if step["author"] in tokens:
-            tokens[step["author"]] += step["tokens"]
+        if step["tokens"]:
+            tokens[step["author"]] = tokens.get(step["author"], 0) + step["tokens"]
         for key, value in step["counters"].items():
             counters[key] = counters.get(key, 0) + value
         handoffs += bool(step["moved"])
