@@ -244,3 +244,14 @@ def test_retraction_views() -> None:
             Segment(author="w", text="c")]
     assert [s.text for s in active(segs)] == ["a", "c"]
     assert reasoning_text(active(segs)) == "ac"
+
+
+def test_sweeping_the_threshold_traces_a_cost_curve(pair, redis_store) -> None:
+    """Raising the log-prob threshold hands more tokens to the fallback: 0 -> some -> all."""
+    _, lps = solo_tokens(pair[0], tiny.NOCALL_QUESTION)
+    ratios = []
+    for threshold in (-100.0, min(lps) + 1e-4, 0.0):
+        policy = ConfidencePolicy(threshold=threshold, fallback_tokens=2)
+        ratios.append(Relay(agents(pair), policy, redis_store, max_tokens=24)
+                      .run(tiny.NOCALL_QUESTION).call_ratio)
+    assert ratios[0] == 0.0 < ratios[1] < ratios[2] == 1.0, ratios
