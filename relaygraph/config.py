@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -156,41 +156,11 @@ class RelayConfig(_Strict):
     @classmethod
     def load(cls, path: str | Path) -> RelayConfig:
         """Read a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file; errors name the bad field."""
-        path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        try:
-            if path.suffix == ".toml":
-                data = tomllib.loads(raw.decode())
-            elif path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(raw) or {}
-            elif path.suffix == ".json":
-                data = json.loads(raw)
-            else:
-                raise ConfigError(f"config {path}: use a .toml, .yaml or .json file")
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
-        except ImportError:
-            raise ConfigError("YAML configs need PyYAML: pip install pyyaml") from None
-        except Exception as exc:  # yaml.YAMLError
-            raise ConfigError(f"config {path} is not valid YAML: {exc}".splitlines()[0]) from None
-        return cls.parse(data, source=str(path))
+        return cls.parse(read_config_file(path), source=str(path))
 
     @classmethod
     def parse(cls, data: Any, source: str = "config") -> RelayConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) if str(p).isprintable() else repr(p)
-                             for p in first["loc"]) or "(top level)"
-            message = " ".join(str(first["msg"]).split())
-            raise ConfigError(f"{source}: {where}: {message} "
-                              f"({exc.error_count()} problem(s) in all)") from None
+        return validate(cls, data, source)
 
     @classmethod
     def from_options(cls, controller: str = "qwen2.5-coder-0.5b",
@@ -242,6 +212,46 @@ class RelayConfig(_Strict):
         return Relay(list(agents.values()), policy,
                      store if store is not None else open_store(self.redis), self.max_tokens,
                      config=self, fallbacks=self.fallbacks)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The data in a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file, or a one-line ConfigError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(raw.decode())
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(raw) or {}
+        if path.suffix == ".json":
+            return json.loads(raw)
+    except ImportError:
+        raise ConfigError("YAML configs need PyYAML: pip install pyyaml") from None
+    except Exception as exc:  # TOML/JSON/YAML/Unicode errors
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"config {path} is not valid {path.suffix[1:].upper()}: {first}") from None
+    raise ConfigError(f"config {path}: use a .toml, .yaml or .json file")
+
+
+def validate(model: type[M], data: Any, source: str) -> M:
+    """``model`` validated from ``data``; the first problem as a one-line ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) if str(p).isprintable() else repr(p)
+                         for p in first["loc"]) or "(top level)"
+        message = " ".join(str(first["msg"]).split())
+        raise ConfigError(f"{source}: {where}: {message} "
+                          f"({exc.error_count()} problem(s) in all)") from None
 
 
 def _policy_agents(policy: Any) -> list[str]:

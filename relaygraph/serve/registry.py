@@ -28,7 +28,6 @@ import json
 import re
 import threading
 import time
-import tomllib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Prompt, Sampling
-from relaygraph.config import RelayConfig, _policy_agents, build_policy
+from relaygraph.config import RelayConfig, _policy_agents, build_policy, read_config_file, validate
 from relaygraph.errors import ConfigError
 from relaygraph.serve.runner import load_backends
 from relaygraph.serve.schemas import APIError, bad_request, validation_error
@@ -95,41 +94,11 @@ class ServeConfig(BaseModel):
             redis = data.get("redis")
             relay = {k: v for k, v in data.items() if k != "redis"}
             data = {"relays": {f"relay-{plain.policy.type}": relay}, "redis": redis}
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) if str(p).isprintable() else repr(p)
-                             for p in first["loc"]) or "(top level)"
-            message = " ".join(str(first["msg"]).split())
-            raise ConfigError(f"{source}: {where}: {message} "
-                              f"({exc.error_count()} problem(s) in all)") from None
+        return validate(cls, data, source)
 
     @classmethod
     def load(cls, path: str | Path) -> ServeConfig:
-        path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        try:
-            if path.suffix == ".toml":
-                data = tomllib.loads(raw.decode())
-            elif path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(raw) or {}
-            elif path.suffix == ".json":
-                data = json.loads(raw)
-            else:
-                raise ConfigError(f"config {path}: use a .toml, .yaml or .json file")
-        except ConfigError:
-            raise
-        except Exception as exc:  # TOML/JSON/YAML/Unicode errors
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"config {path} is not valid {path.suffix[1:].upper()}: "
-                              f"{first}") from None
-        return cls.parse(data, source=str(path))
+        return cls.parse(read_config_file(path), source=str(path))
 
     @classmethod
     def default(cls, controller: str = "qwen2.5-coder-0.5b",
