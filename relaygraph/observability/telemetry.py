@@ -301,6 +301,16 @@ def _timeout() -> float | None:
     return 5.0
 
 
+def _otlp_options(protocol: str, url: str) -> dict[str, Any]:
+    """Keyword arguments shared by the OTLP span and metric exporters."""
+    options: dict[str, Any] = {"endpoint": url}
+    if (timeout := _timeout()) is not None:
+        options["timeout"] = timeout
+    if protocol == "grpc" and url.startswith("http://"):
+        options["insecure"] = True
+    return options
+
+
 def _span_exporter(kind: str, protocol: str, endpoint: str | None, out: IO[str]) -> Any:
     if kind == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
@@ -314,12 +324,7 @@ def _span_exporter(kind: str, protocol: str, endpoint: str | None, out: IO[str])
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
         raise ConfigError(_MISSING_EXPORTER) from None
-    kwargs: dict[str, Any] = {"endpoint": url}
-    if (timeout := _timeout()) is not None:
-        kwargs["timeout"] = timeout
-    if protocol == "grpc" and url.startswith("http://"):
-        kwargs["insecure"] = True
-    return OTLPSpanExporter(**kwargs)
+    return OTLPSpanExporter(**_otlp_options(protocol, url))
 
 
 def _metric_exporter(kind: str, protocol: str, endpoint: str | None, out: IO[str]) -> Any:
@@ -335,12 +340,7 @@ def _metric_exporter(kind: str, protocol: str, endpoint: str | None, out: IO[str
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     except ImportError:
         raise ConfigError(_MISSING_EXPORTER) from None
-    kwargs: dict[str, Any] = {"endpoint": url}
-    if (timeout := _timeout()) is not None:
-        kwargs["timeout"] = timeout
-    if protocol == "grpc" and url.startswith("http://"):
-        kwargs["insecure"] = True
-    return OTLPMetricExporter(**kwargs)
+    return OTLPMetricExporter(**_otlp_options(protocol, url))
 
 
 def _choice(value: str | None, allowed: tuple[str, ...], what: str) -> str | None:
