@@ -128,7 +128,7 @@ def test_real_qwen_pair_end_to_end(policy: str, redis_server) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy_args", [
-    ["--policy", "confidence", "--threshold", "-1.0", "--fallback-tokens", "4"],
+    ["--policy", "confidence", "--threshold", "-0.3", "--fallback-tokens", "4"],
     ["--policy", "fixed-interval", "--interval", "6"],
     ["--policy", "random-router", "--p", "1.0"],
     ["--policy", "truncate", "--set", "cut_tokens=8"],
