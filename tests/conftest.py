@@ -49,3 +49,15 @@ def embedded_store(embedded_home: Path) -> Iterator[RedisStore]:
     store = open_store()
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def backends(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny overfit (controller, expert) pair as float32 backends, built once a session
+    (modules that need other scopes or names define their own)."""
+    from relaygraph.agents.transformers_backend import TransformersBackend
+    from tests import tiny_models as tiny
+
+    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    return (TransformersBackend(str(controller), dtype="float32"),
+            TransformersBackend(str(expert), dtype="float32"))

@@ -35,16 +35,6 @@ def require(module: str) -> None:
         pytest.skip(f"{module} is not installed (pip install 'relaygraph[otlp]')")
 
 
-@pytest.fixture(scope="module")
-def backends(tmp_path_factory: pytest.TempPathFactory):
-    from relaygraph.agents.transformers_backend import TransformersBackend
-
-    # one build per session, shared with test_observability_viewer.py (cached under root)
-    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
-    return (TransformersBackend(str(controller), dtype="float32"),
-            TransformersBackend(str(expert), dtype="float32"))
-
-
 def make_relay(backends, store: RedisStore) -> Relay:
     c, e = backends
     return Relay([Agent("controller", c, tiny.SYSTEM_PROMPT), Agent("expert", e, tiny.SYSTEM_PROMPT)],

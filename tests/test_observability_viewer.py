@@ -18,26 +18,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from relaygraph import Agent, CallTokenPolicy, Relay
 from relaygraph.observability.render import follow_trajectory, render_trajectory
 from relaygraph.observability.summary import infer_handoffs, summarize
 from relaygraph.trajectory import RedisStore, Segment, Task, Trajectory
 from tests import tiny_models as tiny
-
-
-@pytest.fixture(scope="module")
-def backends(tmp_path_factory: pytest.TempPathFactory):
-    from relaygraph.agents.transformers_backend import TransformersBackend
-
-    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
-    return (TransformersBackend(str(controller), dtype="float32"),
-            TransformersBackend(str(expert), dtype="float32"))
-
-
-def make_relay(backends, store: RedisStore) -> Relay:
-    c, e = backends
-    return Relay([Agent("controller", c, tiny.SYSTEM_PROMPT), Agent("expert", e, tiny.SYSTEM_PROMPT)],
-                 CallTokenPolicy(), store, max_tokens=64)
+from tests.test_observability import make_relay
 
 
 def chromium() -> str:
