@@ -1,6 +1,8 @@
 """Local weights through Hugging Face transformers: one decode loop with a reusable KV cache.
 
-The loop generates token by token under a :class:`~relaygraph.agents.backend.StopRule`.
+The loop generates token by token under a :class:`~relaygraph.agents.backend.StopRule`;
+the forward passes of concurrent calls go through one :class:`~relaygraph.agents.batching.Batcher`,
+which runs their decode steps as one batch.
 Each ``cache_key`` (one agent in one trajectory) keeps its KV cache between calls: the
 next call prefills only the tokens that differ from what the cache holds (what other
 agents wrote since this agent's last turn), cropping the cache where the view changed.
@@ -24,6 +26,7 @@ from relaygraph.agents.backend import (
     TextCallback,
     TokenStep,
 )
+from relaygraph.agents.batching import Batcher
 from relaygraph.agents.catalog import resolve
 from relaygraph.errors import ConfigError, ModelNotFoundError, RelayGraphError
 
@@ -77,7 +80,8 @@ class TransformersBackend:
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 20)
         self._caches: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self.batcher = Batcher(self.model, device)
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -128,7 +132,8 @@ class TransformersBackend:
         """A cache holding a prefix of ``ids`` (at least one token left to feed)."""
         from transformers import DynamicCache
 
-        entry = self._caches.pop(cache_key, None) if cache_key else None
+        with self._cache_lock:
+            entry = self._caches.pop(cache_key, None) if cache_key else None
         if entry is not None:
             seen, cache = entry
             common = 0
@@ -146,12 +151,14 @@ class TransformersBackend:
     def _keep_cache(self, cache_key: str | None, seen: list[int], cache: Any) -> None:
         if cache_key is None:
             return
-        self._caches[cache_key] = (seen, cache)
-        while len(self._caches) > self._cache_size:
-            self._caches.popitem(last=False)
+        with self._cache_lock:
+            self._caches[cache_key] = (seen, cache)
+            while len(self._caches) > self._cache_size:
+                self._caches.popitem(last=False)
 
     def drop_cache(self, cache_key: str) -> None:
-        self._caches.pop(cache_key, None)
+        with self._cache_lock:
+            self._caches.pop(cache_key, None)
 
     def generate(
         self,
@@ -174,7 +181,7 @@ class TransformersBackend:
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator().manual_seed(sampling.seed)
-        with self._lock, torch.inference_mode():
+        with self.batcher.session(), torch.inference_mode():
             cache, cached = self._take_cache(cache_key, ids)
             seen = ids[:cached]  # exactly the tokens the cache holds
             feed = ids[cached:]
@@ -184,10 +191,7 @@ class TransformersBackend:
             rejected = None
             finish = "budget" if limit == rule.max_tokens else "length"
             while len(out_ids) < limit:
-                logits = self.model(
-                    input_ids=torch.tensor([feed], device=self.device),
-                    past_key_values=cache, use_cache=True,
-                ).logits[0, -1].float()
+                logits = self.batcher.forward(feed, cache)
                 seen += feed
                 logp = torch.log_softmax(logits, dim=-1)
                 token = _choose(logp, sampling, generator)
@@ -227,7 +231,7 @@ class TransformersBackend:
         import torch
 
         ids = self.render(prompt)
-        with self._lock, torch.inference_mode():
+        with self.batcher.lock, torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, -1]
             logp = torch.log_softmax(logits.float(), dim=-1)
         return {c: float(logp[self.encode(c)[0]]) for c in candidates}

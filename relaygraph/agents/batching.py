@@ -1,0 +1,166 @@
+"""Forward passes shared by concurrent generations: decode steps of one model run batched.
+
+Each generation keeps its own KV cache (so a trajectory's cache survives between turns);
+a decode step of several generations pads their caches on the left into one batch, runs
+the model once, and appends each row's new key/value back to its own cache. On a CPU a
+batch of 8 costs about as much as one sequence (memory-bound decoding), so concurrent
+trajectories come almost for free.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class _Request:
+    feed: list[int]
+    cache: Any
+    logits: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class Batcher:
+    """Runs one model's forward passes for every thread generating with it.
+
+    A thread inside :meth:`session` calls :meth:`forward` once per step; the first caller
+    to find the model idle waits (at most ``wait_s``) for the other active sessions to
+    submit their step, then runs them together. Prefills (several new tokens) run one by
+    one; single-token decode steps run as one padded batch when the caches allow it.
+    """
+
+    def __init__(self, model: Any, device: str, wait_s: float = 0.01, max_batch: int = 64) -> None:
+        self.model = model
+        self.device = device
+        self.wait_s = wait_s
+        self.max_batch = max_batch
+        self.lock = threading.Lock()
+        """Held while the model runs; take it to use the model outside :meth:`forward`."""
+        self._cv = threading.Condition()
+        self._pending: list[_Request] = []
+        self._active = 0
+        self._busy = False
+        self.batches = 0
+        self.batched_rows = 0
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Marks a thread as generating, so a step waits for it before running."""
+        with self._cv:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._active -= 1
+                self._cv.notify_all()
+
+    def forward(self, feed: list[int], cache: Any) -> Any:
+        """Float logits of the next token after ``feed``; ``cache`` is extended in place."""
+        request = _Request(list(feed), cache)
+        with self._cv:
+            self._pending.append(request)
+            self._cv.notify_all()
+            deadline = time.monotonic() + self.wait_s
+            while not request.done:
+                if self._busy or not self._pending:
+                    self._cv.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if len(self._pending) < self._active and left > 0:
+                    self._cv.wait(left)
+                    continue
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                self._busy = True
+                self._cv.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._cv.acquire()
+                    self._busy = False
+                    self._cv.notify_all()
+        if request.error is not None:
+            raise request.error
+        return request.logits
+
+    # the model ----------------------------------------------------------------------------
+    def _run(self, batch: list[_Request]) -> None:
+        import torch
+
+        with self.lock, torch.inference_mode():
+            steps = [r for r in batch if len(r.feed) == 1 and _paddable(r.cache)]
+            singles = [r for r in batch if r not in steps]
+            if len(steps) == 1:
+                singles += steps
+                steps = []
+            for request in singles:
+                self._guard([request], self._single, request)
+            if steps:
+                self._guard(steps, self._batched, steps)
+
+    def _guard(self, requests: list[_Request], fn: Any, arg: Any) -> None:
+        try:
+            fn(arg)
+        except BaseException as exc:  # handed to the waiting threads, raised there
+            for r in requests:
+                r.error = exc
+        for r in requests:
+            r.done = True
+
+    def _single(self, request: _Request) -> None:
+        import torch
+
+        out = self.model(input_ids=torch.tensor([request.feed], device=self.device),
+                         past_key_values=request.cache, use_cache=True)
+        request.logits = out.logits[0, -1].float()
+
+    def _batched(self, requests: list[_Request]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        lengths = [r.cache.get_seq_length() for r in requests]
+        longest = max(lengths)
+        layers = []
+        for index in range(len(requests[0].cache.layers)):
+            keys, values = [], []
+            for r, n in zip(requests, lengths):
+                layer = r.cache.layers[index]
+                pad = longest - n
+                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        joint = DynamicCache(ddp_cache_data=layers)
+        mask = torch.zeros(len(requests), longest + 1, dtype=torch.long, device=self.device)
+        for row, n in enumerate(lengths):
+            mask[row, longest - n:] = 1
+        out = self.model(
+            input_ids=torch.tensor([r.feed for r in requests], device=self.device),
+            attention_mask=mask,
+            position_ids=torch.tensor([[n] for n in lengths], device=self.device),
+            past_key_values=joint, use_cache=True,
+        )
+        for row, r in enumerate(requests):
+            for index, layer in enumerate(joint.layers):
+                r.cache.layers[index].update(layer.keys[row:row + 1, :, -1:],
+                                             layer.values[row:row + 1, :, -1:])
+            r.logits = out.logits[row, -1].float()
+        self.batches += 1
+        self.batched_rows += len(requests)
+
+
+def _paddable(cache: Any) -> bool:
+    """A cache whose layers are plain, non-empty dynamic layers (no sliding window)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0
+        for layer in layers
+    )
