@@ -4,8 +4,6 @@ running the generations one after another, and leave reusable per-conversation c
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 import pytest
 
 from relaygraph.agents.backend import Prompt, StopRule
@@ -13,21 +11,14 @@ from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.trajectory.models import Segment
 from tests import tiny_models as tiny
 
-QUESTIONS = ["What is 2 + 5?", "Say hi", "Count to three, slowly please.", "x",
-             "What is 1 + 1? Think about it for a while before you answer.", "Why?"]
+QUESTIONS = tiny.RANDOM_TEXTS[:6]
 
 
 @pytest.fixture(scope="module")
 def random_backend(tmp_path_factory: pytest.TempPathFactory) -> TransformersBackend:
     """An untrained (random) tiny Qwen2: its greedy choices hinge on small logit margins,
     so any numerical difference between batched and single steps would show."""
-    out: Path = tmp_path_factory.mktemp("random-qwen")
-    tokenizer = tiny.build_tokenizer(QUESTIONS + [tiny.EXPERT_ANSWER, tiny.SYSTEM_PROMPT])
-    model = tiny._make_model(tokenizer, seed=3)
-    for param in model.parameters():  # default init is so small that attention barely matters
-        param.data.normal_(0.0, 0.3)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out = tiny.build_random_model(tmp_path_factory.mktemp("random-qwen"), seed=3)
     return TransformersBackend(str(out), dtype="float32")
 
 

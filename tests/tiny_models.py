@@ -516,3 +516,24 @@ if __name__ == "__main__":
         d = build_tiny_model(Path(tmp) / "generic", [("sys", "Q?", "Ünïcødé ok ✓ <call>2</call>")], seed=3)
         print(f"build_tiny_model: {time.perf_counter() - t3:.2f}s")
         print("digests:", _digest(cdir), _digest(edir), _digest(d))
+
+
+# --------------------------------------------------------------------------- random models
+
+RANDOM_TEXTS = ["What is 2 + 5?", "Say hi", "Count to three, slowly please.", "x",
+                "What is 1 + 1? Think about it for a while before you answer.", "Why?",
+                EXPERT_ANSWER, SYSTEM_PROMPT]
+
+
+def build_random_model(out_dir: Path, seed: int = 3, std: float = 0.3) -> Path:
+    """An untrained tiny Qwen2 (weights ~ N(0, std)) with a tokenizer trained on
+    ``RANDOM_TEXTS``: its greedy choices hinge on small logit margins, so any numerical
+    difference (batching, cache reuse) shows. The same tokenizer for every seed."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(RANDOM_TEXTS)
+    model = _make_model(tokenizer, seed=seed)  # seeds torch: the init below is reproducible
+    for param in model.parameters():  # the default init is so small attention barely matters
+        param.data.normal_(0.0, std)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

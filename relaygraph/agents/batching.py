@@ -31,15 +31,19 @@ class Batcher:
 
     A thread inside :meth:`session` calls :meth:`forward` once per step; the first caller
     to find the model idle waits (at most ``wait_s``) for the other active sessions to
-    submit their step, then runs them together. Prefills (several new tokens) run one by
-    one; single-token decode steps run as one padded batch when the caches allow it.
+    submit their step, then runs them together: decode steps and short prefills (what other
+    agents wrote since a turn) of conversations with a cache as one padded batch; long or
+    first prefills one by one.
     """
 
-    def __init__(self, model: Any, device: str, wait_s: float = 0.01, max_batch: int = 64) -> None:
+    def __init__(self, model: Any, device: str, wait_s: float = 0.01, max_batch: int = 64,
+                 max_feed: int = 32) -> None:
         self.model = model
         self.device = device
         self.wait_s = wait_s
         self.max_batch = max_batch
+        self.max_feed = max_feed
+        """Steps feeding more new tokens than this (long prefills) run on their own."""
         self.lock = threading.Lock()
         """Held while the model runs; take it to use the model outside :meth:`forward`."""
         self._cv = threading.Condition()
@@ -95,15 +99,15 @@ class Batcher:
         import torch
 
         with self.lock, torch.inference_mode():
-            steps = [r for r in batch if len(r.feed) == 1 and _paddable(r.cache)]
-            singles = [r for r in batch if r not in steps]
-            if len(steps) == 1:
-                singles += steps
-                steps = []
+            joint = [r for r in batch if len(r.feed) <= self.max_feed and _paddable(r.cache)]
+            singles = [r for r in batch if r not in joint]
+            if len(joint) == 1:
+                singles += joint
+                joint = []
             for request in singles:
                 self._guard([request], self._single, request)
-            if steps:
-                self._guard(steps, self._batched, steps)
+            if joint:
+                self._guard(joint, self._batched, joint)
 
     def _guard(self, requests: list[_Request], fn: Any, arg: Any) -> None:
         try:
@@ -122,37 +126,43 @@ class Batcher:
         request.logits = out.logits[0, -1].float()
 
     def _batched(self, requests: list[_Request]) -> None:
+        """One forward for several conversations: row i is its cache, left-padded to the
+        longest, then its new tokens, left-padded to the most new tokens (pads masked)."""
         import torch
         from transformers import DynamicCache
 
         lengths = [r.cache.get_seq_length() for r in requests]
-        longest = max(lengths)
+        longest, width = max(lengths), max(len(r.feed) for r in requests)
         layers = []
         for index in range(len(requests[0].cache.layers)):
             keys, values = [], []
             for r, n in zip(requests, lengths):
                 layer = r.cache.layers[index]
-                pad = longest - n
-                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, pad, 0)))
-                values.append(torch.nn.functional.pad(layer.values, (0, 0, pad, 0)))
+                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, longest - n, 0)))
+                values.append(torch.nn.functional.pad(layer.values, (0, 0, longest - n, 0)))
             layers.append((torch.cat(keys), torch.cat(values)))
         joint = DynamicCache(ddp_cache_data=layers)
-        mask = torch.zeros(len(requests), longest + 1, dtype=torch.long, device=self.device)
-        for row, n in enumerate(lengths):
-            mask[row, longest - n:] = 1
-        out = self.model(
-            input_ids=torch.tensor([r.feed for r in requests], device=self.device),
-            attention_mask=mask,
-            position_ids=torch.tensor([[n] for n in lengths], device=self.device),
-            past_key_values=joint, use_cache=True,
-        )
+        rows = len(requests)
+        mask = torch.zeros(rows, longest + width, dtype=torch.long, device=self.device)
+        ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        positions = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        for row, (r, n) in enumerate(zip(requests, lengths)):
+            f = len(r.feed)
+            mask[row, longest - n:longest] = 1
+            mask[row, longest + width - f:] = 1
+            ids[row, width - f:] = torch.tensor(r.feed, device=self.device)
+            positions[row, :] = n  # pads: any position, they are masked
+            positions[row, width - f:] = torch.arange(n, n + f, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=joint, use_cache=True)
         for row, r in enumerate(requests):
+            f = len(r.feed)
             for index, layer in enumerate(joint.layers):
-                r.cache.layers[index].update(layer.keys[row:row + 1, :, -1:],
-                                             layer.values[row:row + 1, :, -1:])
+                r.cache.layers[index].update(layer.keys[row:row + 1, :, -f:],
+                                             layer.values[row:row + 1, :, -f:])
             r.logits = out.logits[row, -1].float()
         self.batches += 1
-        self.batched_rows += len(requests)
+        self.batched_rows += rows
 
 
 def _paddable(cache: Any) -> bool:

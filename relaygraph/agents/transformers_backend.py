@@ -79,7 +79,8 @@ class TransformersBackend:
         self.eos_ids = self._eos_ids()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 20)
         self._caches: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
-        self._cache_size = cache_size
+        self.cache_size = cache_size
+        """Conversations whose KV cache is kept (least recently used dropped); 0 = no reuse."""
         self._cache_lock = threading.Lock()
         self.batcher = Batcher(self.model, device)
 
@@ -153,7 +154,7 @@ class TransformersBackend:
             return
         with self._cache_lock:
             self._caches[cache_key] = (seen, cache)
-            while len(self._caches) > self._cache_size:
+            while len(self._caches) > self.cache_size:
                 self._caches.popitem(last=False)
 
     def drop_cache(self, cache_key: str) -> None:
