@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from relaygraph.errors import ConfigError, RelayGraphError
+from relaygraph.eval.cli import app as eval_app
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Several language models on one shared reasoning trajectory.")
@@ -23,6 +24,7 @@ models_app = typer.Typer(no_args_is_help=True, help="Offline model catalog.")
 store_app = typer.Typer(no_args_is_help=True, help="The embedded trajectory store.")
 app.add_typer(models_app, name="models")
 app.add_typer(store_app, name="store")
+app.add_typer(eval_app, name="eval")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -331,6 +333,59 @@ def serve(
                              max_queue=max_queue, queue_timeout=queue_timeout,
                              max_request_bytes=max_request_bytes)
     run_server(cfg, host, port, redis, settings, announce=lambda line: err.print(line, markup=False))
+
+
+@app.command()
+@friendly
+def bench(
+    controller: Annotated[str, typer.Option(help="Small model (catalog name, folder, .gguf or hub id).")] = "qwen2.5-coder-0.5b",
+    expert: Annotated[str, typer.Option(help="Large model.")] = "qwen2.5-coder-1.5b",
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
+    tokens: Annotated[int, typer.Option(min=16, help="Tokens of the measured relay.")] = 256,
+    interval: Annotated[int, typer.Option(min=1, help="Tokens per turn (tokens / interval handoffs at most).")] = 8,
+    concurrency: Annotated[str, typer.Option(help="Concurrent trajectories for the throughput runs, comma-separated.")] = "1,8,32",
+    throughput_tokens: Annotated[int, typer.Option(min=1, help="Tokens per trajectory in the throughput runs.")] = 64,
+    questions: Annotated[Path | None, typer.Option(help="JSONL with a 'question' field for the throughput runs (default: one built-in question).")] = None,
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path("benchmarks/results/bench.json"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+) -> None:
+    """Measure what relaying costs on a model pair: prefill amplification with and without KV
+    reuse, handoff overhead, relay vs solo wall time, throughput at several concurrencies."""
+    import json
+
+    from relaygraph import bench as bench_mod
+    from relaygraph.config import RelayConfig
+    from relaygraph.trajectory import open_store
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--concurrency takes numbers separated by commas, got {concurrency!r}") from None
+    if not levels or min(levels) < 1:
+        raise ConfigError("--concurrency needs at least one number >= 1")
+    pool: list[str] = []
+    if questions is not None:
+        try:
+            pool = [json.loads(line)["question"] for line in questions.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--questions {questions}: expected JSONL rows with a 'question' field ({exc})") from None
+    config = RelayConfig.from_options(controller, expert, "fixed-interval", tokens, redis, dtype,
+                                      interval=interval)
+    _ensure_pulled(controller, expert)
+    store = open_store(config.redis)
+    agents = config.build_agents()
+    say = (lambda line: None) if as_json else (lambda line: err.print(f"[dim]{line}…[/dim]"))
+    results = bench_mod.run_bench(agents["controller"].backend, agents["expert"].backend, store,
+                                  tokens=tokens, interval=interval, concurrency=levels,
+                                  throughput_tokens=throughput_tokens, questions=pool, progress=say)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    if as_json:
+        print(json.dumps(results))
+    else:
+        Console(highlight=False).print(bench_mod.table(results), markup=False)
+        err.print(f"results written to {out}")
 
 
 def main() -> None:
