@@ -1,0 +1,120 @@
+"""Prompts as token ids, identically for every backend of the same tokenizer.
+
+A prompt is the task rendered with the model's own chat template (system prompt, question,
+generation prompt) followed by the agent's view of the shared reasoning, which the model
+continues as its own assistant message. Segments whose token ids belong to this tokenizer
+(equal :func:`tokenizer_fingerprint`) are used as they are, so agents sharing a tokenizer
+exchange ids with nothing re-tokenized; other text is encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from relaygraph.agents.backend import Prompt
+from relaygraph.errors import ModelNotFoundError
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the tokenizer's vocabulary and rules: equal fingerprints mean two
+    models can share token ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    raw = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def load_tokenizer(model: str) -> Any:
+    """The tokenizer of a catalog name, local folder, ``.gguf`` file or hub id."""
+    from transformers import AutoTokenizer
+
+    location, kwargs = _location(model)
+    try:
+        return AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot load the tokenizer of {model!r} ({str(exc).splitlines()[0]}); give a "
+            "catalog name, a local folder, a .gguf file or a hub id"
+        ) from None
+
+
+def _location(model: str) -> tuple[str, dict[str, Any]]:
+    from relaygraph.agents.catalog import resolve
+
+    path = Path(resolve(model))
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return str(path), {}
+
+
+def eos_token_ids(tokenizer: Any, *configs: Any) -> frozenset[int]:
+    """End-of-sequence ids: the tokenizer's plus those of model/generation configs."""
+    ids: set[int] = set()
+    for source in configs:
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def generation_eos_ids(model: str, tokenizer: Any) -> frozenset[int]:
+    """EOS ids for ``model`` without loading its weights (its model and generation configs,
+    when present, plus the tokenizer's) — what a server stops on by default."""
+    from transformers import AutoConfig, GenerationConfig
+
+    location, kwargs = _location(model)
+    configs = []
+    for kind in (AutoConfig, GenerationConfig):
+        try:
+            configs.append(kind.from_pretrained(location, **kwargs))
+        except (OSError, ValueError):
+            pass
+    return eos_token_ids(tokenizer, *configs)
+
+
+class Renderer:
+    """Renders prompts into token ids of one tokenizer (shared by all backends)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokenizer_id = tokenizer_fingerprint(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
+    def head(self, prompt: Prompt) -> str:
+        """The chat-templated task up to the start of the assistant's message."""
+        messages = [{"role": "user", "content": prompt.question}]
+        if prompt.system_prompt:
+            messages.insert(0, {"role": "system", "content": prompt.system_prompt})
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+        return "".join(f"{m['role'].title()}: {m['content']}\n" for m in messages) + "Assistant: "
+
+    def render(self, prompt: Prompt) -> list[int]:
+        """Token ids of the chat-templated task followed by the agent's view.
+
+        Segments carrying token ids of this tokenizer are used as they are; other text is
+        encoded (consecutive foreign segments together, so no seam appears between them).
+        """
+        ids = self.encode(self.head(prompt))
+        pending: list[str] = []
+        for seg in prompt.continuation:
+            if seg.token_ids is not None and seg.tokenizer == self.tokenizer_id:
+                if pending:
+                    ids += self.encode("".join(pending))
+                    pending = []
+                ids += seg.token_ids
+            else:
+                pending.append(seg.text)
+        if pending:
+            ids += self.encode("".join(pending))
+        return ids
+

@@ -1,0 +1,76 @@
+"""Cross-tokenizer seams: a view mixing an agent's own token ids with another tokenizer's
+text renders to exactly the concatenated text — nothing merged, split, added or lost at a
+boundary — and the agent's own ids are passed through untouched."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relaygraph.agents.backend import Prompt
+from relaygraph.agents.transformers_backend import TransformersBackend
+from relaygraph.trajectory.models import Segment
+from tests import tiny_models as tiny
+
+TEXT = ("Let me think. two plus five is seven, so 2 + 5 = 7 — naïve café ∑ 😀.\n\n"
+        "The answer is \\boxed{7}.")
+
+
+@pytest.fixture(scope="module")
+def smol() -> TransformersBackend:
+    from relaygraph.agents import catalog
+
+    catalog.pull("smollm2-135m")
+    return TransformersBackend("smollm2-135m", dtype="float32")
+
+
+def _view(cuts: list[int], owners: list[TransformersBackend]) -> list[Segment]:
+    """TEXT cut at ``cuts``; piece i written by ``owners[i % len(owners)]`` with its ids."""
+    bounds = [0, *sorted(set(cuts)), len(TEXT)]
+    view = []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if a == b:
+            continue
+        owner = owners[i % len(owners)]
+        piece = TEXT[a:b]
+        view.append(Segment(author=f"agent{i % len(owners)}", kind="text", text=piece,
+                            token_ids=owner.encode(piece), tokenizer=owner.tokenizer_id))
+    return view
+
+
+def _check(backend: TransformersBackend, view: list[Segment]) -> None:
+    head = backend.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT))
+    ids = backend.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT, tuple(view)))
+    assert ids[:len(head)] == head
+    assert backend.decode(ids[len(head):]) == "".join(s.text for s in view)
+    # own segments' ids pass through untouched; runs of foreign text are encoded whole
+    expected, pending = list(head), ""
+    for seg in view:
+        if seg.tokenizer == backend.tokenizer_id:
+            expected += backend.encode(pending) if pending else []
+            expected += seg.token_ids
+            pending = ""
+        else:
+            pending += seg.text
+    expected += backend.encode(pending) if pending else []
+    assert ids == expected
+
+
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(1, len(TEXT) - 1), min_size=1, max_size=6))
+def test_mixed_views_render_to_the_exact_text(backends, smol, cuts) -> None:
+    tiny_backend = backends[1]
+    assert tiny_backend.tokenizer_id != smol.tokenizer_id
+    view = _view(cuts, [tiny_backend, smol])
+    _check(tiny_backend, view)
+    _check(smol, view)
+
+
+def test_consecutive_foreign_segments_are_encoded_together(backends, smol) -> None:
+    """Two foreign pieces cut mid-word ("sev" + "en") become the ids of "seven", not two
+    half-words: the seam does not show in the tokens either."""
+    view = [Segment(author="a", kind="text", text="is sev"), Segment(author="b", kind="text", text="en")]
+    head = smol.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT))
+    ids = smol.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT, tuple(view)))
+    assert ids[len(head):] == smol.encode("is seven")
