@@ -18,7 +18,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,8 +202,7 @@ def _throughput(small: Backend, large: Backend, store: TrajectoryStore, interval
                 tokens: int, questions: Sequence[str]) -> dict[str, float | int]:
     relay = _relay([Agent("controller", small), Agent("expert", large)], store, interval, tokens)
     started = time.perf_counter()
-    with ThreadPoolExecutor(len(questions)) as pool:
-        results = list(pool.map(relay.run, questions))
+    results = relay.run_many(questions, concurrency=len(questions))
     wall = time.perf_counter() - started
     generated = sum(sum(r.tokens_by_agent.values()) for r in results)
     return {"concurrency": len(questions), "tokens": generated, "seconds": wall,

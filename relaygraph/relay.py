@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from relaygraph.agents.agent import Agent
 from relaygraph.errors import BackendError, StoreUnavailableError
 from relaygraph.observability import tracing
-from relaygraph.trajectory import TrajectoryStore, new_trajectory_id, open_store
+from relaygraph.trajectory import Segment, TrajectoryStore, new_trajectory_id, open_store
 
 if TYPE_CHECKING:
     from relaygraph.config import RelayConfig
@@ -95,18 +95,27 @@ class Relay:
         return config.build(store)
 
     def run(self, question: str, trajectory_id: str | None = None,
-            on_event: Callable[[Event], None] | None = None) -> RunResult:
-        """Run one question to the end; ``on_event`` receives token and handoff events."""
+            on_event: Callable[[Event], None] | None = None,
+            prefix: Sequence[Segment] = ()) -> RunResult:
+        """Run one question to the end; ``on_event`` receives token and handoff events.
+
+        ``prefix``: reasoning given before the first turn (e.g. another model's partial
+        chain), stored first with ``meta["given"]``; the policy's first agent continues it.
+        Its tokens are not counted as generated (nor in ``tokens_by_agent``).
+        """
         started = time.perf_counter()
         tid = trajectory_id or new_trajectory_id()
         final: dict[str, Any] = {}
         records: list[HandoffRecord] = []
         limit = 2 * self.max_tokens + 16  # every step but the last writes at least one token
+        inputs: dict[str, Any] = {"question": question, "trajectory_id": tid}
+        if prefix:
+            inputs["prefix"] = [s.model_dump(mode="json") for s in prefix]
         with tracing.run_span(self.policy.name, len(question), trajectory_id=tid,
                               question=question):
             try:
                 for mode, chunk in self.graph.stream(
-                    {"question": question, "trajectory_id": tid},
+                    inputs,
                     stream_mode=["custom", "values"], config={"recursion_limit": limit},
                 ):
                     if mode == "custom":
@@ -138,6 +147,29 @@ class Relay:
             handoff_records=records,
             counters=final.get("counters", {}), seconds=time.perf_counter() - started,
         )
+
+    def run_many(self, questions: Sequence[str], concurrency: int = 8,
+                 return_exceptions: bool = False) -> list[Any]:
+        """Run several questions at once (``concurrency`` threads), results in order.
+
+        Concurrent trajectories share each model: the transformers backend runs their decode
+        steps as one batch, a vLLM server batches them continuously. A failing question
+        raises its error once all are done, or, with ``return_exceptions``, takes its place
+        in the list.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        with ThreadPoolExecutor(min(concurrency, max(1, len(questions))),
+                                thread_name_prefix="relaygraph-run") as pool:
+            futures = [pool.submit(self.run, q) for q in questions]
+        results = [f.exception() or f.result() for f in futures]
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        return results
 
     def resume(self, trajectory_id: str, on_event: Callable[[Event], None] | None = None) -> RunResult:
         """Continue a stored run (after a crash or a lost server) from its last completed step.

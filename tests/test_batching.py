@@ -76,3 +76,21 @@ def test_an_error_reaches_the_caller_and_the_backend_keeps_working(random_backen
     with pytest.raises(RuntimeError, match="check failed"):
         random_backend.generate(_prompt("x"), StopRule(max_tokens=4, check=boom))
     assert len(random_backend.generate(_prompt("x"), StopRule(max_tokens=4)).token_ids) == 4
+
+
+def test_run_many_equals_one_by_one_and_keeps_errors_in_place(backends, redis_store) -> None:
+    from relaygraph import Agent, CallTokenPolicy, Relay
+    from relaygraph.errors import ConfigError
+
+    relay = Relay([Agent("controller", backends[0], tiny.SYSTEM_PROMPT),
+                   Agent("expert", backends[1], tiny.SYSTEM_PROMPT)], CallTokenPolicy(), redis_store)
+    questions = [tiny.QUESTION, tiny.NOCALL_QUESTION, tiny.QUESTION, tiny.NOCALL_QUESTION]
+    one_by_one = [relay.run(q) for q in questions]
+    together = relay.run_many(questions, concurrency=4)
+    assert [r.answer for r in together] == [r.answer for r in one_by_one]
+    assert [r.tokens_by_agent for r in together] == [r.tokens_by_agent for r in one_by_one]
+    assert len({r.trajectory_id for r in together}) == 4
+    mixed = relay.run_many([tiny.QUESTION, " "], return_exceptions=True)
+    assert mixed[0].answer == one_by_one[0].answer and isinstance(mixed[1], ConfigError)
+    with pytest.raises(ConfigError, match="empty"):
+        relay.run_many([" ", tiny.QUESTION])

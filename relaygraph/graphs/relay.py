@@ -7,14 +7,18 @@ appends the segments the policy makes of it at the state's cursor, and hands off
 one graph step. Tokens and handoffs stream out through ``stream_mode="custom"`` as dicts:
 ``{"type": "token", "agent", "text"}`` and ``{"type": "handoff", "from", "to", "reason"}``.
 
-The compiled graph takes ``{"question": ...}`` and returns the keys of
+The compiled graph takes ``{"question": ...}`` (optionally ``"prefix"``: given segments the
+first turn continues, see :class:`~relaygraph.graphs.state.RelayInput`) and returns the keys of
 :class:`~relaygraph.graphs.state.RelayOutput`, so it can be added as a node to a parent
 graph whose state has those keys.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +79,7 @@ def build_graph(
     if unknown := sorted({*fallbacks, *fallbacks.values()} - set(by_name)):
         raise ConfigError(f"fallbacks name unknown agents {unknown}")
     backups = {name: by_name[backup] for name, backup in fallbacks.items()}
+    seen = SegmentCache(store)
 
     supervised = callable(getattr(policy, "review", None))
     targets = (*policy.agents, "finish", *((SUPERVISOR,) if supervised else ()))
@@ -82,10 +87,10 @@ def build_graph(
     graph.add_node("start", _start_node(policy, by_name, store, max_tokens, task_config or {}),
                    destinations=tuple(policy.agents))
     for name in policy.agents:
-        graph.add_node(name, _agent_node(by_name[name], policy, store, retries, backups),
+        graph.add_node(name, _agent_node(by_name[name], policy, seen, retries, backups),
                        destinations=targets)
     if supervised:
-        graph.add_node(SUPERVISOR, _supervisor_node(policy, store), destinations=targets)
+        graph.add_node(SUPERVISOR, _supervisor_node(policy, seen), destinations=targets)
     graph.add_node("finish", _finish_node(policy, store))
     graph.add_edge(START, "start")
     graph.add_edge("finish", END)
@@ -99,16 +104,20 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
         if not question or not question.strip():
             raise ConfigError("the question is empty; pass the text of a question")
         tid = check_trajectory_id(state.get("trajectory_id") or new_trajectory_id())
+        given = [_given(Segment.model_validate(s)) for s in state.get("prefix") or ()]
         if store.exists(tid):  # resume a stored run from its last completed step
             task = store.load(tid).task
             base: RelayState = {"trajectory_id": tid, "question": task.question,
-                                "max_tokens": task.config.get("max_tokens", max_tokens)}
-            resumed = replay(store.read(tid), policy.agents)
+                                "max_tokens": task.config.get("max_tokens", max_tokens),
+                                "prefix": []}
+            stored = store.read(tid)
+            resumed = replay(stored, policy.agents)
             if resumed is not None:
                 store.set_status(tid, "running")
                 return Command(goto=resumed["turn"], update={**base, **resumed})
+            given = given or list(itertools.takewhile(lambda s: s.meta.get("given"), stored))
         fresh: RelayState = {"trajectory_id": tid, "question": question,
-                             "max_tokens": max_tokens, "generated": 0}
+                             "max_tokens": max_tokens, "generated": 0, "prefix": []}
         first, budget = policy.first_turn(fresh)
         task = Task(
             question=question, policy=policy.name,
@@ -119,8 +128,10 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
         )
         if not store.exists(tid):
             store.create(tid, task)
+        for position, seg in enumerate(given):  # exactly-once: a resumed run re-appends no-ops
+            store.append(tid, position, seg)
         return Command(goto=first, update={
-            **fresh, "cursor": 0, "turn": first, "budget": budget,
+            **fresh, "cursor": len(given), "turn": first, "budget": budget,
             "tokens_by_agent": {n: 0 for n in policy.agents}, "handoffs": 0, "counters": {},
         })
 
@@ -152,7 +163,7 @@ def _generate(agent: Agent, prompt: Any, rule: Any, retries: int, on_text: Calla
     )
 
 
-def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore, retries: int,
+def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, retries: int,
                 fallbacks: dict[str, Agent]) -> Callable[[RelayState], Command]:
     def node(state: RelayState) -> Command:
         tid, cursor = state["trajectory_id"], state["cursor"]
@@ -200,7 +211,7 @@ def _agent_node(agent: Agent, policy: Policy, store: TrajectoryStore, retries: i
     return node
 
 
-def _supervisor_node(policy: Any, store: TrajectoryStore) -> Callable[[RelayState], Command]:
+def _supervisor_node(policy: Any, store: SegmentCache) -> Callable[[RelayState], Command]:
     def supervise(state: RelayState) -> Command:
         segments = store.read(state["trajectory_id"], 0, state["cursor"])
         writer = get_stream_writer()
@@ -221,7 +232,7 @@ def _supervisor_node(policy: Any, store: TrajectoryStore) -> Callable[[RelayStat
     return supervise
 
 
-def _apply(decision: Decision, state: RelayState, store: TrajectoryStore, author: str,
+def _apply(decision: Decision, state: RelayState, store: SegmentCache, author: str,
            n_tokens: int, policy_name: str) -> tuple[RelayState, dict[str, Any]]:
     """Append the decision's segments at the cursor; the state update and handoff record."""
     tid, cursor = state["trajectory_id"], state["cursor"]
@@ -253,6 +264,45 @@ def _apply(decision: Decision, state: RelayState, store: TrajectoryStore, author
                "position": cursor, "requested_tokens": decision.budget,
                "confidence": decision.confidence, "policy": policy_name}
     return update, handoff
+
+
+class SegmentCache:
+    """Reads and appends of the trajectories this graph is running, remembering what was read
+    or written: a stored segment never changes (appends are exactly-once), so a turn fetches
+    only what it has not seen — usually nothing. Least recently used trajectories are dropped."""
+
+    def __init__(self, store: TrajectoryStore, size: int = 256) -> None:
+        self.store = store
+        self.size = size
+        self._known: OrderedDict[str, list[Segment]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, tid: str, start: int, end: int) -> list[Segment]:
+        with self._lock:
+            known = self._known.pop(tid, [])
+        if len(known) < end:
+            known = known + self.store.read(tid, len(known), end)
+        self._remember(tid, known)
+        return known[start:end]
+
+    def append(self, tid: str, position: int, segment: Segment) -> None:
+        self.store.append(tid, position, segment)
+        with self._lock:
+            known = self._known.pop(tid, [])
+        if len(known) == position:
+            known.append(segment)
+        self._remember(tid, known)
+
+    def _remember(self, tid: str, known: list[Segment]) -> None:
+        with self._lock:
+            self._known[tid] = known
+            while len(self._known) > self.size:
+                self._known.popitem(last=False)
+
+
+def _given(segment: Segment) -> Segment:
+    """A segment of the run's given prefix, marked so a resumed run finds where it ends."""
+    return segment.model_copy(update={"meta": {**segment.meta, "given": True}})
 
 
 def replay(segments: Sequence[Segment], agents: Sequence[str]) -> RelayState | None:

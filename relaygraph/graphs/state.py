@@ -14,6 +14,10 @@ class RelayInput(TypedDict, total=False):
 
     question: str
     trajectory_id: str
+    prefix: list[dict]
+    """Segments (as dicts) placed before the first turn: given reasoning, e.g. another
+    model's partial chain, that the policy's first agent continues. They are stored with
+    ``meta["given"]`` and are not counted as generated tokens or against the budget."""
 
 
 class RelayOutput(TypedDict, total=False):
