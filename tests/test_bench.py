@@ -51,14 +51,20 @@ def test_bench_cli_rejects_bad_concurrency(tmp_path) -> None:
     assert not (tmp_path / "b.json").exists()
 
 
-def test_bench_cli_writes_json(pair, redis_server, tmp_path) -> None:
+def test_bench_cli_on_architectures_without_weights(redis_server, tmp_path) -> None:
+    """--random-weights needs only config and tokenizer files (what a GPU box gets)."""
     small, large = (tiny.build_random_model(tmp_path / f"m{seed}", seed=seed) for seed in (1, 2))
+    for folder in (small, large):
+        for weights in folder.glob("*.safetensors"):
+            weights.unlink()
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, [
         "bench", "--controller", str(small), "--expert", str(large), "--dtype", "float32",
+        "--random-weights",
         "--tokens", "24", "--interval", "4", "--concurrency", "2", "--throughput-tokens", "4",
         "--redis", redis_server.url, "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == printed
     assert printed["throughput"][0]["concurrency"] == 2
+    assert printed["random_weights"] is True and printed["handoffs"] >= 5

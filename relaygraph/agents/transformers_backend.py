@@ -32,13 +32,14 @@ class TransformersBackend:
 
     ``dtype`` defaults to bfloat16 (what the paper-scale models want on CPU);
     ``cache_size`` bounds how many conversations keep a KV cache (least recently used
-    are dropped; 0 turns reuse off).
+    are dropped; 0 turns reuse off); ``random_weights`` builds the architecture from its
+    config with random weights (for benchmarks where only config and tokenizer are at hand).
     """
 
     def __init__(self, model: str, dtype: str = "bfloat16", device: str = "cpu",
-                 cache_size: int = 32) -> None:
+                 cache_size: int = 32, random_weights: bool = False) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = model
         location = resolve(model)
@@ -53,7 +54,12 @@ class TransformersBackend:
             raise ConfigError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32") from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-            self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+            if random_weights:
+                config = AutoConfig.from_pretrained(location, **kwargs)
+                self.model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
+                                                                  **kwargs)
         except OSError as exc:
             raise ModelNotFoundError(
                 f"cannot load model {model!r} ({str(exc).splitlines()[0]}); check the path or "
