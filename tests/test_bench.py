@@ -68,3 +68,32 @@ def test_bench_cli_on_architectures_without_weights(redis_server, tmp_path) -> N
     assert json.loads(out.read_text()) == printed
     assert printed["throughput"][0]["concurrency"] == 2
     assert printed["random_weights"] is True and printed["handoffs"] >= 5
+
+
+@pytest.mark.parametrize("policy", ["fixed-interval", "confidence"])
+def test_relay_with_cache_reuse_equals_relay_without(pair, redis_store, policy) -> None:
+    """Token for token (and log-prob for log-prob) the same relay whether each agent reuses
+    its KV cache or re-reads its whole view every turn — on untrained models, whose greedy
+    choices would flip at the slightest difference."""
+    from relaygraph import Agent, Relay
+    from relaygraph.policies import ConfidencePolicy, FixedIntervalPolicy
+
+    small, large = pair
+    agents = [Agent("controller", small), Agent("expert", large)]
+    make = {"fixed-interval": lambda: FixedIntervalPolicy(interval=3),
+            "confidence": lambda: ConfidencePolicy(threshold=-3.85, fallback_tokens=3)}[policy]
+
+    def segments(reuse: bool) -> list[tuple[str, list[int], list[float]]]:
+        for backend in pair:
+            backend.cache_size = 32 if reuse else 0
+        result = Relay(agents, make(), redis_store, max_tokens=40).run("What is 2 + 5?")
+        return [(s.author, s.token_ids, s.logprobs) for s in redis_store.read(result.trajectory_id)]
+
+    try:
+        cached, naive = segments(True), segments(False)
+    finally:
+        small.cache_size = large.cache_size = 32
+    assert len(cached) >= 4 and {a for a, _, _ in cached} == {"controller", "expert"}
+    assert [(a, ids) for a, ids, _ in cached] == [(a, ids) for a, ids, _ in naive]
+    for (_, _, lp1), (_, _, lp2) in zip(cached, naive):
+        assert lp1 == pytest.approx(lp2, abs=1e-4)
