@@ -8,6 +8,10 @@ model = "qwen2.5-coder-0.5b"
 
 [agents.expert]
 model = "qwen2.5-coder-1.5b"
+# or served by vLLM (`vllm serve ... --served-model-name qwen2.5-coder-1.5b`):
+# base_url = "http://localhost:8000/v1"      # backend = "openai" is implied
+# api_key_env = "VLLM_API_KEY"               # optional: the variable holding the key
+# or vLLM in-process: backend = "vllm", engine_args = {gpu_memory_utilization = 0.4}
 
 [policy]
 type = "confidence"        # call-token | prompted-call | solo | confidence | supervisor |
@@ -31,6 +35,7 @@ from relaygraph.errors import ConfigError
 
 if TYPE_CHECKING:
     from relaygraph.agents.agent import Agent
+    from relaygraph.agents.backend import Backend
     from relaygraph.policies.base import Policy
     from relaygraph.relay import Relay
     from relaygraph.trajectory.store import TrajectoryStore
@@ -40,13 +45,106 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+BackendKind = Literal["transformers", "openai", "vllm"]
+
+
 class AgentConfig(_Strict):
+    """One agent: its model, the backend that runs it, how it is prompted and sampled.
+
+    ``backend``: ``transformers`` (local weights; the default), ``openai`` (an
+    OpenAI-compatible server such as ``vllm serve`` at ``base_url``; ``model`` is the
+    served model name; the default when ``base_url`` is set) or ``vllm`` (vLLM in-process,
+    ``pip install 'relaygraph[vllm]'``; ``engine_args`` go to vLLM's engine).
+    ``tokenizer``: where the server/vLLM backends load the tokenizer for rendering from
+    (default: ``model``). ``api_key_env`` names the environment variable holding the
+    server's API key (the key itself never goes in a config: configs are stored with
+    each trajectory).
+    """
+
     model: str
+    backend: BackendKind = "transformers"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    tokenizer: str | None = None
+    engine_args: dict[str, Any] = {}
     system_prompt: str | None = MATH_SYSTEM_PROMPT
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _server_means_openai(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("base_url") and "backend" not in data:
+            data = {**data, "backend": "openai"}
+        return data
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> AgentConfig:
+        if self.backend == "openai":
+            if not self.base_url:
+                raise ValueError("backend 'openai' needs base_url (e.g. http://localhost:8000/v1)")
+            from relaygraph.agents.openai_backend import split_url
+
+            try:
+                _, auth = split_url(self.base_url)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            if auth is not None:
+                raise ValueError("base_url must not contain credentials (configs are stored "
+                                 "with each trajectory); put the API key in an environment "
+                                 "variable and name it in api_key_env")
+        elif self.base_url or self.api_key_env:
+            raise ValueError(f"base_url and api_key_env are for backend 'openai', not "
+                             f"{self.backend!r}")
+        if self.engine_args and self.backend != "vllm":
+            raise ValueError(f"engine_args are for backend 'vllm', not {self.backend!r}")
+        return self
+
+    @property
+    def local_model(self) -> str | None:
+        """What must be on this machine (pulled if it is a catalog model): the weights, or
+        for a server only the tokenizer (None when it comes from the server's model path)."""
+        from relaygraph.agents.catalog import CATALOG
+
+        if self.backend == "openai":
+            return self.tokenizer or (self.model if self.model in CATALOG else None)
+        return self.model
+
+    def backend_key(self) -> tuple[Any, ...]:
+        """Agents whose configs have equal keys share one backend (one copy of the weights,
+        one connection pool)."""
+        if self.backend == "openai":
+            return ("openai", self.base_url, self.model, self.tokenizer, self.api_key_env)
+        if self.backend == "vllm":
+            return ("vllm", self.model, self.dtype, self.tokenizer,
+                    json.dumps(self.engine_args, sort_keys=True, default=str))
+        return ("transformers", self.model, self.dtype)
+
+    def build_backend(self) -> Backend:
+        """Load (or connect to) the model this config names."""
+        if self.backend == "openai":
+            import os
+
+            from relaygraph.agents.openai_backend import OpenAIBackend
+
+            api_key = None
+            if self.api_key_env:
+                api_key = os.environ.get(self.api_key_env)
+                if not api_key:
+                    raise ConfigError(f"api_key_env names ${self.api_key_env}, which is not set")
+            assert self.base_url is not None
+            return OpenAIBackend(self.base_url, self.model, tokenizer=self.tokenizer,
+                                 api_key=api_key)
+        if self.backend == "vllm":
+            from relaygraph.agents.vllm_backend import VLLMBackend
+
+            return VLLMBackend(self.model, tokenizer=self.tokenizer,
+                               **{"dtype": self.dtype, **self.engine_args})
+        from relaygraph.agents.transformers_backend import TransformersBackend
+
+        return TransformersBackend(self.model, dtype=self.dtype)
 
 
 class CallTokenConfig(_Strict):
@@ -166,9 +264,11 @@ class RelayConfig(_Strict):
     def from_options(cls, controller: str = "qwen2.5-coder-0.5b",
                      expert: str | None = "qwen2.5-coder-1.5b", policy: str = "call-token",
                      max_tokens: int = 512, redis: str | None = None, dtype: str = "bfloat16",
+                     controller_url: str | None = None, expert_url: str | None = None,
                      **options: Any) -> RelayConfig:
         """A two-agent config (``controller``, ``expert``) from command-line style options;
-        ``options`` are the policy's fields (e.g. ``threshold=-2.5``)."""
+        ``*_url`` serve that agent's model from an OpenAI-compatible server (the model is
+        then the served name); ``options`` are the policy's fields (e.g. ``threshold=-2.5``)."""
         if policy not in POLICY_TYPES:
             raise ConfigError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_TYPES)}")
         prompt = PROMPTED_CALL_SYSTEM_PROMPT if policy == "prompted-call" else MATH_SYSTEM_PROMPT
@@ -177,23 +277,26 @@ class RelayConfig(_Strict):
             if not expert:
                 raise ConfigError(f"policy {policy!r} needs an expert model (--expert)")
             agents["expert"] = {"model": expert, "dtype": dtype}
+        for name, url in (("controller", controller_url), ("expert", expert_url)):
+            if url and name in agents:
+                agents[name]["base_url"] = url
         return cls.parse({"agents": agents, "policy": {"type": policy, **options},
                           "max_tokens": max_tokens, "redis": redis}, source="options")
 
     # building -------------------------------------------------------------------------------
     def build_agents(self, names: list[str] | None = None) -> dict[str, Agent]:
-        """Load each model once (agents sharing a model and dtype share its weights)."""
+        """Load each model once (agents with the same :meth:`AgentConfig.backend_key` share
+        one backend: the same weights, or the same server connection)."""
         from relaygraph.agents.agent import Agent
         from relaygraph.agents.backend import Sampling
-        from relaygraph.agents.transformers_backend import TransformersBackend
 
-        loaded: dict[tuple[str, str], TransformersBackend] = {}
+        loaded: dict[tuple[Any, ...], Backend] = {}
         agents = {}
         for name in names or list(self.agents):
             cfg = self.agents[name]
-            key = (cfg.model, cfg.dtype)
+            key = cfg.backend_key()
             if key not in loaded:
-                loaded[key] = TransformersBackend(cfg.model, dtype=cfg.dtype)
+                loaded[key] = cfg.build_backend()
             agents[name] = Agent(name, loaded[key], cfg.system_prompt,
                                  Sampling(cfg.temperature, cfg.top_p, cfg.seed))
         return agents

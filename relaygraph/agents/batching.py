@@ -122,7 +122,7 @@ class Batcher:
         import torch
 
         out = self.model(input_ids=torch.tensor([request.feed], device=self.device),
-                         past_key_values=request.cache, use_cache=True)
+                         past_key_values=request.cache, use_cache=True, logits_to_keep=1)
         request.logits = out.logits[0, -1].float()
 
     def _batched(self, requests: list[_Request]) -> None:
@@ -154,7 +154,7 @@ class Batcher:
             positions[row, :] = n  # pads: any position, they are masked
             positions[row, width - f:] = torch.arange(n, n + f, device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=joint, use_cache=True)
+                         past_key_values=joint, use_cache=True, logits_to_keep=1)
         for row, r in enumerate(requests):
             f = len(r.feed)
             for index, layer in enumerate(joint.layers):

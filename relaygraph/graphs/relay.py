@@ -150,7 +150,9 @@ def _generate(agent: Agent, prompt: Any, rule: Any, retries: int, on_text: Calla
                     or rule.max_tokens == 0:
                 return generation
             error = "empty completion"
-        except RelayGraphError:
+        except BackendError as exc:  # a backend's own report of a fault (a dead server)
+            error = str(exc)
+        except RelayGraphError:  # the user's to fix: retrying would not help
             raise
         except Exception as exc:  # a backend fault: a dead server, a timeout, a bug
             error = f"{type(exc).__name__}: {exc}"
