@@ -1,1 +1,3 @@
-"""Evaluation: answer extraction and checking (experiments build on these)."""
+"""Evaluation: datasets, answer checking, and the experiments built on them — policy
+sweeps (:mod:`.sweep`, :mod:`.metrics`), the reasoning relay (:mod:`.relay_experiment`)
+and the off-trajectory twin tests (:mod:`.twins`); ``relaygraph eval`` (:mod:`.cli`)."""

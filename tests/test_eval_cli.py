@@ -1,0 +1,240 @@
+"""``relaygraph eval`` end to end on the tiny in-process models: sweep (files, derived
+routers, call ratios, resuming, a config file), the reasoning relay, recoverability and
+guidability; bad input is one ``error:`` line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from relaygraph.cli import app
+from relaygraph.eval.chains import written_chain
+from relaygraph.eval.checking import check_math
+from relaygraph.eval.twins import is_spoiler, steer_tokens
+from tests import tiny_models as tiny
+
+runner = CliRunner()
+ROWS = [(tiny.QUESTION, "7"), (tiny.NOCALL_QUESTION, "2"), (tiny.MALFORMED_QUESTION, "7")]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": f"...\n#### {a}"}) + "\n"
+                            for q, a in ROWS))
+    return path
+
+
+@pytest.fixture
+def models(backends) -> tuple[str, str]:
+    return backends[0].model_id, backends[1].model_id
+
+
+def invoke(*args: str) -> dict:
+    result = runner.invoke(app, ["eval", *args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def load(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_sweep_reports_every_policy_and_resumes(data, models, redis_server, redis_store, tmp_path) -> None:
+    out = tmp_path / "sweep"
+    args = ["sweep", str(data), "--small", models[0], "--large", models[1], "--dtype", "float32",
+            "--max-tokens", "16", "--policies", "fixed-interval", "--p", "0.5", "--out", str(out),
+            "--redis", redis_server.url, "--concurrency", "2"]
+    first = load(out) if invoke(*args, "--limit", "2") else None
+    assert first["computed"] == 3 * 2  # solo-small, solo-large, fixed-interval on 2 problems
+    shown = invoke(*args)
+    result = load(out)
+    assert result["computed"] == 3 and result["complete"]  # only the new problem ran
+    assert "perfect-router" in shown.output and "call ratio" in shown.output
+    assert load(out)["items"]["solo-small"]["0"] == first["items"]["solo-small"]["0"]
+
+    policies = {p["name"]: p for p in result["policies"]}
+    assert list(policies) == ["solo-small", "solo-large", "fixed-interval",
+                              "random-router(p=0.5)", "perfect-router"]
+    assert [p["derived_from"] for p in policies.values()] == [None, None, None, "solo runs", "solo runs"]
+    items = result["items"]
+    small, large = items["solo-small"], items["solo-large"]
+    for pid in ("0", "1", "2"):
+        best = small[pid]["correct"] or large[pid]["correct"]
+        assert items["perfect-router"][pid]["correct"] == best
+        assert items["perfect-router"][pid]["routed_to"] == ("small" if small[pid]["correct"] else "large")
+        picked = items["random-router(p=0.5)"][pid]
+        assert picked["trajectory_id"] == (large if picked["routed_to"] == "large" else small)[pid]["trajectory_id"]
+        for policy in ("solo-small", "solo-large", "fixed-interval"):
+            record = items[policy][pid]
+            assert redis_store.exists(record["trajectory_id"])  # `relaygraph show ID` works
+            tokens = record["tokens_by_agent"]
+            assert record["call_ratio"] == pytest.approx(tokens.get("expert", 0) / sum(tokens.values()))
+    for name, p in policies.items():
+        rows = list(items[name].values())
+        tokens = sum(sum(r["tokens_by_agent"].values()) for r in rows)
+        assert p["call_ratio"] == pytest.approx(sum(r["tokens_by_agent"].get("expert", 0) for r in rows) / tokens)
+        assert p["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 3)
+        assert p["unparseable"] == sum(not r["parsed"] for r in rows)
+    assert policies["solo-small"]["call_ratio"] == 0.0 and policies["solo-large"]["call_ratio"] == 1.0
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "table.md").read_text()
+    assert "| perfect-router | derived |" in table and "derived from the solo runs" in table
+
+
+def test_every_default_policy_runs(data, models, redis_server, tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    invoke("sweep", str(data), "--small", models[0], "--large", models[1], "--dtype", "float32",
+           "--max-tokens", "12", "--limit", "1", "--thresholds", "-1", "--out", str(out),
+           "--redis", redis_server.url)
+    result = load(out)
+    assert [p["name"] for p in result["policies"] if not p["derived_from"]] == [
+        "solo-small", "solo-large", "confidence", "fixed-interval", "prompted-call", "call-token",
+        "supervisor"]
+    assert result["complete"] and not result["errors"]
+
+
+def test_sweep_from_a_config_file(data, models, redis_server, tmp_path: Path) -> None:
+    config = tmp_path / "sweep.toml"
+    config.write_text(f"""
+dataset = "{data}"
+max_tokens = 12
+random_router_p = [0.25]
+perfect_router = false
+small = "small"
+large = "large"
+[agents.small]
+model = "{models[0]}"
+dtype = "float32"
+[agents.large]
+model = "{models[1]}"
+dtype = "float32"
+[[policies]]
+type = "fixed-interval"
+agents = ["small", "large"]
+vary = {{ interval = [4, 8] }}
+""")
+    out = tmp_path / "out"
+    invoke("sweep", "--config", str(config), "--limit", "2", "--out", str(out), "--redis", redis_server.url)
+    result = load(out)
+    assert [p["name"] for p in result["policies"]] == [
+        "solo-small", "solo-large", "fixed-interval(interval=4)", "fixed-interval(interval=8)",
+        "random-router(p=0.25)"]
+    assert result["dataset"]["problems"] == 2
+    four = result["items"]["fixed-interval(interval=4)"]["0"]
+    assert set(four["tokens_by_agent"]) == {"small", "large"}
+    assert four["call_ratio"] == pytest.approx(four["tokens_by_agent"]["large"] / sum(four["tokens_by_agent"].values()))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["sweep"], "give a dataset"),
+    (["sweep", "DATA", "--policies", "teleport"], "--policies: unknown"),
+    (["sweep", "/nonexistent/x.jsonl"], "cannot read dataset"),
+    (["sweep", "DATA", "--limit", "2", "--p", "0.5,x"], "--p takes numbers"),
+    (["relay", "DATA", "--models", "only-one"], "--models needs two"),
+    (["guidability", "reasoning-gym:no_such_task"], "unknown reasoning-gym task"),
+])
+def test_bad_input_is_one_error_line(data, redis_server, tmp_path, args, message) -> None:
+    args = [str(data) if a == "DATA" else a for a in args]
+    result = runner.invoke(app, ["eval", *args, "--out", str(tmp_path / "o"), "--redis", redis_server.url])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_sweep_config_names_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text('dataset = "x.jsonl"\nmax_tokens = -3\n')
+    result = runner.invoke(app, ["eval", "sweep", "--config", str(config)])
+    assert result.exit_code == 2 and "max_tokens" in result.output
+
+
+def test_relay_experiment_cuts_and_hands_over(data, models, redis_server, redis_store, tmp_path) -> None:
+    out = tmp_path / "relay"
+    invoke("relay", str(data), "--models", ",".join(models), "--dtype", "float32", "--max-tokens", "16",
+           "--thresholds", "-0.5", "--fractions", "0.5", "--out", str(out), "--redis", redis_server.url)
+    result = load(out)
+    names = list(result["models"])
+    assert [r["model"] for r in result["solo"]] == names
+    solos = {(r["model"], r["problem"]): r for r in result["items"]["solo"]}
+    hybrids = result["items"]["hybrids"]
+    assert len(hybrids) == 2 * 2 * 3  # (initiator, continuer) pairs x cuts x problems
+    for h in hybrids:
+        source = solos[h["initiator"], h["problem"]]
+        chain = written_chain(redis_store, source["trajectory_id"], h["initiator"])
+        if h["cut"] == "50%":
+            assert h["cut_tokens"] == round(0.5 * len(chain)) and not h["uncut"]
+            segments = redis_store.read(h["trajectory_id"])
+            if h["cut_tokens"]:
+                assert segments[0].meta.get("given") and segments[0].author == h["initiator"]
+                assert segments[0].token_ids == chain.token_ids[:h["cut_tokens"]]
+            assert {s.author for s in segments if not s.meta.get("given")} <= {h["continuer"]}
+        elif h["uncut"]:  # no token below the threshold: the initiator's own chain
+            assert all(lp >= -0.5 for lp in chain.logprobs)
+            assert h["correct"] == source["correct"]
+        else:
+            assert chain.logprobs[h["cut_tokens"]] < -0.5
+    for row in result["hybrids"]:
+        mine = [h for h in hybrids if (h["initiator"], h["continuer"], h["cut"]) ==
+                (row["initiator"], row["continuer"], row["cut"])]
+        assert row["n"] == 3 and row["accuracy"] == pytest.approx(sum(h["correct"] for h in mine) / 3)
+    assert "hybrid accuracy" in (out / "table.md").read_text()
+
+
+def test_recoverability_inserts_another_problems_start_into_solved_problems(
+        data, models, redis_server, redis_store, tmp_path) -> None:
+    out = tmp_path / "rec"
+    invoke("recoverability", str(data), "--model", models[0], "--dtype", "float32", "--max-tokens", "16",
+           "--positions", "0,0.5", "--out", str(out), "--redis", redis_server.url)
+    result = load(out)
+    solo = {r["problem"]: r for r in result["items"]["solo"]}
+    assert result["qualifying"] == [pid for pid in ("0", "1", "2") if solo[pid]["correct"]]
+    assert result["qualifying"]  # the controller was trained to solve two of them
+    name = next(iter(solo.values()))["model"]
+    runs = result["items"]["continuations"]
+    assert {r["problem"] for r in runs} == set(result["qualifying"])
+    for r in runs:
+        assert r["distractor"] != r["problem"]
+        own = written_chain(redis_store, solo[r["problem"]]["trajectory_id"], name)
+        other = written_chain(redis_store, solo[r["distractor"]]["trajectory_id"], name)
+        assert r["steer_tokens"] == steer_tokens(len(other), 0.2)
+        given = [s for s in redis_store.read(r["trajectory_id"]) if s.meta.get("given")]
+        if r["m_tokens"]:
+            assert given[0].token_ids == own.token_ids[:r["m_tokens"]]
+        else:
+            assert r["condition"] == "m=0"
+        assert given[-1].author == "steer" and given[-1].token_ids == other.token_ids[:r["steer_tokens"]]
+        written = "".join(s.text for s in redis_store.read(r["trajectory_id"]) if not s.meta.get("given"))
+        complete = r["finish_reason"] not in ("budget", "length")
+        assert r["predicted"] == check_math(written, r["gold"], complete).predicted  # a_off: its own part
+    rows = {row["condition"]: row for row in result["conditions"]}
+    assert rows["m=0"]["n"] == rows["m=0.5"]["n"] == len(result["qualifying"])
+
+
+def test_guidability_flags_spoilers(data, models, redis_server, redis_store, tmp_path) -> None:
+    out = tmp_path / "guid"
+    # the expert never learned "What is 1 + 1?"; the controller answers it ("Simple: \boxed{2}.")
+    invoke("guidability", str(data), "--model", models[1], "--steer-model", models[0],
+           "--samples", "2", "--fractions", "0.2,0.9", "--dtype", "float32", "--max-tokens", "16",
+           "--out", str(out), "--redis", redis_server.url)
+    result = load(out)
+    samples: dict[str, list] = {}
+    steer = {}
+    for r in result["items"]["solo"]:
+        (samples.setdefault(r["problem"], []).append(r) if r["phase"] == "sample" else steer.__setitem__(r["problem"], r))
+    assert result["hard"] == [pid for pid in ("0", "1", "2") if sum(s["correct"] for s in samples[pid]) <= 1]
+    assert result["qualifying"] == [pid for pid in result["hard"] if steer[pid]["correct"]]
+    runs = result["items"]["continuations"]
+    assert len(runs) == 2 * len(result["qualifying"])
+    for r in runs:
+        (segment,) = [s for s in redis_store.read(r["trajectory_id"]) if s.meta.get("given")]
+        assert segment.author == "steer" and r["spoiler"] == is_spoiler(segment.text, r["gold"])
+    for row in result["conditions"]:
+        mine = [r for r in runs if r["fraction"] == row["fraction"]]
+        clean = [r for r in mine if not r["spoiler"]]
+        assert row["spoilers"] == len(mine) - len(clean)
+        assert row["without_spoilers"]["n"] == len(clean)
+        assert row["without_spoilers"]["correct"] == sum(r["correct"] for r in clean)

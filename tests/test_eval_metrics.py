@@ -1,0 +1,145 @@
+"""Cost/quality numbers on hand-made cases: how the call ratio is counted, the curve,
+AUC, APGR and the call ratio for 50%/80% of the gap; how a sweep names and validates its
+policies and derives the query routers from the solo runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relaygraph.errors import ConfigError
+from relaygraph.eval import metrics
+from relaygraph.eval.datasets import Problem
+from relaygraph.eval.sweep import SweepConfig, derive_routers, plan
+from relaygraph.policies import QueryRouter
+
+
+def record(correct: bool, tokens: dict[str, int], parsed: bool = True, seconds: float = 1.0) -> dict:
+    return {"correct": correct, "parsed": parsed, "tokens_by_agent": tokens, "seconds": seconds}
+
+
+def test_call_ratio_is_large_model_tokens_over_all_generated_tokens_pooled() -> None:
+    rows = [record(True, {"controller": 90, "expert": 10}),
+            record(False, {"controller": 0, "expert": 100}, parsed=False),
+            record(True, {"controller": 300})]
+    s = metrics.summarize(rows, large="expert")
+    assert s["call_ratio"] == pytest.approx(110 / 500)              # pooled over problems
+    assert s["mean_call_ratio"] == pytest.approx((0.1 + 1.0 + 0.0) / 3)
+    assert (s["n"], s["correct"], s["unparseable"], s["tokens"]) == (3, 2, 1, 500)
+    assert s["accuracy"] == pytest.approx(2 / 3)
+    assert metrics.item_call_ratio({}, "expert") == 0.0
+    assert metrics.summarize([], "expert")["accuracy"] is None
+
+
+def test_the_random_router_line_recovers_half_the_gap() -> None:
+    line = metrics.curve([(0.25, 0.4), (0.5, 0.5), (0.75, 0.6)], small=0.3, large=0.7)
+    assert line[0] == (0.0, 0.3) and line[-1] == (1.0, 0.7)
+    assert metrics.auc(line) == pytest.approx(0.5)
+    assert metrics.apgr(line, 0.3, 0.7) == pytest.approx(0.5)
+    assert metrics.call_ratio_for_gap(line, 0.3, 0.7, 0.5) == pytest.approx(0.5)
+    assert metrics.call_ratio_for_gap(line, 0.3, 0.7, 0.8) == pytest.approx(0.8)
+
+
+def test_a_policy_at_the_large_models_accuracy_for_free_recovers_all_of_it() -> None:
+    summary = metrics.family_summary([(0.0, 0.7)], small=0.3, large=0.7)
+    assert summary["apgr"] == pytest.approx(1.0) and summary["auc"] == pytest.approx(0.7)
+    assert summary["call_ratio_50"] == 0.0 and summary["call_ratio_80"] == 0.0
+
+
+def test_gap_thresholds_interpolate_between_measured_points() -> None:
+    # one point at 10% calls recovering 60% of the gap
+    line = metrics.curve([(0.1, 0.54)], small=0.3, large=0.7)
+    assert metrics.call_ratio_for_gap(line, 0.3, 0.7, 0.5) == pytest.approx(0.1 * 0.5 / 0.6)
+    # 80% of the gap (0.62) lies on the segment (0.1, 0.54) -> (1, 0.7)
+    assert metrics.call_ratio_for_gap(line, 0.3, 0.7, 0.8) == pytest.approx(0.1 + 0.9 * 0.08 / 0.16)
+    assert metrics.auc(line) == pytest.approx(0.1 * (0.3 + 0.54) / 2 + 0.9 * (0.54 + 0.7) / 2)
+    assert metrics.gap_recovered(0.54, 0.3, 0.7) == pytest.approx(0.6)
+
+
+def test_a_curve_below_the_small_model_has_negative_apgr() -> None:
+    line = metrics.curve([(0.5, 0.1), (0.9, 0.2)], small=0.3, large=0.7)
+    assert metrics.apgr(line, 0.3, 0.7) < 0
+    # half the gap (0.5) is first reached on the last segment, towards the large model alone
+    assert metrics.call_ratio_for_gap(line, 0.3, 0.7, 0.5) == pytest.approx(0.9 + 0.1 * 0.3 / 0.5)
+
+
+def test_without_a_gap_the_gap_relative_numbers_are_undefined() -> None:
+    for small, large in ((0.5, 0.5), (0.6, 0.4)):
+        summary = metrics.family_summary([(0.3, 0.5)], small, large)
+        assert summary["apgr"] is summary["call_ratio_50"] is summary["call_ratio_80"] is None
+        assert summary["auc"] == pytest.approx(metrics.auc(metrics.curve([(0.3, 0.5)], small, large)))
+        assert metrics.gap_recovered(0.5, small, large) is None
+
+
+def test_expected_random_router_weights_calls_by_each_models_length() -> None:
+    line = metrics.random_router_expected(0.2, 0.6, small_tokens=100, large_tokens=300, steps=4)
+    assert line[0] == (0.0, 0.2) and line[-1] == (1.0, pytest.approx(0.6))
+    c, a = line[2]  # p = 0.5: half the queries, 300 / (300 + 100) of the tokens
+    assert (c, a) == (pytest.approx(0.75), pytest.approx(0.4))
+
+
+# ---------------------------------------------------------------------- sweep definitions
+
+def sweep(**fields) -> SweepConfig:
+    return SweepConfig.model_validate({"dataset": "x.jsonl", **fields})
+
+
+def test_the_solo_runs_always_come_first_and_vary_makes_one_policy_per_value() -> None:
+    plans = plan(sweep(policies=[
+        {"type": "confidence", "fallback_tokens": 8, "vary": {"threshold": [-4.0, -2.0]}},
+        {"type": "fixed-interval", "interval": 16}, {"type": "fixed-interval", "interval": 64},
+        {"type": "random-router", "p": 0.3}, {"type": "solo"}, {"name": "pc", "type": "prompted-call"}]))
+    assert [p.name for p in plans] == [
+        "solo-small", "solo-large", "confidence(threshold=-4)", "confidence(threshold=-2)",
+        "fixed-interval(interval=16)", "fixed-interval(interval=64)", "pc"]
+    assert plans[0].config.agents.keys() == {"controller"}  # what a result depends on, only
+    assert plans[2].config.policy.threshold == -4.0 and plans[2].config.policy.fallback_tokens == 8
+    prompted = plans[-1].config.agents["controller"].system_prompt
+    assert "<call>n</call>" in prompted  # prompted-call explains the tool to the controller
+
+
+def test_bad_sweep_definitions_are_one_line_errors() -> None:
+    with pytest.raises(ConfigError, match="threshold"):
+        plan(sweep(policies=[{"type": "confidence", "threshold": "high"}]))
+    with pytest.raises(ConfigError, match="policies.0: each policy needs a type"):
+        plan(sweep(policies=[{"threshold": 1}]))
+    with pytest.raises(ConfigError, match="same name"):
+        plan(sweep(policies=[{"name": "a", "type": "call-token"}, {"name": "a", "type": "solo"},
+                             {"name": "a", "type": "fixed-interval"}]))
+    with pytest.raises(ValueError, match="large agent 'big'"):
+        sweep(large="big")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sweep(random_router_p=[1.5])
+
+
+def test_routers_are_assembled_from_the_solo_runs() -> None:
+    problems = [Problem(id=str(i), question=f"question {i}?", answer="1") for i in range(40)]
+    small = {p.id: {**record(i % 3 == 0, {"controller": 10 + i}), "problem": p.id}
+             for i, p in enumerate(problems)}
+    large = {p.id: {**record(i % 2 == 0, {"expert": 50}), "problem": p.id}
+             for i, p in enumerate(problems)}
+    derived = derive_routers(sweep(random_router_p=[0.3], router_seed=4), problems, small, large)
+    routed = derived["random-router(p=0.3)"]
+    router = QueryRouter.random("controller", "expert", 0.3, 4)
+    for p in problems:  # exactly the query the policy would have routed, and that model's run
+        to_large = router.to_large(p.question)
+        assert routed[p.id]["routed_to"] == ("large" if to_large else "small")
+        assert routed[p.id]["tokens_by_agent"] == (large if to_large else small)[p.id]["tokens_by_agent"]
+    assert 0 < sum(r["routed_to"] == "large" for r in routed.values()) < 40
+    perfect = derived["perfect-router"]
+    assert all((perfect[p.id]["routed_to"] == "large") == (not small[p.id]["correct"]) for p in problems)
+    assert [bool(perfect[p.id]["correct"]) for p in problems] == [
+        bool(small[p.id]["correct"] or large[p.id]["correct"]) for p in problems]
+    assert metrics.summarize(list(perfect.values()), "expert")["call_ratio"] == pytest.approx(
+        sum(50 for p in problems if not small[p.id]["correct"])
+        / sum((50 if not small[p.id]["correct"] else small[p.id]["tokens_by_agent"]["controller"])
+              for p in problems))
+
+
+def test_the_benchmark_sweep_config_is_valid() -> None:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_gsm8k.toml"
+    config = SweepConfig.load(path, dataset="gsm8k_test.jsonl")
+    names = [p.name for p in plan(config)]
+    assert names[:2] == ["solo-small", "solo-large"] and len(names) == len(set(names)) > 4
+    assert config.limit >= 50
