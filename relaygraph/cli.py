@@ -82,7 +82,8 @@ def _set_option(pairs: list[str]) -> dict[str, Any]:
 
 def _relay_config(config: Path | None, policy: str | None, controller: str | None,
                   expert: str | None, redis: str | None, max_tokens: int | None,
-                  dtype: str | None, options: dict[str, Any]) -> Any:
+                  dtype: str | None, options: dict[str, Any],
+                  urls: dict[str, str | None] | None = None) -> Any:
     """The run's configuration: the config file (if any) with command-line overrides."""
     from relaygraph.config import RelayConfig
 
@@ -90,7 +91,7 @@ def _relay_config(config: Path | None, policy: str | None, controller: str | Non
         return RelayConfig.from_options(
             controller or "qwen2.5-coder-0.5b", expert or "qwen2.5-coder-1.5b",
             policy or "call-token", max_tokens if max_tokens is not None else 512, redis,
-            dtype or "bfloat16", **options)
+            dtype or "bfloat16", **{f"{k}_url": v for k, v in (urls or {}).items()}, **options)
     data = RelayConfig.load(config).model_dump(mode="json")
     if policy:
         data["policy"] = {"type": policy}
@@ -98,6 +99,9 @@ def _relay_config(config: Path | None, policy: str | None, controller: str | Non
     for name, model in (("controller", controller), ("expert", expert)):
         if model and name in data["agents"]:
             data["agents"][name]["model"] = model
+    for name, url in (urls or {}).items():
+        if url and name in data["agents"]:
+            data["agents"][name].update(base_url=url, backend="openai")
     for agent in data["agents"].values():
         agent["dtype"] = dtype or agent["dtype"]
     data["max_tokens"] = max_tokens if max_tokens is not None else data["max_tokens"]
@@ -149,6 +153,8 @@ def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Relay config file (.toml, .yaml, .json); options below override it.")] = None,
     controller: Annotated[str | None, typer.Option(help="Controller model: catalog name, folder, .gguf or hub id (default qwen2.5-coder-0.5b).")] = None,
     expert: Annotated[str | None, typer.Option(help="Expert model (default qwen2.5-coder-1.5b).")] = None,
+    controller_url: Annotated[str | None, typer.Option(help="Use the controller model served at this OpenAI-compatible URL (e.g. vllm serve: http://localhost:8000/v1); --controller is then the served model name.")] = None,
+    expert_url: Annotated[str | None, typer.Option(help="The same for the expert.")] = None,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Budget of generated tokens, all models together (default 512).")] = None,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32")] = None,
@@ -170,11 +176,12 @@ def run(
              "fallback_tokens": fallback_tokens, "interval": interval, "p": p,
              "supervisor": supervisor}
     options = {k: v for k, v in flags.items() if v is not None} | _set_option(set_ or [])
-    cfg = _relay_config(config, policy, controller, expert, redis, max_tokens, dtype, options)
+    cfg = _relay_config(config, policy, controller, expert, redis, max_tokens, dtype, options,
+                        {"controller": controller_url, "expert": expert_url})
     from relaygraph.trajectory import open_store
 
     store = open_store(cfg.redis)
-    _ensure_pulled(*(cfg.agents[name].model for name in cfg.needed_agents()))
+    _ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
     with err.status("loading models…"):
         relay = cfg.build(store)
     out = Console(highlight=False)
@@ -214,7 +221,7 @@ def resume(
         raise ConfigError(f"trajectory {trajectory_id} was not started from a config (a Relay "
                           "built in Python); resume it in Python with Relay.resume(id)")
     cfg = RelayConfig.parse(task.config["relay"], source=f"trajectory {trajectory_id}")
-    _ensure_pulled(*(cfg.agents[name].model for name in cfg.needed_agents()))
+    _ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
     with err.status("loading models…"):
         relay = cfg.build(store)
     result = relay.resume(trajectory_id)
@@ -341,6 +348,8 @@ def bench(
     controller: Annotated[str, typer.Option(help="Small model (catalog name, folder, .gguf or hub id).")] = "qwen2.5-coder-0.5b",
     expert: Annotated[str, typer.Option(help="Large model.")] = "qwen2.5-coder-1.5b",
     dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Build both architectures from their configs with random weights (only config and tokenizer files are needed; timings only — the text is noise).")] = False,
     tokens: Annotated[int, typer.Option(min=16, help="Tokens of the measured relay.")] = 256,
     interval: Annotated[int, typer.Option(min=1, help="Tokens per turn (tokens / interval handoffs at most).")] = 8,
     concurrency: Annotated[str, typer.Option(help="Concurrent trajectories for the throughput runs, comma-separated.")] = "1,8,32",
@@ -370,21 +379,27 @@ def bench(
             pool = [json.loads(line)["question"] for line in questions.read_text().splitlines() if line.strip()]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--questions {questions}: expected JSONL rows with a 'question' field ({exc})") from None
+    from relaygraph.agents.transformers_backend import TransformersBackend
+
     config = RelayConfig.from_options(controller, expert, "fixed-interval", tokens, redis, dtype,
                                       interval=interval)
     _ensure_pulled(controller, expert)
     store = open_store(config.redis)
-    agents = config.build_agents()
+    small, large = (TransformersBackend(m, dtype, device, random_weights=random_weights)
+                    for m in (controller, expert))
+    if random_weights:  # random models rarely emit EOS: every run writes its whole budget
+        small.eos_ids = large.eos_ids = frozenset()
     say = (lambda line: None) if as_json else (lambda line: err.print(f"[dim]{line}…[/dim]"))
-    results = bench_mod.run_bench(agents["controller"].backend, agents["expert"].backend, store,
+    results = bench_mod.run_bench(small, large, store,
                                   tokens=tokens, interval=interval, concurrency=levels,
                                   throughput_tokens=throughput_tokens, questions=pool, progress=say)
+    results.update(device=device, dtype=dtype, random_weights=random_weights)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     if as_json:
         print(json.dumps(results))
     else:
-        Console(highlight=False).print(bench_mod.table(results), markup=False)
+        print(bench_mod.table(results))
         err.print(f"results written to {out}")
 
 
