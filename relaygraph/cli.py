@@ -17,6 +17,7 @@ from rich.console import Console
 
 from relaygraph.errors import ConfigError, RelayGraphError
 from relaygraph.eval.cli import app as eval_app
+from relaygraph.train.cli import train_app
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Several language models on one shared reasoning trajectory.")
@@ -25,6 +26,7 @@ store_app = typer.Typer(no_args_is_help=True, help="The embedded trajectory stor
 app.add_typer(models_app, name="models")
 app.add_typer(store_app, name="store")
 app.add_typer(eval_app, name="eval")
+app.add_typer(train_app, name="train")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])

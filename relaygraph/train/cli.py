@@ -1,0 +1,95 @@
+"""``relaygraph train warmup | filter | grpo CONFIG``: the three training stages.
+
+Each stage reads a config file (.toml, .yaml or .json; ``--set KEY=VALUE`` overrides a
+field, dotted for nested ones such as ``sft.learning_rate=1e-5``), keeps checkpoints in its
+output folder and resumes from them when run again. Nothing heavy is imported until a
+stage runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+train_app = typer.Typer(no_args_is_help=True,
+                        help="Train the learned call token (RelayLLM): warmup, filter, grpo.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigArg = Annotated[Path, typer.Argument(help="Stage config (.toml, .yaml, .json).")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config field as KEY=VALUE, dotted for nested fields (repeatable).")]
+
+
+def _friendly(func: F) -> F:
+    """The CLI's one-line errors (imported late: ``relaygraph.cli`` imports this module)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from relaygraph.cli import friendly
+
+        return friendly(func)(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_settings(model: type, config: Path, sets: list[str] | None) -> Any:
+    """``model`` validated from the config file with ``--set`` overrides applied."""
+    import importlib.util
+
+    from relaygraph.cli import _set_option
+    from relaygraph.config import read_config_file, validate
+    from relaygraph.errors import ConfigError
+
+    if missing := [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]:
+        raise ConfigError(f"training needs {', '.join(missing)}: pip install 'relaygraph[train]'")
+    data = read_config_file(config)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {config}: expected a table of settings at the top level")
+    for dotted, value in _set_option(sets or []).items():
+        *parents, key = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {part} is not a table")
+        node[key] = value
+    return validate(model, data, str(config))
+
+
+def _say(line: str) -> None:
+    from relaygraph.cli import err
+
+    err.print(f"[dim]{line}[/dim]", markup=True, highlight=False)
+
+
+@train_app.command()
+@_friendly
+def warmup(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Sample the small model's own responses, insert <call>n</call> commands at random token
+    positions, fine-tune on them (the model is saved to OUTPUT_DIR/model)."""
+    from relaygraph.train.warmup import WarmupSettings, run_warmup
+
+    print(run_warmup(load_settings(WarmupSettings, config, set_), progress=_say))
+
+
+@train_app.command("filter")
+@_friendly
+def filter_(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Keep the questions the expert solves in at least min_pass_rate of k samples."""
+    from relaygraph.train.filtering import FilterSettings, run_filter
+
+    print(run_filter(load_settings(FilterSettings, config, set_), progress=_say))
+
+
+@train_app.command()
+@_friendly
+def grpo(config: ConfigArg, set_: SetOpt = None) -> None:
+    """GRPO with real relay rollouts (expert tokens masked from the loss) and the
+    difficulty-aware reward; the trained controller is saved to OUTPUT_DIR/model."""
+    from relaygraph.train.grpo import GrpoSettings, run_grpo
+
+    print(run_grpo(load_settings(GrpoSettings, config, set_), progress=_say))

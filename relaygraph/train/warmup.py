@@ -1,0 +1,258 @@
+"""Warm-up (paper section 3.1): teach the small model the ``<call>n</call>`` syntax on its own text.
+
+1. Sample responses from the small model itself (no external corpus: no distribution shift).
+2. Insert commands at random *token* positions (not only sentence boundaries), with
+   n = d x 10^k (d in 1..9, k in 0..3) clipped to the tokens left after the position.
+3. Supervised fine-tuning with TRL's ``SFTTrainer``, loss on the assistant turn only
+   (command included), optionally through a LoRA adapter.
+
+How many commands one response gets is drawn uniformly from ``min_calls..max_calls``
+(default 0..3, as in the published code; the paper does not say). Output folder:
+``samples.jsonl`` (resumable), ``warmup.jsonl`` (the SFT data, readable), ``checkpoints/``
+(resumable) and ``model/`` (the warmed-up controller, tokenizer and chat template).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from relaygraph.agents.agent import MATH_SYSTEM_PROMPT
+from relaygraph.policies.call_token import CALL_CLOSE, CALL_OPEN
+from relaygraph.train.data import (
+    Dtype,
+    LoraSettings,
+    Strict,
+    append_jsonl,
+    load_causal_lm,
+    pick_device,
+    read_jsonl,
+    read_questions,
+    save_model,
+)
+
+Progress = Callable[[str], None]
+
+
+class SftSettings(Strict):
+    """The supervised stage (defaults: the published warm-up script)."""
+
+    learning_rate: float = Field(5e-6, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run the epochs)."""
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Share of the steps with a rising learning rate."""
+    save_steps: int = Field(100, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    gradient_checkpointing: bool = False
+    trl: dict[str, Any] = {}
+    """Any other ``trl.SFTConfig`` field, passed as it is (e.g. ``bf16 = true``)."""
+
+
+class WarmupSettings(Strict):
+    """``relaygraph train warmup`` configuration."""
+
+    model: str
+    """The small model: catalog name, local folder or hub id."""
+    data: Path
+    """Question file (JSONL with ``question``; ``answer`` is kept but not used here)."""
+    output_dir: Path
+    system_prompt: str | None = MATH_SYSTEM_PROMPT
+    """The controller's system prompt (the relay renders the same one)."""
+    samples_per_question: int = Field(1, ge=1)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    min_calls: int = Field(0, ge=0)
+    max_calls: int = Field(3, ge=0)
+    seed: int = 0
+    dtype: Dtype = "float32"
+    device: str = "auto"
+    concurrency: int = Field(8, ge=1)
+    """Responses sampled at once (their decode steps run as one batch)."""
+    sft: SftSettings = SftSettings()
+    lora: LoraSettings | None = None
+
+    @model_validator(mode="after")
+    def _calls_range(self) -> WarmupSettings:
+        if self.min_calls > self.max_calls:
+            raise ValueError("min_calls must be <= max_calls")
+        return self
+
+
+@dataclass(frozen=True)
+class Insertion:
+    position: int
+    """Index in the original response's tokens before which the command goes."""
+    n: int
+    """The requested length after clipping to the tokens left."""
+
+
+def sample_call_length(rng: random.Random) -> int:
+    """n_sample = d x 10^k with d uniform in 1..9 and k uniform in 0..3."""
+    return rng.randint(1, 9) * 10 ** rng.randint(0, 3)
+
+
+def call_text(n: int) -> str:
+    return f"{CALL_OPEN}{n}{CALL_CLOSE}"
+
+
+def insert_calls(token_ids: Sequence[int], count: int, encode: Callable[[str], list[int]],
+                 rng: random.Random,
+                 splittable: Callable[[int], bool] = lambda _: True) -> tuple[list[int], list[Insertion]]:
+    """``token_ids`` with ``count`` commands at distinct random token positions.
+
+    A command before token ``t`` asks for ``min(n_sample, len(token_ids) - t)`` tokens, so
+    every position leaves at least one token for the expert. ``splittable(t)`` may refuse a
+    position (e.g. one inside a multi-byte character). Returns the new ids and the
+    insertions in position order.
+    """
+    positions = [t for t in range(len(token_ids)) if splittable(t)]
+    chosen = sorted(rng.sample(positions, min(count, len(positions))))
+    insertions = [Insertion(t, min(sample_call_length(rng), len(token_ids) - t)) for t in chosen]
+    out = list(token_ids)
+    for ins in reversed(insertions):  # right to left: earlier positions stay valid
+        out[ins.position:ins.position] = encode(call_text(ins.n))
+    return out, insertions
+
+
+def on_char_boundary(decode: Callable[[list[int]], str], ids: Sequence[int]) -> Callable[[int], bool]:
+    """Whether a command may go before token ``t`` (not inside a multi-byte character)."""
+    return lambda t: not decode(list(ids[:t])).endswith("\ufffd")
+
+
+def sample_responses(backend: Any, rows: Sequence[dict[str, Any]], settings: WarmupSettings,
+                     done: set[tuple[int, int]], progress: Progress) -> list[dict[str, Any]]:
+    """Sample ``samples_per_question`` responses per question from the small model (those
+    in ``done`` are skipped); each sample has its own seed, so a rerun draws the same."""
+    from relaygraph.agents.backend import Prompt, Sampling, StopRule
+
+    todo = [(i, j) for i in range(len(rows)) for j in range(settings.samples_per_question)
+            if (i, j) not in done]
+    rule = StopRule(max_tokens=settings.max_tokens)
+
+    def one(job: tuple[int, int]) -> dict[str, Any]:
+        i, j = job
+        sampling = Sampling(settings.temperature, settings.top_p,
+                            seed=settings.seed * 1_000_003 + i * 1_009 + j)
+        gen = backend.generate(Prompt(rows[i]["question"], settings.system_prompt), rule, sampling)
+        return {"index": i, "sample": j, "response_ids": gen.token_ids, "text": gen.text,
+                "finished": gen.finish_reason == "eos"}
+
+    out: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(settings.concurrency) as pool:
+        for start in range(0, len(todo), settings.concurrency * 4):
+            chunk = list(pool.map(one, todo[start:start + settings.concurrency * 4]))
+            out += chunk
+            append_jsonl(settings.output_dir / "samples.jsonl", chunk)
+            progress(f"sampled {len(done) + len(out)}/{len(done) + len(todo)} responses")
+    return out
+
+
+def build_sft_rows(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], backend: Any,
+                   settings: WarmupSettings) -> list[dict[str, Any]]:
+    """SFT examples: prompt ids (masked) + response with commands inserted (+ EOS) (trained)."""
+    from relaygraph.agents.backend import Prompt
+
+    rng = random.Random(settings.seed)
+    eos = backend.tokenizer.eos_token_id
+    out = []
+    for sample in sorted(samples, key=lambda s: (s["index"], s["sample"])):
+        ids = sample["response_ids"]
+        if not ids:
+            continue
+        question = rows[sample["index"]]["question"]
+        prompt_ids = backend.render(Prompt(question, settings.system_prompt))
+
+        count = rng.randint(settings.min_calls, settings.max_calls)
+        new_ids, insertions = insert_calls(ids, count, backend.encode, rng,
+                                           on_char_boundary(backend.decode, ids))
+        response = new_ids + ([eos] if sample["finished"] else [])
+        out.append({
+            "question": question, "text": backend.decode(new_ids),
+            "calls": [[ins.position, ins.n] for ins in insertions],
+            "input_ids": prompt_ids + response,
+            "completion_mask": [0] * len(prompt_ids) + [1] * len(response),
+        })
+    return out
+
+
+def run_warmup(settings: WarmupSettings, progress: Progress = print) -> Path:
+    """Sample, insert, fine-tune; returns the folder of the warmed-up model (resumable)."""
+    import json
+
+    from relaygraph.agents.transformers_backend import TransformersBackend
+
+    final = settings.output_dir / "model"
+    if (final / "config.json").exists():
+        progress(f"warm-up already finished: {final}")
+        return final
+    rows = read_questions(settings.data)
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(settings.device)
+    backend = TransformersBackend(settings.model, dtype=settings.dtype, device=device)
+    samples = [s for s in read_jsonl(settings.output_dir / "samples.jsonl") if s["index"] < len(rows)]
+    done = {(s["index"], s["sample"]) for s in samples}
+    samples += sample_responses(backend, rows, settings, done, progress)
+    sft_rows = build_sft_rows(samples, rows, backend, settings)
+    (settings.output_dir / "warmup.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_rows))
+    calls = sum(len(r["calls"]) for r in sft_rows)
+    progress(f"warm-up data: {len(sft_rows)} responses, {calls} commands inserted")
+    del backend
+    return finetune(settings, sft_rows, progress)
+
+
+def finetune(settings: WarmupSettings, sft_rows: list[dict[str, Any]], progress: Progress) -> Path:
+    """Fine-tune (resuming from the last checkpoint) and save the model to ``model/``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer = sft_trainer(settings, sft_rows)
+    checkpoints = settings.output_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    if last:
+        progress(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    final = save_model(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
+                       settings.output_dir / "model")
+    progress(f"warmed-up controller saved to {final}")
+    return final
+
+
+def sft_trainer(settings: WarmupSettings, sft_rows: list[dict[str, Any]]) -> Any:
+    """TRL's ``SFTTrainer`` on pre-tokenized rows: loss where ``completion_mask`` is 1."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from relaygraph.errors import ConfigError
+
+    model, tokenizer = load_causal_lm(settings.model, settings.dtype, settings.device)
+    sft = settings.sft
+    device = pick_device(settings.device)
+    options: dict[str, Any] = {
+        "output_dir": str(settings.output_dir / "checkpoints"), "completion_only_loss": True,
+        "max_length": None, "learning_rate": sft.learning_rate, "num_train_epochs": sft.epochs,
+        "max_steps": sft.max_steps, "per_device_train_batch_size": sft.batch_size,
+        "gradient_accumulation_steps": sft.gradient_accumulation_steps,
+        "warmup_steps": sft.warmup_ratio, "save_steps": sft.save_steps,
+        "logging_steps": sft.logging_steps, "activation_checkpointing": sft.gradient_checkpointing,
+        "seed": settings.seed, "report_to": "none",
+        "use_cpu": device == "cpu", "bf16": device != "cpu",  # autocast on accelerators only
+    } | sft.trl
+    try:
+        args = SFTConfig(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"sft settings: {exc}") from None
+    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]}
+                                 for r in sft_rows])
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=settings.lora.peft_config() if settings.lora else None)

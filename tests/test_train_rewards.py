@@ -1,0 +1,88 @@
+"""RelayLLM's rewards on hand-made groups: the three scenarios and their boundaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from relaygraph.train.rewards import difficulty_aware, scenario, simple
+
+
+def test_simple_reward_is_correctness_minus_call_ratio() -> None:
+    assert simple(True, 0.0) == 1.0
+    assert simple(True, 0.25) == 0.75
+    assert simple(False, 0.0) == 0.0
+    assert simple(False, 0.3) == pytest.approx(-0.3)
+    assert simple(True, 1.0) == 0.0
+    with pytest.raises(ValueError, match="call ratio"):
+        simple(True, 1.5)
+    with pytest.raises(ValueError, match="call ratio"):
+        simple(True, -0.1)
+
+
+def test_student_solvable_group_rewards_independence() -> None:
+    correct = [True, True, False, True, False]
+    ratios = [0.0, 0.2, 0.0, 0.5, 0.3]
+    assert scenario(correct, ratios) == "student-solvable"
+    assert difficulty_aware(correct, ratios) == pytest.approx([1.5, 0.8, 0.0, 0.5, 0.0])
+
+
+def test_teacher_dependent_group_penalises_stubbornness() -> None:
+    correct = [False, True, False, False, True]
+    ratios = [0.0, 0.1, 0.3, 0.0, 0.4]
+    assert scenario(correct, ratios) == "teacher-dependent"
+    # no call -1; correct with a call: simple; wrong with a call: 0
+    assert difficulty_aware(correct, ratios) == pytest.approx([-1.0, 0.9, 0.0, -1.0, 0.6])
+
+
+def test_unsolvable_group_rewards_exploration() -> None:
+    correct = [False, False, False, False]
+    ratios = [0.0, 0.2, 0.05, 1.0]
+    assert scenario(correct, ratios) == "unsolvable"
+    assert difficulty_aware(correct, ratios) == pytest.approx([0.0, 0.2, 0.05, 1.0])
+
+
+def test_boundaries_between_scenarios() -> None:
+    # one independent success is enough to make the question student-solvable
+    assert scenario([False, True, True], [0.0, 0.0, 0.9]) == "student-solvable"
+    # a correct answer with the smallest call is not independent
+    assert scenario([True, False], [1e-9, 0.0]) == "teacher-dependent"
+    assert difficulty_aware([True, False], [1e-9, 0.0]) == pytest.approx([1.0, -1.0])
+    # correct but called everywhere: every sample gets the simple reward, none the bonus
+    assert difficulty_aware([True, True], [0.5, 1.0]) == pytest.approx([0.5, 0.0])
+    # all correct alone: all get the bonus
+    assert difficulty_aware([True] * 3, [0.0] * 3) == [1.5, 1.5, 1.5]
+    # a group of one, each scenario
+    assert difficulty_aware([True], [0.0]) == [1.5]
+    assert difficulty_aware([True], [0.3]) == pytest.approx([0.7])
+    assert difficulty_aware([False], [0.0]) == [0.0]
+    assert difficulty_aware([False], [0.3]) == pytest.approx([0.3])
+    # no call at all and nobody right: nothing to learn from
+    assert difficulty_aware([False, False], [0.0, 0.0]) == [0.0, 0.0]
+
+
+def test_malformed_groups_are_refused() -> None:
+    with pytest.raises(ValueError, match="as many"):
+        difficulty_aware([True, False], [0.0])
+    with pytest.raises(ValueError, match="at least one"):
+        difficulty_aware([], [])
+    with pytest.raises(ValueError, match="call ratio"):
+        difficulty_aware([True], [2.0])
+
+
+def test_trl_reward_function_scores_each_group_of_a_batch() -> None:
+    """TRL hands the reward function consecutive groups of num_generations completions."""
+    from relaygraph.train.grpo import GroupReward, accuracy, call_ratio_metric
+
+    reward = GroupReward("difficulty-aware", num_generations=3)
+    answers = ["7", "7", "7", "9", "9", "9"]
+    relay_answers = ["7", "7", "1", "9", "3", "3"]  # group 1 solvable alone, group 2 needs calls
+    ratios = [0.0, 0.2, 0.0, 0.25, 0.0, 0.1]
+    kwargs = dict(prompts=[""] * 6, completions=[""] * 6, answer=answers,
+                  relay_answer=relay_answers, call_ratio=ratios)
+    assert reward(**kwargs) == pytest.approx([1.5, 0.8, 0.0, 0.75, -1.0, 0.0])
+    assert reward.__name__ == "difficulty_aware"
+    assert GroupReward("simple", 3)(**kwargs) == pytest.approx([1, 0.8, 0, 0.75, 0, -0.1])
+    assert accuracy(**kwargs) == [1, 1, 0, 1, 0, 0]
+    assert call_ratio_metric(**kwargs) == ratios and call_ratio_metric.__name__ == "call_ratio"
+    with pytest.raises(ValueError, match="groups of 4"):
+        GroupReward("difficulty-aware", 4)(**kwargs)
