@@ -428,7 +428,7 @@ def _is_expert_token(chunk: dict) -> bool:
 def test_client_disconnect_cancels_generation_and_keeps_a_consistent_trajectory(
         tiny_pair, store) -> None:
     registry = slow_registry(tiny_pair, store, expert_delay=0.5)
-    expert = registry.backends[(str(tiny_pair[1]), "float32")].inner
+    expert = registry.backends[("transformers", str(tiny_pair[1]), "float32")].inner
     with BackgroundServer(create_app(registry)) as server:
         # leave after the expert's first token (of the three it was asked for)
         tid, seen = _stream_until(server, _is_expert_token)

@@ -39,7 +39,7 @@ from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Prompt, Sampling
 from relaygraph.config import RelayConfig, _policy_agents, build_policy, read_config_file, validate
 from relaygraph.errors import ConfigError
-from relaygraph.serve.runner import load_backends
+from relaygraph.serve.runner import CancellableBackend
 from relaygraph.serve.schemas import APIError, bad_request, validation_error
 
 if TYPE_CHECKING:
@@ -115,10 +115,14 @@ class ServeConfig(BaseModel):
         return cls.parse({"relays": relays}, source="default serve config")
 
     def backend_keys(self) -> list[tuple[str, str]]:
+        """(model, dtype) of every model that must be on this machine (served models need
+        only their tokenizer, if that)."""
         keys = []
         for cfg in self.relays.values():
             for name in cfg.needed_agents():
-                keys.append((cfg.agents[name].model, cfg.agents[name].dtype))
+                agent = cfg.agents[name]
+                if agent.local_model:
+                    keys.append((agent.local_model, agent.dtype))
         return list(dict.fromkeys(keys))
 
 
@@ -258,22 +262,27 @@ class ServedRelay:
 class Registry:
     """The served relays by model name, and the backends they share."""
 
-    def __init__(self, relays: dict[str, ServedRelay], backends: dict[tuple[str, str], Any]):
+    def __init__(self, relays: dict[str, ServedRelay], backends: dict[tuple[Any, ...], Any]):
         self.relays = relays
         self.backends = backends
 
     @classmethod
     def build(cls, config: ServeConfig, store: TrajectoryStore,
               backend_factory: Callable[[str, str], Any] | None = None) -> Registry:
-        """Load every model once (``backend_factory(model, dtype)``, default transformers)
-        and build each relay on the shared, cancellable backends."""
-        backends = load_backends(config.backend_keys(), backend_factory)
+        """Load every model once (agents with equal ``AgentConfig.backend_key()`` share it;
+        ``backend_factory(model, dtype)`` replaces ``AgentConfig.build_backend``) and build
+        each relay on the shared, cancellable backends."""
+        backends: dict[tuple[Any, ...], Any] = {}
         relays = {}
         for name, cfg in config.relays.items():
             agents = {}
             for agent_name in cfg.needed_agents():
                 a = cfg.agents[agent_name]
-                agents[agent_name] = Agent(agent_name, backends[(a.model, a.dtype)],
+                key = a.backend_key()
+                if key not in backends:
+                    built = backend_factory(a.model, a.dtype) if backend_factory else a.build_backend()
+                    backends[key] = CancellableBackend(built)
+                agents[agent_name] = Agent(agent_name, backends[key],
                                            a.system_prompt, Sampling(a.temperature, a.top_p, a.seed))
             relays[name] = ServedRelay(name, cfg, agents, store)
         return cls(relays, backends)

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -267,19 +267,3 @@ def _mark_cancelled(store: Any, trajectory_id: str, reason: str) -> None:
     except Exception as exc:  # noqa: BLE001 - the store may be what failed
         log.warning("could not mark trajectory %s cancelled (%s)", trajectory_id,
                     type(exc).__name__)
-
-
-def load_backends(keys: Sequence[tuple[str, str]],
-                  factory: Callable[[str, str], Any] | None = None) -> dict[tuple[str, str], Any]:
-    """One cancellable backend per (model, dtype)."""
-    if factory is None:
-        from relaygraph.agents.transformers_backend import TransformersBackend
-
-        def factory(model: str, dtype: str) -> Any:
-            return TransformersBackend(model, dtype=dtype)
-
-    loaded: dict[tuple[str, str], Any] = {}
-    for key in keys:
-        if key not in loaded:
-            loaded[key] = CancellableBackend(factory(*key))
-    return loaded
