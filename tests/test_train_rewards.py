@@ -78,8 +78,11 @@ def test_trl_reward_function_scores_each_group_of_a_batch() -> None:
     relay_answers = ["7", "7", "1", "9", "3", "3"]  # group 1 solvable alone, group 2 needs calls
     ratios = [0.0, 0.2, 0.0, 0.25, 0.0, 0.1]
     kwargs = dict(prompts=[""] * 6, completions=[""] * 6, answer=answers,
-                  relay_answer=relay_answers, call_ratio=ratios)
+                  relay_answer=relay_answers, call_ratio=ratios, finished=[True] * 6)
     assert reward(**kwargs) == pytest.approx([1.5, 0.8, 0.0, 0.75, -1.0, 0.0])
+    # an answer in a response the budget cut off does not count: the group needs calls now
+    cut = {**kwargs, "finished": [False, True, True, True, True, True]}
+    assert reward(**cut)[:3] == pytest.approx([-1.0, 0.8, -1.0])
     assert reward.__name__ == "difficulty_aware"
     assert GroupReward("simple", 3)(**kwargs) == pytest.approx([1, 0.8, 0, 0.75, 0, -0.1])
     assert accuracy(**kwargs) == [1, 1, 0, 1, 0, 0]

@@ -105,7 +105,7 @@ def test_the_eos_belongs_to_whoever_ended_the_run() -> None:
     assert ended_by_expert.completion_ids == [5, 6, 7, 8, 9, 0]
     assert ended_by_expert.env_mask == [1, 1, 1, 0, 0, 0]
     assert ended_by_expert.logprobs == [-0.1, -0.2, -0.3, None, None, None]
-    assert ended_by_expert.call_ratio == pytest.approx(2 / 5)
+    assert ended_by_expert.call_ratio == pytest.approx(2 / 5) and ended_by_expert.finished
     # an expert that stopped at once wrote no segment: its EOS follows the call
     at_once = to_rollout(_result([head, call], "eos"), [head, call], [1, 2], eos_id=0)
     assert at_once.env_mask == [1, 1, 1, 0] and at_once.call_ratio == 0.0
@@ -115,3 +115,4 @@ def test_the_eos_belongs_to_whoever_ended_the_run() -> None:
     # out of budget: no EOS
     cut = to_rollout(_result([head, call, answer], "budget"), [head, call, answer], [1, 2], 0)
     assert cut.completion_ids == [5, 6, 7, 8, 9] and cut.env_mask == [1, 1, 1, 0, 0]
+    assert not cut.finished

@@ -69,8 +69,7 @@ def _say(line: str) -> None:
 @train_app.command()
 @_friendly
 def warmup(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Sample the small model's own responses, insert <call>n</call> commands at random token
-    positions, fine-tune on them (the model is saved to OUTPUT_DIR/model)."""
+    """Own responses + <call>n</call> at random token positions, SFT -> OUTPUT_DIR/model."""
     from relaygraph.train.warmup import WarmupSettings, run_warmup
 
     print(run_warmup(load_settings(WarmupSettings, config, set_), progress=_say))
@@ -79,7 +78,7 @@ def warmup(config: ConfigArg, set_: SetOpt = None) -> None:
 @train_app.command("filter")
 @_friendly
 def filter_(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Keep the questions the expert solves in at least min_pass_rate of k samples."""
+    """Keep the questions the expert solves in >= min_pass_rate of k samples -> OUTPUT."""
     from relaygraph.train.filtering import FilterSettings, run_filter
 
     print(run_filter(load_settings(FilterSettings, config, set_), progress=_say))
@@ -88,8 +87,7 @@ def filter_(config: ConfigArg, set_: SetOpt = None) -> None:
 @train_app.command()
 @_friendly
 def grpo(config: ConfigArg, set_: SetOpt = None) -> None:
-    """GRPO with real relay rollouts (expert tokens masked from the loss) and the
-    difficulty-aware reward; the trained controller is saved to OUTPUT_DIR/model."""
+    """GRPO on relay rollouts (expert tokens masked), RelayLLM's reward -> OUTPUT_DIR/model."""
     from relaygraph.train.grpo import GrpoSettings, run_grpo
 
     print(run_grpo(load_settings(GrpoSettings, config, set_), progress=_say))

@@ -10,7 +10,11 @@ Differences from the published code, on purpose:
 - the call ratio counts the tokens the expert actually *served* (a call for 100 tokens the
   expert ends after 12 costs 12), not the requested ``n``;
 - expert tokens are masked from the loss (the published code trains on them as if the
-  controller had written them).
+  controller had written them);
+- the difficulty-aware scenario is decided per group of one question's samples, as the
+  paper defines it (the published reward function decides it over the whole batch);
+- a response the budget cut off counts as wrong: otherwise text padded after the answer
+  dilutes the call ratio.
 
 The controller and the expert must share a tokenizer (same family): token ids pass between
 them unchanged, so the ids the trainer scores are exactly the ones the controller saw.
@@ -148,6 +152,8 @@ class Rollout:
     """Expert tokens served / response tokens."""
     answer: str
     trajectory_id: str
+    finished: bool
+    """The run ended with EOS (not cut off by the budget)."""
 
 
 def to_rollout(result: RunResult, segments: Sequence[Segment], prompt_ids: list[int],
@@ -179,7 +185,8 @@ def to_rollout(result: RunResult, segments: Sequence[Segment], prompt_ids: list[
         ids.append(eos_id)
         mask.append(int(author == controller))
         logps.append(None)
-    return Rollout(prompt_ids, ids, mask, logps, ratio, result.answer, result.trajectory_id)
+    return Rollout(prompt_ids, ids, mask, logps, ratio, result.answer, result.trajectory_id,
+                   result.finish_reason == "eos")
 
 
 class RelayRollouts:
@@ -217,6 +224,7 @@ class RelayRollouts:
             "env_mask": [r.env_mask for r in rollouts],
             "call_ratio": [r.call_ratio for r in rollouts],
             "relay_answer": [r.answer for r in rollouts],
+            "finished": [r.finished for r in rollouts],
             "trajectory_id": [r.trajectory_id for r in rollouts],
         }
 
@@ -239,7 +247,9 @@ class GroupReward:
     """A TRL reward function: RelayLLM's reward from the relay's answer and call ratio.
 
     Groups are the ``num_generations`` consecutive completions of one prompt (TRL's
-    layout); with several processes the group's samples are gathered first.
+    layout); with several processes the group's samples are gathered first. A response the
+    budget cut off counts as wrong even if an answer is in it: otherwise text padded after
+    the answer dilutes the call ratio (a controller learned exactly that in the miniature).
     """
 
     def __init__(self, kind: Literal["difficulty-aware", "simple"], num_generations: int) -> None:
@@ -248,8 +258,9 @@ class GroupReward:
         self.__name__ = kind.replace("-", "_")
 
     def __call__(self, prompts: list[Any], completions: list[Any], answer: list[str],
-                 relay_answer: list[str], call_ratio: list[float], **_: Any) -> list[float]:
-        correct = [is_correct(a, g) for a, g in zip(relay_answer, answer)]
+                 relay_answer: list[str], call_ratio: list[float], finished: list[bool],
+                 **_: Any) -> list[float]:
+        correct = graded(answer, relay_answer, finished)
         if self.kind == "simple":
             return [rewards.simple(c, r) for c, r in zip(correct, call_ratio)]
         all_correct, all_ratios, offset = _gather(correct, list(call_ratio))
@@ -262,10 +273,15 @@ class GroupReward:
         return out[offset:offset + len(correct)]
 
 
+def graded(answer: list[str], relay_answer: list[str], finished: list[bool]) -> list[bool]:
+    """Right answer in a finished response."""
+    return [done and is_correct(a, g) for g, a, done in zip(answer, relay_answer, finished)]
+
+
 def accuracy(prompts: list[Any], completions: list[Any], answer: list[str],
-             relay_answer: list[str], **_: Any) -> list[float]:
-    """Logged with weight 0: is the relay's answer right."""
-    return [float(is_correct(a, g)) for a, g in zip(relay_answer, answer)]
+             relay_answer: list[str], finished: list[bool], **_: Any) -> list[float]:
+    """Logged with weight 0: is the relay's answer right (and finished)."""
+    return [float(c) for c in graded(answer, relay_answer, finished)]
 
 
 def call_ratio_metric(prompts: list[Any], completions: list[Any], call_ratio: list[float],
