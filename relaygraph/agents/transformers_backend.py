@@ -66,16 +66,21 @@ class TransformersBackend:
                 "hub id, or pull a catalog model with `relaygraph models pull`"
             ) from None
         self.model.to(device).eval()
-        self.device = device
-        self.renderer = Renderer(self.tokenizer)
+        self._attach(self.model, self.tokenizer, device, cache_size)
+
+    def _attach(self, model: Any, tokenizer: Any, device: str, cache_size: int) -> None:
+        """Everything derived from a loaded model and tokenizer (also used by subclasses that
+        wrap a model they did not load, e.g. the one being trained)."""
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.renderer = Renderer(tokenizer)
         self.tokenizer_id = self.renderer.tokenizer_id
-        self.eos_ids = eos_token_ids(self.tokenizer, self.model.config, self.model.generation_config)
-        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 20)
+        self.eos_ids = eos_token_ids(tokenizer, model.config, model.generation_config)
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
         self.cache_size = cache_size
         """Conversations whose KV cache is kept (least recently used dropped); 0 = no reuse."""
         self._caches: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self.batcher = Batcher(self.model, device)
+        self.batcher = Batcher(model, device)
 
     # rendering --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

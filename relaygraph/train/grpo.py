@@ -23,9 +23,7 @@ them unchanged, so the ids the trainer scores are exactly the ones the controlle
 from __future__ import annotations
 
 import os
-import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,29 +111,12 @@ class GrpoSettings(Strict):
 
 class PolicyBackend(TransformersBackend):
     """The model being trained as a relay backend: rollouts decode with its live weights
-    through the backend's own loop (KV cache, batched decode steps), without a copy.
-
-    Sets what ``TransformersBackend.__init__`` sets after loading (a constructor from a
-    loaded model there would replace this).
-    """
+    through the backend's own loop (KV cache, batched decode steps), without a copy."""
 
     def __init__(self, model: Any, tokenizer: Any, model_id: str = "policy",
                  cache_size: int = 256) -> None:
-        from relaygraph.agents.batching import Batcher
-        from relaygraph.agents.rendering import Renderer, eos_token_ids
-
         self.model_id = model_id
-        self.tokenizer = tokenizer
-        self.model = model
-        self.device = str(next(model.parameters()).device)
-        self.renderer = Renderer(tokenizer)
-        self.tokenizer_id = self.renderer.tokenizer_id
-        self.eos_ids = eos_token_ids(tokenizer, model.config, model.generation_config)
-        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
-        self.cache_size = cache_size
-        self._caches: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
-        self._cache_lock = threading.Lock()
-        self.batcher = Batcher(model, self.device)
+        self._attach(model, tokenizer, str(next(model.parameters()).device), cache_size)
 
 
 @dataclass
