@@ -7,7 +7,7 @@ Per span: one span with 6 attributes, started and ended on the caller's thread, 
 - the OpenTelemetry API with no SDK (what relaygraph does when tracing is off),
 - the SDK with a simple processor and the in-memory exporter,
 - the SDK with the batch processor and the OTLP/HTTP (and gRPC) exporter, sending to a
-  real receiver on loopback (``relaygraph.observability.receiver``); the caller's cost is
+  real receiver on loopback (``relaygraph.testing.otlp_receiver``); the caller's cost is
   timed, then the flush.
 
 Per turn: relaygraph's own instrumentation of one agent turn (``agent_turn`` +
@@ -39,7 +39,7 @@ from opentelemetry import trace  # noqa: E402
 from relaygraph.agents.agent import Agent  # noqa: E402
 from relaygraph.agents.backend import Generation  # noqa: E402
 from relaygraph.observability import configure, tracing  # noqa: E402
-from relaygraph.observability.receiver import GrpcOtlpReceiver, OtlpReceiver  # noqa: E402
+from relaygraph.testing.otlp_receiver import GrpcOtlpReceiver, OtlpReceiver  # noqa: E402
 
 ATTRS = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "controller",
          "gen_ai.request.model": "qwen2.5-coder-0.5b", "relaygraph.segment.seq": 12,

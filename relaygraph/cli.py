@@ -191,7 +191,7 @@ def run(
         result = relay.run(question)
         print(result.model_dump_json(indent=2, by_alias=True))
         return
-    from relaygraph.observability.render import LivePrinter, Styles
+    from relaygraph.viewer.terminal import LivePrinter, Styles
 
     styles = Styles([a.name for a in relay.agents])
     out.print(styles.legend())
@@ -252,7 +252,7 @@ def show(
         for tid in store.list_ids(limit):
             out.print(tid)
         return
-    from relaygraph.observability.render import follow_trajectory, render_trajectory
+    from relaygraph.viewer.terminal import follow_trajectory, render_trajectory
 
     tid = check_trajectory_id(trajectory_id)
     if follow:
@@ -262,7 +262,7 @@ def show(
         if html is None:
             render_trajectory(trajectory, out)
     if html is not None:
-        from relaygraph.observability.html import write_html
+        from relaygraph.viewer.html import write_html
 
         try:
             path = write_html(trajectory, html)

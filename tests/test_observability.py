@@ -44,7 +44,7 @@ def make_relay(backends, store: RedisStore) -> Relay:
 @pytest.fixture
 def receiver():
     require("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-    from relaygraph.observability.receiver import OtlpReceiver
+    from relaygraph.testing.otlp_receiver import OtlpReceiver
 
     with OtlpReceiver() as rx:
         yield rx
@@ -143,7 +143,7 @@ def test_otlp_http_receives_span_tree_handoffs_and_metrics(backends, redis_store
 
 def test_grpc_from_environment_with_content_capture(backends, redis_store, monkeypatch) -> None:
     require("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
-    from relaygraph.observability.receiver import GrpcOtlpReceiver
+    from relaygraph.testing.otlp_receiver import GrpcOtlpReceiver
 
     with GrpcOtlpReceiver() as rx:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.url)
@@ -315,7 +315,7 @@ def test_trace_only_viewer_gets_traces_and_a_metrics_refusal_is_reported_apart(
     """Phoenix and Jaeger answer 404 to /v1/metrics: metrics are off unless asked for, and
     when asked for, their refusal does not read as lost traces."""
     require("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-    from relaygraph.observability.receiver import OtlpReceiver
+    from relaygraph.testing.otlp_receiver import OtlpReceiver
 
     relay = make_relay(backends, redis_store)
     with OtlpReceiver(signals=("traces",)) as rx:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from relaygraph.observability.render import follow_trajectory, render_trajectory
-from relaygraph.observability.summary import infer_handoffs, summarize
+from relaygraph.viewer.terminal import follow_trajectory, render_trajectory
+from relaygraph.viewer.summary import infer_handoffs, summarize
 from relaygraph.trajectory import RedisStore, Segment, Task, Trajectory
 from tests import tiny_models as tiny
 from tests.test_observability import make_relay
@@ -102,7 +102,7 @@ def test_html_page_of_a_real_run_in_headless_chromium(backends, redis_server, tm
     from typer.testing import CliRunner
 
     from relaygraph.cli import app
-    from relaygraph.observability.html import COLOURS
+    from relaygraph.viewer.html import COLOURS
 
     store = RedisStore.from_url(redis_server.url)
     result = make_relay(backends, store).run(tiny.QUESTION)
@@ -204,7 +204,7 @@ def test_follow_shows_a_running_trajectory_as_it_grows(backends, redis_store) ->
 
 def test_summary_of_a_supervised_trajectory_with_rollback_and_stored_handoffs() -> None:
     """Steer, rollback and a recorded step (``meta["step"]``) are rendered and counted."""
-    from relaygraph.observability.html import render_html
+    from relaygraph.viewer.html import render_html
 
     segs = [
         Segment(author="a", text="one ", token_ids=[1, 2], logprobs=[-0.1, -2.0]),

@@ -9,7 +9,7 @@ import pytest
 
 from relaygraph.errors import StoreUnavailableError
 from relaygraph.trajectory import RedisStore, Segment, Task, open_store, redact_url
-from relaygraph.trajectory.conformance import StoreConformance
+from relaygraph.testing.store_conformance import StoreConformance
 from tests.servers import RedisServer, free_port
 
 

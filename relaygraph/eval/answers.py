@@ -1,34 +1,8 @@
-"""Pull the final answer out of a model's text."""
+"""Gold answers and plain numeric comparison (for datasets and the fallback checker)."""
 
 from __future__ import annotations
 
 import re
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (balanced braces), or None."""
-    start = text.rfind("\\boxed{")
-    while start >= 0:
-        depth, i = 0, start + len("\\boxed")
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1:j].strip()
-        start = text.rfind("\\boxed{", 0, start)  # unbalanced: try an earlier one
-    return None
-
-
-def extract_answer(text: str) -> str:
-    """The ``\\boxed{}`` content if there is one, else the last non-empty line."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
 
 def gsm8k_gold(answer: str) -> str:
     """The final answer of a GSM8K solution (after ``#### ``)."""

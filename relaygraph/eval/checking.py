@@ -23,7 +23,8 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from relaygraph.eval.answers import as_number, extract_answer, last_boxed, numeric_match
+from relaygraph.eval.answers import as_number, numeric_match
+from relaygraph.trajectory.answers import extract_answer, last_boxed
 from relaygraph.eval.datasets import Problem
 
 Method = Literal["math-verify", "numeric", "reasoning-gym", "none"]

@@ -31,7 +31,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from relaygraph.errors import ConfigError
-from relaygraph.eval.answers import gsm8k_gold, last_boxed
+from relaygraph.eval.answers import gsm8k_gold
+from relaygraph.trajectory.answers import last_boxed
 
 QUESTION_FIELDS = ("question", "problem", "prompt", "input", "query")
 ANSWER_FIELDS = ("answer", "final_answer", "solution", "target", "output")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from relaygraph.config import AgentConfig
-from relaygraph.eval.answers import last_boxed
+from relaygraph.trajectory.answers import last_boxed
 from relaygraph.eval.chains import Chain, cut_at_sentence, first_sentence, given, written_chain
 from relaygraph.eval.checking import equivalent
 from relaygraph.eval.datasets import Problem

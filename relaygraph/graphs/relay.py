@@ -28,7 +28,7 @@ from langgraph.types import Command
 
 from relaygraph.agents.agent import Agent
 from relaygraph.errors import BackendError, ConfigError, RelayGraphError
-from relaygraph.eval.answers import extract_answer
+from relaygraph.trajectory.answers import extract_answer
 from relaygraph.graphs.state import SUPERVISOR, RelayInput, RelayOutput, RelayState
 from relaygraph.observability import tracing
 from relaygraph.trajectory.models import (

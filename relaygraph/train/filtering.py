@@ -58,7 +58,7 @@ def pass_rates(backend: Any, rows: Sequence[dict[str, Any]], settings: FilterSet
                on_result: Callable[[dict[str, Any]], None] = lambda _: None) -> list[dict[str, Any]]:
     """For each row, how many of ``k`` expert samples answer it correctly."""
     from relaygraph.agents.backend import Prompt, Sampling, StopRule
-    from relaygraph.eval.answers import extract_answer
+    from relaygraph.trajectory.answers import extract_answer
 
     rule = StopRule(max_tokens=settings.max_tokens)
 

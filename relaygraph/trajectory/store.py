@@ -1,4 +1,4 @@
-"""The trajectory store protocol. Every implementation passes ``relaygraph.trajectory.conformance``."""
+"""The trajectory store protocol. Every implementation passes ``relaygraph.testing.store_conformance``."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def _handoff(position: int, prev: Segment, to: str, called: bool,
 
 def summarize(trajectory: Trajectory) -> Totals:
     """Tokens per agent, call ratio, handoffs, confidence and the answer of a trajectory."""
-    from relaygraph.eval.answers import extract_answer
+    from relaygraph.trajectory.answers import extract_answer
 
     segments = trajectory.segments
     gone = retracted_positions(segments)

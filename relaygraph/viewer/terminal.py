@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from relaygraph.observability.summary import (
+from relaygraph.viewer.summary import (
     Handoff,
     HandoffTracker,
     Totals,
@@ -112,7 +112,7 @@ def footer(trajectory: Trajectory, totals: Totals, status: str, console: Console
 
 def render_trajectory(trajectory: Trajectory, console: Console, status: str | None = None) -> None:
     """A stored trajectory: header, coloured text with handoff markers, totals."""
-    from relaygraph.observability.summary import summarize
+    from relaygraph.viewer.summary import summarize
 
     styles = Styles(list(trajectory.task.agents))
     header(trajectory, console, styles)
@@ -125,7 +125,7 @@ def follow_trajectory(store: Any, trajectory_id: str, console: Console,
                       block_ms: int = 1000) -> Trajectory:
     """Print a (running) trajectory as its segments arrive, by blocking reads on its stream,
     until the run ends; returns the finished trajectory."""
-    from relaygraph.observability.summary import summarize
+    from relaygraph.viewer.summary import summarize
 
     trajectory = store.load(trajectory_id)
     styles = Styles(list(trajectory.task.agents))

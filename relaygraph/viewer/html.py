@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from relaygraph.observability.summary import (
+from relaygraph.viewer.summary import (
     SUPERVISOR,
     Handoff,
     HandoffTracker,
