@@ -18,11 +18,12 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Backend, Generation, Prompt, Sampling, StopRule, TextCallback
+from relaygraph.agents.wrapping import BackendWrapper
 from relaygraph.policies import FixedIntervalPolicy
 from relaygraph.relay import Relay
 from relaygraph.trajectory.store import TrajectoryStore
@@ -43,31 +44,21 @@ class Call:
     generation: Generation
 
 
-@dataclass
-class Recorder:
+class Recorder(BackendWrapper):
     """A backend wrapper that records every call (for the measurements; thread-safe)."""
 
-    backend: Backend
-    calls: list[Call] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.model_id = self.backend.model_id
-        self.tokenizer_id = self.backend.tokenizer_id
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        self.calls: list[Call] = []
         self._lock = threading.Lock()
 
     def generate(self, prompt: Prompt, rule: StopRule, sampling: Sampling = Sampling(),
                  on_text: TextCallback | None = None, cache_key: str | None = None) -> Generation:
         start = time.perf_counter()
-        gen = self.backend.generate(prompt, rule, sampling, on_text, cache_key)
+        gen = self.inner.generate(prompt, rule, sampling, on_text, cache_key)
         with self._lock:
             self.calls.append(Call(start, time.perf_counter(), gen))
         return gen
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.backend.decode(token_ids)
-
-    def __getattr__(self, name: str) -> Any:  # encode, render, ... of the wrapped backend
-        return getattr(self.backend, name)
 
 
 def amplification(calls: Sequence[Call]) -> dict[str, float | int]:
@@ -109,8 +100,8 @@ def bare_langgraph_step_ms(steps: int = 2000) -> float:
 
 
 def _relay(agents: Sequence[Agent], store: TrajectoryStore, interval: int, tokens: int) -> Relay:
-    return Relay(agents, FixedIntervalPolicy([a.name for a in agents], interval), store,
-                 max_tokens=tokens)
+    return Relay(agents, FixedIntervalPolicy(agents=tuple(a.name for a in agents),
+                                             interval=interval), store, max_tokens=tokens)
 
 
 def _set_reuse(backends: Sequence[Any], on: bool, sizes: dict[int, int]) -> None:

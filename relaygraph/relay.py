@@ -1,26 +1,33 @@
 """The one obvious entry point: a :class:`Relay` runs questions through a relay graph.
 
->>> relay = Relay.from_models("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", policy="call-token")
+>>> relay = Relay.from_models("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", policy="confidence")
 >>> result = relay.run("What is 2 + 5?", on_event=print)
 >>> result.answer, result.call_ratio
+
+or from a config (file or :class:`~relaygraph.config.RelayConfig`)::
+
+    relay = Relay.from_config("relay.toml")
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from relaygraph.agents.agent import Agent
+from relaygraph.agents.registry import BackendPool
+from relaygraph.config import RelayConfig
 from relaygraph.errors import BackendError, StoreUnavailableError
 from relaygraph.observability import tracing
 from relaygraph.trajectory import Segment, TrajectoryStore, new_trajectory_id, open_store
+from relaygraph.trajectory.totals import HandoffRecord
 
 if TYPE_CHECKING:
-    from relaygraph.config import RelayConfig
     from relaygraph.policies.base import Policy
 
 Event = dict[str, Any]
@@ -31,20 +38,6 @@ class SegmentSummary(BaseModel):
     kind: str
     text: str
     n_tokens: int
-
-
-class HandoffRecord(BaseModel):
-    """Control moving from one agent to another."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    from_: str = Field(alias="from")
-    to: str
-    reason: str
-    position: int
-    """Number of segments in the trajectory when control moved."""
-    requested_tokens: int | None = None
-    confidence: float | None = None
 
 
 class RunResult(BaseModel):
@@ -83,16 +76,29 @@ class Relay:
                                  task_config=recorded, retries=retries, fallbacks=fallbacks)
 
     @classmethod
-    def from_models(cls, controller: str, expert: str | None = None, policy: str = "call-token",
-                    store: TrajectoryStore | None = None, max_tokens: int = 512,
-                    dtype: str = "bfloat16", **options: Any) -> Relay:
-        """Load a controller (and expert) and build a named policy; ``options`` are the
-        policy's settings, e.g. ``threshold=-2.5`` (see :mod:`relaygraph.config`)."""
-        from relaygraph.config import RelayConfig
+    def from_config(cls, config: RelayConfig | str | Path, store: TrajectoryStore | None = None,
+                    pool: BackendPool | None = None) -> Relay:
+        """Load the agents a config's policy uses (each model once, or from ``pool``) and
+        compile the relay; ``config`` may be a file path. ``store`` defaults to the config's
+        Redis, else ``$REDIS_URL``, else the embedded server."""
+        if not isinstance(config, RelayConfig):
+            config = RelayConfig.load(config)
+        pool = pool or BackendPool()
+        agents = pool.agents(config.agents, config.needed_agents())
+        policy = config.policy.build(agents)
+        return cls(list(agents.values()), policy,
+                   store if store is not None else open_store(config.redis), config.max_tokens,
+                   config=config, fallbacks=config.fallbacks)
 
+    @classmethod
+    def from_models(cls, controller: str | None = None, expert: str | None = None,
+                    policy: str = "call-token", store: TrajectoryStore | None = None,
+                    max_tokens: int = 512, dtype: str = "bfloat16", **options: Any) -> Relay:
+        """Load a controller (and expert; the catalog's default pair unless given) and build
+        a named policy; ``options`` are the policy's fields, e.g. ``threshold=-2.5``."""
         config = RelayConfig.from_options(controller, expert, policy, max_tokens, dtype=dtype,
                                           **options)
-        return config.build(store)
+        return cls.from_config(config, store)
 
     def run(self, question: str, trajectory_id: str | None = None,
             on_event: Callable[[Event], None] | None = None,
@@ -106,7 +112,6 @@ class Relay:
         started = time.perf_counter()
         tid = trajectory_id or new_trajectory_id()
         final: dict[str, Any] = {}
-        records: list[HandoffRecord] = []
         limit = 2 * self.max_tokens + 16  # every step but the last writes at least one token
         inputs: dict[str, Any] = {"question": question, "trajectory_id": tid}
         if prefix:
@@ -119,12 +124,11 @@ class Relay:
                     stream_mode=["custom", "values"], config={"recursion_limit": limit},
                 ):
                     if mode == "custom":
-                        if chunk.get("type") == "handoff" and chunk["to"] != "finish":
-                            records.append(HandoffRecord.model_validate(chunk))
                         if on_event is not None:
                             on_event(chunk)
                     elif mode == "values":
                         final = chunk
+                tracing.run_totals(final)
             except redis.RedisError as exc:
                 raise StoreUnavailableError(
                     f"lost the trajectory store ({type(exc).__name__}: {exc}); what was written "
@@ -144,7 +148,8 @@ class Relay:
                                      n_tokens=s.n_tokens) for s in segments],
             tokens_by_agent=final.get("tokens_by_agent", {}),
             call_ratio=final.get("call_ratio", 0.0), handoffs=final.get("handoffs", 0),
-            handoff_records=records,
+            handoff_records=[HandoffRecord.model_validate(h)
+                             for h in final.get("handoff_records", ())],
             counters=final.get("counters", {}), seconds=time.perf_counter() - started,
         )
 

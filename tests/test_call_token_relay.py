@@ -13,6 +13,7 @@ import pytest
 
 from relaygraph import Agent, CallTokenPolicy, Relay, SoloPolicy
 from relaygraph.agents.backend import Generation, Prompt, StopRule
+from relaygraph.policies import TurnContext
 from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.trajectory import RedisStore, Trajectory
 from tests import tiny_models as tiny
@@ -130,7 +131,7 @@ def test_call_command_in_the_expert_output_is_ignored(backends) -> None:
     gen = Generation(text=text, token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="budget",
                      tokenizer=expert.tokenizer_id)
     decision = policy.route(Agent("expert", expert), gen,
-                            {"max_tokens": 100, "generated": 10, "budget": len(ids)})
+                            TurnContext("q", max_tokens=100, generated=10, budget=len(ids)))
     assert [s.kind for s in decision.segments] == ["text"]
     assert decision.next == "controller" and decision.reason == "call_done"
     assert decision.counters == {}

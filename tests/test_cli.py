@@ -68,7 +68,7 @@ def test_run_streams_coloured_text_and_show_renders_it(tiny_pair, redis_server) 
     (["run", "q", "--controller", "/no/such/model"], "not found"),
     (["run", "q", "--policy", "nope"], "unknown policy"),
     (["run", "q", "--max-tokens", "0"], "max_tokens"),
-    (["run", "q", "--policy", "confidence", "--interval", "3"], "policy.confidence.interval"),
+    (["run", "q", "--policy", "confidence", "--interval", "3"], "policy 'confidence' has no option 'interval'"),
     (["run", "q", "--policy", "random-router", "--p", "1.5"], "less than or equal to 1"),
     (["run", "q", "--set", "oops"], "--set expects KEY=VALUE"),
     (["run", "q", "--config", "/no/such.toml"], "cannot read config"),

@@ -7,16 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from relaygraph.config import RelayConfig, build_policy
+from relaygraph.agents.registry import BackendPool
+from relaygraph.config import RelayConfig
 from relaygraph.errors import ConfigError
 from relaygraph.policies import (
-    CallTokenPolicy,
     ConfidencePolicy,
     FixedIntervalPolicy,
-    QueryRouter,
+    PerfectRouter,
+    PromptedCallPolicy,
+    RandomRouter,
     SupervisorPolicy,
     TruncatePolicy,
+    TurnContext,
 )
+from relaygraph.relay import Relay
 from tests import tiny_models as tiny
 
 
@@ -34,10 +38,10 @@ def test_toml_config_builds_each_policy(tmp_path: Path) -> None:
         'type = "confidence"\nthreshold = -1.5\nmetric = "entropy"\nfallback_until = "sentence"':
             ConfidencePolicy,
         'type = "fixed-interval"\ninterval = 4': FixedIntervalPolicy,
-        'type = "random-router"\np = 0.25': QueryRouter,
-        f'type = "perfect-router"\nsolo_results = "{solo}"': QueryRouter,
+        'type = "random-router"\np = 0.25': RandomRouter,
+        f'type = "perfect-router"\nsolo_results = "{solo}"': PerfectRouter,
         'type = "truncate"\ncut_tokens = 12': TruncatePolicy,
-        'type = "prompted-call"\nmax_call_tokens = 50': CallTokenPolicy,
+        'type = "prompted-call"\nmax_call_tokens = 50': PromptedCallPolicy,
         'type = "supervisor"\nsupervisor = "tests.test_config:no_op_supervisor"\nchunk_tokens = 8':
             SupervisorPolicy,
     }
@@ -47,12 +51,13 @@ def test_toml_config_builds_each_policy(tmp_path: Path) -> None:
                         f'[agents.expert]\nmodel = "b"\n[policy]\n{body}\n')
         cfg = RelayConfig.load(path)
         assert cfg.max_tokens == 99
-        policy = build_policy(cfg.policy, {})
+        policy = cfg.policy.build({})
         assert isinstance(policy, kind), body
-    assert policy.chunk_tokens == 8  # the last case's value made it through
-    perfect = build_policy(RelayConfig.parse({"policy": {"type": "perfect-router",
-                                                         "solo_results": str(solo)}}).policy, {})
-    assert perfect.first_turn({"question": "q2", "max_tokens": 5})[0] == "expert"
+    assert isinstance(policy, SupervisorPolicy) and policy.chunk_tokens == 8  # made it through
+    assert callable(policy.supervisor)  # module:function resolved when built
+    perfect = RelayConfig.parse({"policy": {"type": "perfect-router",
+                                            "solo_results": str(solo)}}).policy.build({})
+    assert perfect.first_turn(TurnContext("q2", max_tokens=5))[0] == "expert"
 
 
 def no_op_supervisor(review):  # used by the config above through module:function
@@ -69,8 +74,8 @@ def test_yaml_and_json_configs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("body, message", [
-    ('[policy]\ntype = "confidence"\nthreshold = "high"', "policy.confidence.threshold"),
-    ('[policy]\ntype = "teleport"', "does not match any of the expected tags"),
+    ('[policy]\ntype = "confidence"\nthreshold = "high"', "policy.threshold"),
+    ('[policy]\ntype = "teleport"', "unknown policy 'teleport'; choose one of: call-token"),
     ('[policy]\ntype = "fixed-interval"\nagents = ["controller", "ghost"]', "ghost"),
     ('[policy]\ntype = "truncate"', "exactly one of threshold and cut_tokens"),
     ('max_tokens = 0', "max_tokens"),
@@ -89,11 +94,12 @@ def test_options_build_a_runnable_relay(tmp_path_factory, redis_store) -> None:
     controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
     cfg = RelayConfig.from_options(str(controller), str(expert), "fixed-interval", max_tokens=10,
                                    dtype="float32", interval=3)
-    relay = cfg.build(redis_store)
+    relay = Relay.from_config(cfg, redis_store)
     result = relay.run(tiny.QUESTION)
     assert [s.author for s in result.segments][:2] == ["controller", "expert"]
     assert all(s.n_tokens <= 3 for s in result.segments)
     # one backend per (model, dtype): agents sharing a model share its weights
-    same = RelayConfig.from_options(str(controller), str(controller), "fixed-interval",
-                                    dtype="float32").build_agents()
+    same_cfg = RelayConfig.from_options(str(controller), str(controller), "fixed-interval",
+                                        dtype="float32")
+    same = BackendPool().agents(same_cfg.agents, same_cfg.needed_agents())
     assert same["controller"].backend is same["expert"].backend

@@ -12,7 +12,7 @@ from relaygraph.errors import ConfigError
 from relaygraph.eval import metrics
 from relaygraph.eval.datasets import Problem
 from relaygraph.eval.sweep import SweepConfig, derive_routers, plan
-from relaygraph.policies import QueryRouter
+from relaygraph.policies import RandomRouter
 
 
 def record(correct: bool, tokens: dict[str, int], parsed: bool = True, seconds: float = 1.0) -> dict:
@@ -121,7 +121,7 @@ def test_routers_are_assembled_from_the_solo_runs() -> None:
              for i, p in enumerate(problems)}
     derived = derive_routers(sweep(random_router_p=[0.3], router_seed=4), problems, small, large)
     routed = derived["random-router(p=0.3)"]
-    router = QueryRouter.random("controller", "expert", 0.3, 4)
+    router = RandomRouter(small="controller", large="expert", p=0.3, seed=4)
     for p in problems:  # exactly the query the policy would have routed, and that model's run
         to_large = router.to_large(p.question)
         assert routed[p.id]["routed_to"] == ("large" if to_large else "small")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from relaygraph import Agent, Relay, SoloPolicy
-from relaygraph.eval.runner import Interrupted, StopFlag, interruptible
+from relaygraph.agents.wrapping import CancellableBackend, CancelScope
+from relaygraph.errors import Cancelled
 from relaygraph.trajectory import Segment
 from tests import tiny_models as tiny
 
@@ -26,7 +27,7 @@ def given_head(backends, meta) -> Segment:
 
 
 def solo(backend, store) -> Relay:
-    return Relay([Agent("controller", backend, tiny.SYSTEM_PROMPT)], SoloPolicy("controller"),
+    return Relay([Agent("controller", backend, tiny.SYSTEM_PROMPT)], SoloPolicy(agent="controller"),
                  store, max_tokens=32)
 
 
@@ -52,11 +53,11 @@ def test_no_prefix_is_the_plain_run(backends, redis_store) -> None:
 def test_a_run_interrupted_before_its_first_step_resumes_after_the_prefix(
         backends, meta, redis_store) -> None:
     head = given_head(backends, meta)
-    flag = StopFlag()
-    flag.set()
-    stopped = solo(interruptible(backends[0], flag), redis_store)
+    flag = CancelScope()
+    flag.cancel()
+    stopped = solo(CancellableBackend(backends[0], lambda: flag), redis_store)
     tid = "prefix-resume-" + str(id(flag))
-    with pytest.raises(Interrupted):
+    with pytest.raises(Cancelled):
         stopped.run(tiny.QUESTION, trajectory_id=tid, prefix=[head])
     assert [s.meta for s in redis_store.read(tid)] == [{"given": True}]  # no step completed
     resumed = solo(backends[0], redis_store).run(tiny.QUESTION, trajectory_id=tid)  # prefix not passed

@@ -13,14 +13,13 @@ import pytest
 from relaygraph import Agent, Relay
 from relaygraph.policies import FixedIntervalPolicy, SoloPolicy
 from relaygraph.errors import ConfigError
+from relaygraph.agents.wrapping import CancellableBackend, CancelScope
+from relaygraph.errors import Cancelled
 from relaygraph.eval.runner import (
     FileResults,
-    Interrupted,
     Job,
     RedisResults,
-    StopFlag,
     fingerprint,
-    interruptible,
     run_jobs,
     trajectory_id,
 )
@@ -43,7 +42,7 @@ def solo_jobs(relay: Relay, runs: list[str], version: str = "v1") -> list[Job]:
 
 @pytest.fixture
 def relay(backends, redis_store) -> Relay:
-    return Relay([Agent("controller", backends[0], tiny.SYSTEM_PROMPT)], SoloPolicy("controller"),
+    return Relay([Agent("controller", backends[0], tiny.SYSTEM_PROMPT)], SoloPolicy(agent="controller"),
                  redis_store, max_tokens=24)
 
 
@@ -86,9 +85,9 @@ def test_one_process_per_results_folder(tmp_path: Path) -> None:
 
 
 def test_an_item_interrupted_mid_run_resumes_its_trajectory(backends, redis_store, tmp_path: Path) -> None:
-    flag = StopFlag()
-    agents = [Agent("controller", interruptible(backends[0], flag), tiny.SYSTEM_PROMPT),
-              Agent("expert", interruptible(backends[1], flag), tiny.SYSTEM_PROMPT)]
+    flag = CancelScope()
+    agents = [Agent("controller", CancellableBackend(backends[0], lambda: flag), tiny.SYSTEM_PROMPT),
+              Agent("expert", CancellableBackend(backends[1], lambda: flag), tiny.SYSTEM_PROMPT)]
     relay = Relay(agents, FixedIntervalPolicy(interval=4), redis_store, max_tokens=24)
     tokens: list[str] = []
 
@@ -96,7 +95,7 @@ def test_an_item_interrupted_mid_run_resumes_its_trajectory(backends, redis_stor
         tokens.append(event.get("text", ""))
         if len(tokens) == 6 and len(trips) == 0:
             trips.append(1)
-            flag.set()
+            flag.cancel()
 
     trips: list[int] = []
     job = Job("fixed/0", "fixed", "f1",
@@ -108,7 +107,7 @@ def test_an_item_interrupted_mid_run_resumes_its_trajectory(backends, redis_stor
     partial = redis_store.read(tid)
     assert 0 < len(partial) and all(s.meta.get("step") for s in partial[-1:])
 
-    flag.event.clear()
+    flag = CancelScope()  # the backends read the current scope
     outcome = run_jobs([job], results)
     results.close()
     assert outcome.records["fixed/0"]["trajectory_id"] == tid
@@ -123,11 +122,11 @@ def test_an_item_interrupted_mid_run_resumes_its_trajectory(backends, redis_stor
 def test_interruptible_backends_stop_at_the_next_token(backends) -> None:
     from relaygraph.agents.backend import Prompt, StopRule
 
-    flag = StopFlag()
-    backend = interruptible(backends[0], flag)
+    flag = CancelScope()
+    backend = CancellableBackend(backends[0], lambda: flag)
     assert backend.generate(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT), StopRule(max_tokens=3)).token_ids
-    flag.set()
-    with pytest.raises(Interrupted):
+    flag.cancel()
+    with pytest.raises(Cancelled):
         backend.generate(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT), StopRule(max_tokens=3))
 
 

@@ -212,7 +212,7 @@ def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server
     store = RedisStore.from_url(redis_server.url)
     cfg = RelayConfig.from_options(str(dirs[0]), str(dirs[1]), "call-token", max_tokens=40,
                                    dtype="float32")
-    reference = store.read(cfg.build(store).run(tiny.QUESTION).trajectory_id)
+    reference = store.read(Relay.from_config(cfg, store).run(tiny.QUESTION).trajectory_id)
     crashing = RedisStore.from_url(redis_server.url)
     real_append = crashing.append
 
@@ -224,7 +224,7 @@ def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server
     crashing.append = append  # type: ignore[method-assign]
     tid = f"cli-resume-{time.time_ns()}"
     with pytest.raises(Crash):
-        cfg.build(crashing).run(tiny.QUESTION, trajectory_id=tid)
+        Relay.from_config(cfg, crashing).run(tiny.QUESTION, trajectory_id=tid)
     assert store.length(tid) == 2
     proc = cli("resume", tid, "--redis", redis_server.url, "--json")
     assert proc.returncode == 0, proc.stderr

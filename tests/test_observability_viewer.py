@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from relaygraph.viewer.terminal import follow_trajectory, render_trajectory
-from relaygraph.viewer.summary import infer_handoffs, summarize
+from relaygraph.viewer.summary import handoffs, summarize
 from relaygraph.trajectory import RedisStore, Segment, Task, Trajectory
 from tests import tiny_models as tiny
 from tests.test_observability import make_relay
@@ -161,7 +161,7 @@ def test_terminal_view_colours_authors_and_marks_handoffs(backends, redis_store)
     assert f"\x1b[36m{tiny.CONTROLLER_SUFFIX}" in out  # the controller in cyan
     totals = summarize(trajectory)
     assert totals.tokens_by_agent == result.tokens_by_agent and totals.answer == result.answer
-    assert [(h.from_, h.to, h.position) for h in infer_handoffs(trajectory.segments)] == [
+    assert [(h.from_, h.to, h.position) for h in handoffs(trajectory.segments)] == [
         (r.from_, r.to, r.position) for r in result.handoff_records]
 
 
@@ -203,13 +203,18 @@ def test_follow_shows_a_running_trajectory_as_it_grows(backends, redis_store) ->
 
 
 def test_summary_of_a_supervised_trajectory_with_rollback_and_stored_handoffs() -> None:
-    """Steer, rollback and a recorded step (``meta["step"]``) are rendered and counted."""
+    """Steer, rollback and the recorded steps (``meta["step"]``) are rendered and counted."""
     from relaygraph.viewer.html import render_html
 
     segs = [
-        Segment(author="a", text="one ", token_ids=[1, 2], logprobs=[-0.1, -2.0]),
+        Segment(author="a", text="one ", token_ids=[1, 2], logprobs=[-0.1, -2.0],
+                meta={"step": {"author": "a", "tokens": 2, "to": "supervisor", "budget": 0,
+                               "reason": "review", "counters": {}, "moved": False}}),
         Segment(author="supervisor", kind="retract", text="", meta={"retracts": [0], "reason": "bad"}),
-        Segment(author="supervisor", kind="steer", text="try again", meta={"reason": "bad"}),
+        Segment(author="supervisor", kind="steer", text="try again",
+                meta={"reason": "bad", "step": {"author": "a", "tokens": 0, "to": "b", "budget": 4,
+                                                "reason": "rollback", "counters": {"rollbacks": 1},
+                                                "moved": True}}),
         Segment(author="b", text="two ", token_ids=[3], logprobs=[-0.5],
                 meta={"step": {"author": "b", "tokens": 1, "to": "a", "budget": 7,
                                "reason": "fallback_done", "counters": {}, "moved": True}}),
@@ -220,7 +225,7 @@ def test_summary_of_a_supervised_trajectory_with_rollback_and_stored_handoffs() 
     trajectory = Trajectory(id="t1", task=Task(question="Q & A?", policy="supervisor",
                                                 agents={"a": "m1", "b": "m2"}),
                             segments=segs, status="finished")
-    hs = infer_handoffs(segs)
+    hs = handoffs(segs)
     assert [(h.from_, h.to, h.reason, h.position, h.note) for h in hs] == [
         ("a", "b", "rollback", 3, "bad"), ("b", "a", "fallback_done", 4, "")]
     assert hs[1].requested_tokens == 7  # the recorded step, not a guess

@@ -28,7 +28,8 @@ from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.agents.backend import Prompt, StopRule
 from relaygraph.agents.decoding import Sample, entropy_from_top, follow
 from relaygraph.agents.openai_backend import OpenAIBackend, ServerUnavailableError, split_url
-from relaygraph.config import AgentConfig, RelayConfig
+from relaygraph.agents.registry import parse_agent_config
+from relaygraph.config import RelayConfig
 from relaygraph.errors import BackendError, ConfigError
 from relaygraph.trajectory.models import Segment
 
@@ -73,11 +74,12 @@ def test_split_url_strips_v1_and_credentials() -> None:
 def test_agent_config_backends() -> None:
     old = RelayConfig.parse({"agents": {"controller": {"model": "a"}, "expert": {"model": "b"}}})
     assert old.agents["controller"].backend == "transformers"
-    served = AgentConfig(model="m", base_url="http://localhost:8000/v1", api_key_env="KEY")
+    served = parse_agent_config({"model": "m", "base_url": "http://localhost:8000/v1",
+                                 "api_key_env": "KEY"})
     assert served.backend == "openai" and served.local_model is None
-    assert AgentConfig(model=MODEL, base_url="http://h/v1").local_model == MODEL
-    assert served.backend_key() != AgentConfig(model="m", base_url="http://other/v1").backend_key()
-    for bad, words in [({"backend": "openai"}, "needs base_url"),
+    assert parse_agent_config({"model": MODEL, "base_url": "http://h/v1"}).local_model == MODEL
+    assert served.key() != parse_agent_config({"model": "m", "base_url": "http://other/v1"}).key()
+    for bad, words in [({"backend": "openai"}, "base_url: Field required"),
                        ({"base_url": "http://u:pw@h/v1"}, "credentials"),
                        ({"backend": "vllm", "base_url": "http://h/v1"}, "for backend 'openai'"),
                        ({"engine_args": {"max_model_len": 1}}, "for backend 'vllm'")]:
@@ -89,10 +91,10 @@ def test_agent_config_backends() -> None:
 
 def test_missing_api_key_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RG_TEST_NO_SUCH_KEY", raising=False)
-    cfg = AgentConfig(model="m", base_url=f"http://127.0.0.1:{closed_port()}/v1",
-                      api_key_env="RG_TEST_NO_SUCH_KEY")
+    cfg = parse_agent_config({"model": "m", "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+                              "api_key_env": "RG_TEST_NO_SUCH_KEY"})
     with pytest.raises(ConfigError, match="RG_TEST_NO_SUCH_KEY"):
-        cfg.build_backend()
+        cfg.build()
 
 
 def test_cli_run_with_a_dead_server_prints_one_line() -> None:
@@ -295,7 +297,7 @@ def test_relay_with_the_expert_on_vllm(served, local, redis_store, vllm_server) 
             for k in ("queries", "hits")}
     before = vllm_server.metrics()
     relay = Relay([Agent("controller", local), Agent("expert", expert)],
-                  FixedIntervalPolicy(("controller", "expert"), 8), redis_store, max_tokens=48)
+                  FixedIntervalPolicy(agents=("controller", "expert"), interval=8), redis_store, max_tokens=48)
     result = relay.run(QUESTION)
     solo = local.generate(Prompt(QUESTION, MATH_SYSTEM_PROMPT), StopRule(48))
     segments = redis_store.load(result.trajectory_id).segments

@@ -13,10 +13,12 @@ from relaygraph.errors import ConfigError
 from relaygraph.policies import (
     ConfidencePolicy,
     FixedIntervalPolicy,
-    QueryRouter,
+    PerfectRouter,
+    RandomRouter,
     ScoreSupervisor,
     SupervisorPolicy,
     TruncatePolicy,
+    TurnContext,
     Verdict,
     keyword_guard,
     parse_verdict,
@@ -94,30 +96,29 @@ def test_confidence_entropy_metric_and_recovery(pair, redis_store) -> None:
 
 
 def test_confidence_rejects_bad_options() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="two or more distinct agents"):
         ConfidencePolicy(agents=("a",))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="metric"):
         ConfidencePolicy(metric="vibes")  # type: ignore[arg-type]
 
 
 # --- baselines ------------------------------------------------------------------------------
 
 def test_random_router_is_reproducible_and_follows_p() -> None:
-    router = QueryRouter.random(p=0.3, seed=7)
+    router = RandomRouter(p=0.3, seed=7)
     questions = [f"question {i}" for i in range(2000)]
-    picks = [router.first_turn({"question": q, "max_tokens": 10, "generated": 0})[0] for q in questions]
-    assert picks == [router.first_turn({"question": q, "max_tokens": 10, "generated": 0})[0]
-                     for q in questions]
+    picks = [router.first_turn(TurnContext(q, max_tokens=10))[0] for q in questions]
+    assert picks == [router.first_turn(TurnContext(q, max_tokens=10))[0] for q in questions]
     assert 0.26 < picks.count("expert") / len(picks) < 0.34
-    assert QueryRouter.random(p=0.0).first_turn({"question": "q"})[0] == "controller"
-    assert QueryRouter.random(p=1.0).first_turn({"question": "q"})[0] == "expert"
+    assert RandomRouter(p=0.0).first_turn(TurnContext("q", max_tokens=1))[0] == "controller"
+    assert RandomRouter(p=1.0).first_turn(TurnContext("q", max_tokens=1))[0] == "expert"
 
 
 def test_query_routers_end_to_end(pair, redis_store) -> None:
-    to_expert = Relay(agents(pair), QueryRouter.random(p=1.0), redis_store).run(tiny.QUESTION)
+    to_expert = Relay(agents(pair), RandomRouter(p=1.0), redis_store).run(tiny.QUESTION)
     assert to_expert.tokens_by_agent["controller"] == 0 and to_expert.call_ratio == 1.0
     assert to_expert.answer == "7"  # the expert's own answer
-    oracle = QueryRouter.perfect({tiny.NOCALL_QUESTION: True, tiny.QUESTION: False})
+    oracle = PerfectRouter(solo_results={tiny.NOCALL_QUESTION: True, tiny.QUESTION: False})
     assert Relay(agents(pair), oracle, redis_store).run(tiny.NOCALL_QUESTION).call_ratio == 0.0
     assert Relay(agents(pair), oracle, redis_store).run(tiny.QUESTION).call_ratio == 1.0
     with pytest.raises(ConfigError, match="no solo result"):
@@ -155,11 +156,11 @@ def test_truncate_by_threshold_then_continuer_finishes(pair, redis_store) -> Non
 
 
 def test_truncate_by_token_count(pair, redis_store) -> None:
-    result = Relay(agents(pair), TruncatePolicy(cut_tokens=lambda q: 3), redis_store).run(tiny.QUESTION)
+    result = Relay(agents(pair), TruncatePolicy(cut_tokens=3), redis_store).run(tiny.QUESTION)
     segs = redis_store.read(result.trajectory_id)
     assert segs[0].author == "controller" and segs[0].n_tokens == 3
     assert segs[1].author == "expert"
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="exactly one of threshold and cut_tokens"):
         TruncatePolicy()
 
 
@@ -173,11 +174,14 @@ def safety_worker(tmp_path_factory) -> TransformersBackend:
 
 def test_safety_guard_rolls_back_the_unsafe_step_and_steers(safety_worker, redis_store) -> None:
     guard = keyword_guard([r"\bsteal"], guidance=tiny.STEER_TEXT)
-    policy = SupervisorPolicy(guard, workers=("worker",), chunk_tokens=32)
+    policy = SupervisorPolicy(supervisor=guard, workers=("worker",), chunk_tokens=32)
     events: list[dict] = []
     relay = Relay([Agent("worker", safety_worker, tiny.SYSTEM_PROMPT)], policy, redis_store)
     result = relay.run(tiny.SAFETY_QUESTION, on_event=events.append)
-    segs = redis_store.read(result.trajectory_id)
+    stored = redis_store.read(result.trajectory_id)
+    # the final review appends nothing but its record (an empty mark): the run's end
+    assert stored[-1].kind == "mark" and stored[-1].meta["step"]["reason"] == "eos"
+    segs = stored[:-1]
 
     assert [(s.author, s.kind) for s in segs] == [
         ("worker", "text"), ("supervisor", "retract"), ("supervisor", "steer"),
@@ -198,10 +202,14 @@ def test_safety_guard_rolls_back_the_unsafe_step_and_steers(safety_worker, redis
 def test_supervisor_steer_switch_and_stop(pair, redis_store) -> None:
     verdicts = iter([Verdict(action="steer", guidance=" (hint)"), Verdict(action="switch"),
                      Verdict(action="stop")])
-    policy = SupervisorPolicy(lambda review: next(verdicts), workers=("controller", "expert"),
+    policy = SupervisorPolicy(supervisor=lambda review: next(verdicts), workers=("controller", "expert"),
                               chunk_tokens=3)
     result = Relay(agents(pair), policy, redis_store).run(tiny.QUESTION)
-    segs = redis_store.read(result.trajectory_id)
+    stored = redis_store.read(result.trajectory_id)
+    # reviews that append nothing store their record on an empty mark: the switch, the stop
+    marks = [s.meta["step"]["reason"] for s in stored if s.kind == "mark"]
+    assert marks == ["switch", "stop"]
+    segs = [s for s in stored if s.kind != "mark"]
     assert [(s.author, s.kind) for s in segs] == [
         ("controller", "text"), ("supervisor", "steer"), ("controller", "text"), ("expert", "text")]
     assert segs[1].text == " (hint)"
@@ -212,13 +220,13 @@ def test_supervisor_steer_switch_and_stop(pair, redis_store) -> None:
 
 def test_score_supervisor_uses_the_models_score(pair, redis_store) -> None:
     scorer = ScoreSupervisor(Agent("judge", pair[1]), threshold=1e9)  # every step fails
-    policy = SupervisorPolicy(scorer, workers=("controller",), chunk_tokens=4)
+    policy = SupervisorPolicy(supervisor=scorer, workers=("controller",), chunk_tokens=4)
     result = Relay(agents(pair), policy, redis_store, max_tokens=8).run(tiny.QUESTION)
     segs = redis_store.read(result.trajectory_id)
     assert segs[1].kind == "retract" and "score" in segs[1].meta["reason"]
     assert result.counters["rollbacks"] >= 1
     passing = ScoreSupervisor(Agent("judge", pair[1]), threshold=-1e9)
-    review_result = Relay(agents(pair), SupervisorPolicy(passing, chunk_tokens=4), redis_store,
+    review_result = Relay(agents(pair), SupervisorPolicy(supervisor=passing, chunk_tokens=4), redis_store,
                           max_tokens=8).run(tiny.QUESTION)
     assert "rollbacks" not in review_result.counters
 

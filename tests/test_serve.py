@@ -98,8 +98,8 @@ class SlowBackend:
 def slow_registry(tiny_pair, store, controller_delay=0.01, expert_delay=0.3) -> Registry:
     delays = {str(tiny_pair[0]): controller_delay, str(tiny_pair[1]): expert_delay}
     return Registry.build(tiny_config(tiny_pair), store,
-                          lambda model, dtype: SlowBackend(TransformersBackend(model, dtype=dtype),
-                                                           delays[model]))
+                          lambda cfg: SlowBackend(TransformersBackend(cfg.model, dtype=cfg.dtype),
+                                                  delays[cfg.model]))
 
 
 def full_speed(registry: Registry) -> None:
@@ -428,7 +428,7 @@ def _is_expert_token(chunk: dict) -> bool:
 def test_client_disconnect_cancels_generation_and_keeps_a_consistent_trajectory(
         tiny_pair, store) -> None:
     registry = slow_registry(tiny_pair, store, expert_delay=0.5)
-    expert = registry.backends[("transformers", str(tiny_pair[1]), "float32")].inner
+    expert = registry.backends[("transformers", str(tiny_pair[1]), "float32", "cpu")].inner
     with BackgroundServer(create_app(registry)) as server:
         # leave after the expert's first token (of the three it was asked for)
         tid, seen = _stream_until(server, _is_expert_token)
@@ -570,8 +570,7 @@ def test_each_request_is_one_trace_joined_to_the_callers(client) -> None:
 def test_serve_config_forms_and_errors(tmp_path, tiny_pair) -> None:
     default = ServeConfig.default()
     assert list(default.relays) == ["relay-call-token", "relay-prompted-call"]
-    assert default.backend_keys() == [("qwen2.5-coder-0.5b", "bfloat16"),
-                                      ("qwen2.5-coder-1.5b", "bfloat16")]
+    assert default.local_models() == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
     assert "<call>n</call>" in default.relays["relay-prompted-call"].agents["controller"].system_prompt
     plain = tmp_path / "plain.toml"
     plain.write_text('max_tokens = 32\n[policy]\ntype = "confidence"\nthreshold = -3.0\n')

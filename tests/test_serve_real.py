@@ -17,7 +17,7 @@ def server(redis_server):
     from relaygraph.trajectory import RedisStore
 
     config = ServeConfig.default()
-    missing = [m for m, _ in config.backend_keys() if not catalog.is_pulled(m)]
+    missing = [m for m in config.local_models() if not catalog.is_pulled(m)]
     if missing:
         pytest.skip(f"models not pulled: {missing} (relaygraph models pull)")
     store = RedisStore.from_url(redis_server.url)

@@ -12,7 +12,8 @@ from relaygraph.agents.backend import Prompt
 from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.policies import CallTokenPolicy
 from relaygraph.relay import RunResult
-from relaygraph.train.grpo import PolicyBackend, RelayRollouts, to_rollout
+from relaygraph.agents.transformers_backend import TransformersBackend
+from relaygraph.train.grpo import RelayRollouts, to_rollout
 from relaygraph.trajectory import Segment
 from tests import tiny_models as tiny
 
@@ -25,12 +26,12 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
 
 
 @pytest.fixture(scope="module")
-def policy_backend(tiny_dirs) -> PolicyBackend:
+def policy_backend(tiny_dirs) -> TransformersBackend:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     controller = tiny_dirs[0]
     model = AutoModelForCausalLM.from_pretrained(controller).eval()
-    return PolicyBackend(model, AutoTokenizer.from_pretrained(controller))
+    return TransformersBackend.from_loaded(model, AutoTokenizer.from_pretrained(controller), "policy")
 
 
 def rollouts(tiny_dirs, store, **options) -> RelayRollouts:
@@ -81,7 +82,7 @@ def test_the_tokenizers_must_match(tiny_dirs, redis_store, tmp_path: Path) -> No
     from relaygraph.errors import ConfigError
 
     other = tiny.build_random_model(tmp_path / "other")
-    backend = PolicyBackend(AutoModelForCausalLM.from_pretrained(other),
+    backend = TransformersBackend.from_loaded(AutoModelForCausalLM.from_pretrained(other),
                             AutoTokenizer.from_pretrained(other))
     with pytest.raises(ConfigError, match="share a tokenizer"):
         rollouts(tiny_dirs, redis_store).run(backend, [tiny.QUESTION])

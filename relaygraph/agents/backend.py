@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from relaygraph.trajectory.models import FinishReason, Segment
 
@@ -86,12 +86,23 @@ TextCallback = Callable[[str], None]
 
 @runtime_checkable
 class Backend(Protocol):
-    """A model that continues prompts. Implementations: ``TransformersBackend``."""
+    """A model that continues prompts: local weights (``TransformersBackend``), a vLLM server
+    (``OpenAIBackend``) or vLLM in-process (``VLLMBackend``)."""
 
-    model_id: str
-    """What the user asked for (catalog name, path or hub id), for traces and records."""
-    tokenizer_id: str
-    """Fingerprint of the tokenizer; equal fingerprints mean token ids can be shared."""
+    @property
+    def model_id(self) -> str:
+        """What the user asked for (catalog name, path or hub id), for traces and records."""
+        ...
+
+    @property
+    def tokenizer_id(self) -> str:
+        """Fingerprint of the tokenizer; equal fingerprints mean token ids can be shared."""
+        ...
+
+    @property
+    def max_context(self) -> int:
+        """Most tokens (prompt and generated) the model takes."""
+        ...
 
     def generate(
         self,
@@ -105,6 +116,42 @@ class Backend(Protocol):
         piece of text. ``cache_key`` names a conversation whose KV cache may be reused."""
         ...
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        ...
+
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` in this backend's tokenizer."""
         ...
+
+    def render(self, prompt: Prompt) -> list[int]:
+        """Token ids of the chat-templated task followed by the agent's view."""
+        ...
+
+    def drop_cache(self, cache_key: str) -> None:
+        """Forget a conversation's cached state (a no-op where nothing is cached)."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (connections, engines); a no-op where there is nothing to free."""
+        ...
+
+
+@runtime_checkable
+class ScoringBackend(Backend, Protocol):
+    """A backend that can score candidate continuations (for ``score:AGENT`` supervisors
+    and process reward models)."""
+
+    def next_token_logprobs(self, prompt: Prompt, candidates: Sequence[str]) -> dict[str, float]:
+        """Log-probability of each candidate string as the start of the answer to ``prompt``."""
+        ...
+
+
+def provider_name(backend: Any) -> str:
+    """``gen_ai.provider.name`` of a backend: its ``provider_name`` attribute, else the class
+    name without ``Backend`` (``TransformersBackend`` -> ``transformers``)."""
+    name = getattr(backend, "provider_name", None)
+    if isinstance(name, str) and name:
+        return name
+    cls = type(backend).__name__
+    return (cls[:-len("Backend")] if cls.endswith("Backend") and len(cls) > 7 else cls).lower()

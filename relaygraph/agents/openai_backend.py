@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from pydantic import model_validator
 
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.decoding import Sample, engine_finish, entropy_from_top, follow, token_limit
-from relaygraph.agents.rendering import Renderer, generation_eos_ids, load_tokenizer
+from relaygraph.agents.registry import AgentConfig
+from relaygraph.agents.rendering import Renderer, TokenizerBackend, generation_eos_ids, load_tokenizer
 from relaygraph.errors import BackendError, ConfigError, ModelNotFoundError, RelayGraphError
 
 __all__ = ["OpenAIBackend", "ServerResponseError", "ServerUnavailableError"]
@@ -84,7 +87,7 @@ def _redact(url: str) -> str:
         return "<invalid URL>"
 
 
-class OpenAIBackend:
+class OpenAIBackend(TokenizerBackend):
     """A model served by vLLM (or another server with vLLM's completions extensions).
 
     ``base_url`` is the server (``http://host:8000`` or ``.../v1``; credentials in the URL
@@ -110,7 +113,6 @@ class OpenAIBackend:
         self.max_context = int(served.get("max_model_len") or 1 << 20)
         source, self.tokenizer = self._load_tokenizer(tokenizer, served.get("root"))
         self.renderer = Renderer(self.tokenizer)
-        self.tokenizer_id = self.renderer.tokenizer_id
         self.eos_ids = generation_eos_ids(source, self.tokenizer)
 
     # server -----------------------------------------------------------------------------
@@ -178,16 +180,6 @@ class OpenAIBackend:
 
     def close(self) -> None:
         self._client.close()
-
-    # rendering --------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.renderer.encode(text)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.renderer.decode(token_ids)
-
-    def render(self, prompt: Prompt) -> list[int]:
-        return self.renderer.render(prompt)
 
     # generation -------------------------------------------------------------------------
     def generate(
@@ -332,3 +324,49 @@ def _entropy_of(top: dict[str, float] | None) -> Any:
     if not top:
         return float("nan")
     return lambda: entropy_from_top(top.values())
+
+
+class OpenAIServerConfig(AgentConfig):
+    """A model served by vLLM (``vllm serve``) at ``base_url``; ``model`` is the served model
+    name, ``tokenizer`` where rendering loads the tokenizer from (default: ``model`` when it
+    is a catalog name, else the server's model path). ``api_key_env`` names the environment
+    variable holding the server's API key: the key itself never goes in a config (configs
+    are stored with each trajectory)."""
+
+    backend: Literal["openai"] = "openai"
+    base_url: str
+    api_key_env: str | None = None
+    tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> OpenAIServerConfig:
+        try:
+            _, auth = split_url(self.base_url)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if auth is not None:
+            raise ValueError("base_url must not contain credentials (configs are stored "
+                             "with each trajectory); put the API key in an environment "
+                             "variable and name it in api_key_env")
+        return self
+
+    @property
+    def local_model(self) -> str | None:
+        from relaygraph.agents.catalog import CATALOG
+
+        return self.tokenizer or (self.model if self.model in CATALOG else None)
+
+    def key(self) -> tuple[Any, ...]:
+        return ("openai", self.base_url, self.model, self.tokenizer, self.api_key_env)
+
+    def build(self) -> OpenAIBackend:
+        api_key = None
+        if self.api_key_env:
+            api_key = os.environ.get(self.api_key_env)
+            if not api_key:
+                raise ConfigError(f"api_key_env names ${self.api_key_env}, which is not set")
+        return OpenAIBackend(self.base_url, self.model, tokenizer=self.tokenizer,
+                             api_key=api_key)
+
+    def describe(self) -> str:
+        return f"{self.model} (served at {_redact(self.base_url)})"

@@ -118,3 +118,33 @@ class Renderer:
             ids += self.encode("".join(pending))
         return ids
 
+
+
+class TokenizerBackend:
+    """What every backend with a local tokenizer shares: rendering through its
+    :class:`Renderer` (``self.renderer``), and no-op ``drop_cache``/``close``."""
+
+    renderer: Renderer
+    tokenizer: Any
+    model_id: str
+    max_context: int
+
+    @property
+    def tokenizer_id(self) -> str:
+        return self.renderer.tokenizer_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.renderer.encode(text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.renderer.decode(token_ids)
+
+    def render(self, prompt: Prompt) -> list[int]:
+        """Token ids of the chat-templated task followed by the agent's view."""
+        return self.renderer.render(prompt)
+
+    def drop_cache(self, cache_key: str) -> None:
+        """Nothing is cached here (servers and engines keep their own prefix caches)."""
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -15,19 +15,20 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.batching import Batcher
 from relaygraph.agents.catalog import resolve
 from relaygraph.agents.decoding import ContextTooLongError, Sample, follow, token_limit
-from relaygraph.agents.rendering import Renderer, eos_token_ids, tokenizer_fingerprint
+from relaygraph.agents.registry import AgentConfig
+from relaygraph.agents.rendering import Renderer, TokenizerBackend, eos_token_ids, tokenizer_fingerprint
 from relaygraph.errors import ConfigError, ModelNotFoundError
 
 __all__ = ["ContextTooLongError", "TransformersBackend", "tokenizer_fingerprint"]
 
 
-class TransformersBackend:
+class TransformersBackend(TokenizerBackend):
     """A causal LM loaded with transformers (catalog name, local folder, ``.gguf`` or hub id).
 
     ``dtype`` defaults to bfloat16 (what the paper-scale models want on CPU);
@@ -68,12 +69,20 @@ class TransformersBackend:
         self.model.to(device).eval()
         self._attach(self.model, self.tokenizer, device, cache_size)
 
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any, model_id: str = "model",
+                    cache_size: int = 32) -> TransformersBackend:
+        """A backend on a model already in memory (e.g. the one being trained: rollouts
+        decode with its live weights, without a copy)."""
+        backend = cls.__new__(cls)
+        backend.model_id = model_id
+        backend._attach(model, tokenizer, str(next(model.parameters()).device), cache_size)
+        return backend
+
     def _attach(self, model: Any, tokenizer: Any, device: str, cache_size: int) -> None:
-        """Everything derived from a loaded model and tokenizer (also used by subclasses that
-        wrap a model they did not load, e.g. the one being trained)."""
+        """Everything derived from a loaded model and tokenizer."""
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.renderer = Renderer(tokenizer)
-        self.tokenizer_id = self.renderer.tokenizer_id
         self.eos_ids = eos_token_ids(tokenizer, model.config, model.generation_config)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
         self.cache_size = cache_size
@@ -81,17 +90,6 @@ class TransformersBackend:
         self._caches: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.batcher = Batcher(model, device)
-
-    # rendering --------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.renderer.encode(text)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.renderer.decode(token_ids)
-
-    def render(self, prompt: Prompt) -> list[int]:
-        """Token ids of the chat-templated task followed by the agent's view."""
-        return self.renderer.render(prompt)
 
     # the KV cache of each conversation ------------------------------------------------
     def _take_cache(self, cache_key: str | None, ids: list[int]) -> tuple[Any, int]:
@@ -193,3 +191,20 @@ def _choose(logp: Any, sampling: Sampling, generator: Any) -> int:
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TransformersConfig(AgentConfig):
+    """Local weights run by transformers (the default backend)."""
+
+    backend: Literal["transformers"] = "transformers"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: str = "cpu"
+
+    def key(self) -> tuple[Any, ...]:
+        return ("transformers", self.model, self.dtype, self.device)
+
+    def build(self) -> TransformersBackend:
+        return TransformersBackend(self.model, dtype=self.dtype, device=self.device)
+
+    def describe(self) -> str:
+        return f"{self.model} (transformers, {self.dtype})"

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.decoding import Sample, engine_finish, entropy_from_top, follow, token_limit
-from relaygraph.agents.rendering import Renderer, generation_eos_ids, load_tokenizer
+from relaygraph.agents.registry import AgentConfig
+from relaygraph.agents.rendering import Renderer, TokenizerBackend, generation_eos_ids, load_tokenizer
 from relaygraph.errors import BackendError, ConfigError
 
 INSTALL_HINT = "pip install 'relaygraph[vllm]'"
@@ -37,7 +39,7 @@ def _import_vllm() -> Any:
     return vllm
 
 
-class VLLMBackend:
+class VLLMBackend(TokenizerBackend):
     """A model run by vLLM in this process (GPU users; vLLM's CPU build also works).
 
     ``model`` is a catalog name, local folder or hub id; ``tokenizer`` where to load the
@@ -63,7 +65,6 @@ class VLLMBackend:
         source = tokenizer or model
         self.tokenizer = load_tokenizer(source)
         self.renderer = Renderer(self.tokenizer)
-        self.tokenizer_id = self.renderer.tokenizer_id
         self.eos_ids = generation_eos_ids(source, self.tokenizer)
         engine_args.setdefault("enable_prefix_caching", True)
         args = AsyncEngineArgs(model=resolve(model), **engine_args)
@@ -90,16 +91,6 @@ class VLLMBackend:
             del engine  # its __del__ shuts down again: let it run now, not at exit
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
-
-    # rendering --------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.renderer.encode(text)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.renderer.decode(token_ids)
-
-    def render(self, prompt: Prompt) -> list[int]:
-        return self.renderer.render(prompt)
 
     # generation -------------------------------------------------------------------------
     def _params(self, rule: StopRule, sampling: Sampling, limit: int) -> Any:
@@ -157,7 +148,7 @@ class VLLMBackend:
                 async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids),
                                                       params, request_id):
                     outputs.put(out)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            except BaseException as exc:
                 outputs.put(exc)
             finally:
                 outputs.put(_DONE)
@@ -219,3 +210,25 @@ def _entropy_of(top: dict[int, Any] | None) -> Any:
     if not top:
         return float("nan")
     return lambda: entropy_from_top(lp.logprob for lp in top.values())
+
+
+class VLLMConfig(AgentConfig):
+    """vLLM in this process (``pip install 'relaygraph[vllm]'``); ``engine_args`` go to
+    vLLM's engine, ``tokenizer`` is where rendering loads the tokenizer from (default:
+    ``model``)."""
+
+    backend: Literal["vllm"] = "vllm"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    tokenizer: str | None = None
+    engine_args: dict[str, Any] = {}
+
+    def key(self) -> tuple[Any, ...]:
+        return ("vllm", self.model, self.dtype, self.tokenizer,
+                json.dumps(self.engine_args, sort_keys=True, default=str))
+
+    def build(self) -> VLLMBackend:
+        return VLLMBackend(self.model, tokenizer=self.tokenizer,
+                           **{"dtype": self.dtype, **self.engine_args})
+
+    def describe(self) -> str:
+        return f"{self.model} (vllm, {self.dtype})"

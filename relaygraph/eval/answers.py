@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+
 def gsm8k_gold(answer: str) -> str:
     """The final answer of a GSM8K solution (after ``#### ``)."""
     return answer.rsplit("####", 1)[-1].strip()

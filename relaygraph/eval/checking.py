@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from relaygraph.eval.answers import as_number, numeric_match
-from relaygraph.trajectory.answers import extract_answer, last_boxed
 from relaygraph.eval.datasets import Problem
+from relaygraph.trajectory.answers import extract_answer, last_boxed
 
 Method = Literal["math-verify", "numeric", "reasoning-gym", "none"]
 

@@ -15,7 +15,7 @@ from relaygraph.trajectory.models import Segment
 from relaygraph.trajectory.store import TrajectoryStore
 
 if TYPE_CHECKING:
-    from relaygraph.config import AgentConfig
+    from relaygraph.agents.registry import AgentConfig
 
 
 def solo_job(key: str, group: str, name: str, cfg: AgentConfig, problem: Problem,

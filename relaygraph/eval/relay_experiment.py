@@ -34,13 +34,14 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from relaygraph.agents.backend import Prompt
-from relaygraph.config import AgentConfig
+from relaygraph.agents.registry import AgentConfig
+from relaygraph.agents.wrapping import CancelScope
 from relaygraph.eval.chains import Chain, given, written_chain
 from relaygraph.eval.datasets import Problem
 from relaygraph.eval.jobs import continuation_job, solo_job
 from relaygraph.eval.models import ModelPool
 from relaygraph.eval.report import markdown_table, num, pct
-from relaygraph.eval.runner import Job, Progress, Record, Results, StopFlag, fingerprint, run_jobs
+from relaygraph.eval.runner import Job, Progress, Record, Results, fingerprint, run_jobs
 from relaygraph.trajectory.store import TrajectoryStore
 
 THRESHOLDS = (-0.5, -1.5, -3.0)
@@ -116,7 +117,7 @@ def prm_summary(prm: ProcessRewardModel, question: str, prefix: str,
     before, after = split_steps(prefix), split_steps(continuation)
     scores = prm.score_steps(question, before + after)
     low = next((i for i, s in enumerate(scores) if s < 0.5), None)
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
     return {"steps": scores, "cut_step": len(before), "prefix_mean": mean(scores[:len(before)]),
             "continuation_mean": mean(scores[len(before):]), "mean": mean(scores),
             "first_low": None if low is None
@@ -131,7 +132,7 @@ def run_relay_experiment(models: dict[str, AgentConfig], problems: Sequence[Prob
                          fractions: Sequence[float] = FRACTIONS, warmup: int = 0,
                          self_pairs: bool = False, prm: ProcessRewardModel | None = None,
                          concurrency: int = 1, progress: Progress | None = None,
-                         flag: StopFlag | None = None) -> dict[str, Any]:
+                         flag: CancelScope | None = None) -> dict[str, Any]:
     """Every model alone, then every (initiator, continuer) pair at every cut."""
     if len(models) < (1 if self_pairs else 2):
         raise ValueError("the relay experiment needs two models (or self_pairs)")
@@ -180,7 +181,7 @@ def run_relay_experiment(models: dict[str, AgentConfig], problems: Sequence[Prob
 
 def _prefix(chain: Chain, k: int, pool: ModelPool, cfg: AgentConfig, cut: str) -> Any:
     def build() -> list[Any]:
-        decode = pool.backend(cfg.model, cfg.dtype).decode
+        decode = pool.backend(cfg).decode
         return [given(chain, k, decode, role="initiator", cut=cut)] if k else []
 
     return build
@@ -223,7 +224,7 @@ def _hybrid_rows(pairs: list[tuple[str, str]], cuts: list[tuple[str, Any, Any]],
         cut_items = [r for r in items if not r["uncut"]]
         positions = [r["position"] for r in cut_items if r["position"] is not None]
         mean_pos = sum(positions) / len(positions) if positions else None
-        same = lambda who: _score([solos[who, r["problem"]] for r in items  # noqa: E731
+        same = lambda who: _score([solos[who, r["problem"]] for r in items
                                    if (who, r["problem"]) in solos])["accuracy"]
         row = {"initiator": initiator, "continuer": continuer, "cut": cut, **_score(items),
                "cut_share": len(cut_items) / len(items) if items else None,
@@ -231,7 +232,7 @@ def _hybrid_rows(pairs: list[tuple[str, str]], cuts: list[tuple[str, Any, Any]],
                "initiator_solo": same(initiator), "continuer_solo": same(continuer)}
         with_prm = [r["prm"] for r in items if r.get("prm")]
         if with_prm:
-            values = lambda key: [p[key] for p in with_prm if p[key] is not None]  # noqa: E731
+            values = lambda key: [p[key] for p in with_prm if p[key] is not None]
             row["prm"] = {key: (sum(values(key)) / len(values(key)) if values(key) else None)
                           for key in ("prefix_mean", "continuation_mean", "mean")}
             row["prm"]["falters_in_continuation"] = sum(p["first_low"] == "continuation"

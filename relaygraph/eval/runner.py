@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -36,13 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from relaygraph.errors import ConfigError, RelayGraphError
+from relaygraph.agents.wrapping import CancelScope
+from relaygraph.errors import Cancelled, ConfigError
 
 Record = dict[str, Any]
-
-
-class Interrupted(RelayGraphError):
-    """The experiment was stopped (Ctrl-C) while this item was generating."""
 
 
 @dataclass
@@ -83,7 +79,7 @@ class FileResults:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "items.jsonl"
-        self._lock = open(self.folder / ".lock", "w")  # noqa: SIM115 - held until close()
+        self._lock = open(self.folder / ".lock", "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -173,47 +169,6 @@ def _digest(key: str, fingerprint: str, size: int) -> str:
     return hashlib.sha256(f"{key}\0{fingerprint}".encode()).hexdigest()[:size]
 
 
-class StopFlag:
-    """Set on Ctrl-C; :func:`interruptible` backends stop generating at the next token."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def set(self) -> None:
-        self.event.set()
-
-    @property
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-
-class _Interruptible:
-    def __init__(self, backend: Any, flag: StopFlag) -> None:
-        self._backend, self._flag = backend, flag
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-    def generate(self, prompt: Any, rule: Any, sampling: Any = None, on_text: Any = None,
-                 cache_key: str | None = None) -> Any:
-        def relay_text(text: str) -> None:
-            if self._flag.is_set:
-                raise Interrupted("interrupted")
-            if on_text is not None:
-                on_text(text)
-
-        if self._flag.is_set:
-            raise Interrupted("interrupted")
-        kwargs = {} if sampling is None else {"sampling": sampling}
-        return self._backend.generate(prompt, rule, on_text=relay_text, cache_key=cache_key,
-                                      **kwargs)
-
-
-def interruptible(backend: Any, flag: StopFlag) -> Any:
-    """``backend`` whose generations raise :class:`Interrupted` once ``flag`` is set."""
-    return _Interruptible(backend, flag)
-
-
 @dataclass
 class Outcome:
     """What :func:`run_jobs` did."""
@@ -228,7 +183,7 @@ class Outcome:
 
 
 def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
-             flag: StopFlag | None = None, progress: Any = None, poll: float = 2.0,
+             flag: CancelScope | None = None, progress: Any = None, poll: float = 2.0,
              on_saved: Callable[[Record], None] | None = None) -> Outcome:
     """Run the jobs that have no matching stored result, ``concurrency`` at a time.
 
@@ -241,7 +196,7 @@ def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
     if len({j.key for j in jobs}) != len(jobs):
         raise ValueError("job keys must be unique")
     started = time.perf_counter()
-    flag = flag or StopFlag()
+    flag = flag or CancelScope()
     progress = progress or Progress(None)
     stored = results.load()
     fresh = {j.key: stored[j.key] for j in jobs
@@ -252,7 +207,7 @@ def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
     errors: dict[str, str] = {}
 
     def attempt(job: Job) -> Record | None:
-        if flag.is_set or not results.claim(job.key, job.fingerprint):
+        if flag.cancelled or not results.claim(job.key, job.fingerprint):
             return None
         tid = trajectory_id(results.run_id, job)
         began = time.perf_counter()
@@ -268,7 +223,7 @@ def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
     futures: dict[Future, Job] = {}
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="eval") as pool:
         try:
-            while pending and not flag.is_set:
+            while pending and not flag.cancelled:
                 futures = {pool.submit(attempt, j): j for j in pending}
                 skipped: list[Job] = []
                 remaining = set(futures)
@@ -278,7 +233,7 @@ def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
                         job = futures[future]
                         try:
                             record = future.result()
-                        except Interrupted:
+                        except Cancelled:
                             continue
                         except Exception as exc:
                             errors[job.key] = f"{type(exc).__name__}: {exc}"[:500]
@@ -296,11 +251,11 @@ def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
                         if on_saved is not None:
                             on_saved(record)
                 pending = _still_open(skipped, results, fresh, progress)
-                if pending and not flag.is_set:  # held by other workers: wait (or expiry)
+                if pending and not flag.cancelled:  # held by other workers: wait (or expiry)
                     progress.waiting(len(pending))
                     time.sleep(poll)
         except KeyboardInterrupt:
-            flag.set()
+            flag.cancel("interrupted")
             for future in futures:
                 future.cancel()
             raise

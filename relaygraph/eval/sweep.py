@@ -10,7 +10,7 @@ The small and large models alone (``solo-small``, ``solo-large``) always run: th
 the curve. RelayLLM's query-level baselines are **derived from them, not run**: under
 greedy decoding a query routed to one model is exactly that model's solo run, so the
 random router (large with probability p, decided per question exactly as
-:meth:`~relaygraph.policies.QueryRouter.random` does) and the perfect router (large only
+:class:`~relaygraph.policies.RandomRouter` does) and the perfect router (large only
 where the small model fails alone) are assembled from the solo items.
 
 ```toml
@@ -46,17 +46,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from relaygraph.agents.agent import MATH_SYSTEM_PROMPT
-from relaygraph.config import AgentConfig, RelayConfig, read_config_file, validate
+from relaygraph.agents.registry import AgentConfig, parse_agent_configs
+from relaygraph.agents.wrapping import CancelScope
+from relaygraph.config import RelayConfig, default_agents, read_config_file, validate
 from relaygraph.errors import ConfigError
 from relaygraph.eval import metrics
 from relaygraph.eval.datasets import Problem, load_problems
 from relaygraph.eval.jobs import grader
 from relaygraph.eval.models import ModelPool
-from relaygraph.eval.runner import Job, Progress, Record, Results, StopFlag, fingerprint, run_jobs
-from relaygraph.policies import PROMPTED_CALL_SYSTEM_PROMPT, QueryRouter
+from relaygraph.eval.runner import Job, Progress, Record, Results, fingerprint, run_jobs
+from relaygraph.policies import RandomRouter
 from relaygraph.trajectory.models import active, reasoning_text
 from relaygraph.trajectory.store import TrajectoryStore
 
@@ -87,10 +88,7 @@ class SweepConfig(BaseModel):
     question_field: str | None = None
     answer_field: str | None = None
     max_tokens: int = Field(256, ge=1)
-    agents: dict[str, AgentConfig] = {
-        "controller": AgentConfig(model="qwen2.5-coder-0.5b"),
-        "expert": AgentConfig(model="qwen2.5-coder-1.5b"),
-    }
+    agents: dict[str, SerializeAsAny[AgentConfig]] = Field(default_factory=default_agents)
     small: str = "controller"
     large: str = "expert"
     policies: list[dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_POLICIES))
@@ -99,6 +97,11 @@ class SweepConfig(BaseModel):
     random_router_p: list[float] = [0.1, 0.25, 0.5, 0.75, 0.9]
     router_seed: int = 0
     perfect_router: bool = True
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _agent_configs(cls, agents: Any) -> Any:
+        return parse_agent_configs(agents)
 
     @model_validator(mode="after")
     def _pair(self) -> SweepConfig:
@@ -157,16 +160,12 @@ def plan(sweep: SweepConfig) -> list[PolicyPlan]:
 
 
 def _plan(sweep: SweepConfig, name: str, fields: dict[str, Any]) -> PolicyPlan:
-    data = {"agents": {n: a.model_dump() for n, a in sweep.agents.items()}, "policy": fields,
-            "max_tokens": sweep.max_tokens}
+    # unset agent fields stay unset, so a policy's own defaults (e.g. the prompted call-token
+    # policy's system prompt) apply
+    data = {"agents": {n: a.model_dump(exclude_unset=True) for n, a in sweep.agents.items()},
+            "policy": fields, "max_tokens": sweep.max_tokens}
     config = validate(RelayConfig, data, f"policy {name}")
-    needed = config.needed_agents()
-    agents = {n: config.agents[n] for n in needed}
-    if fields["type"] == "prompted-call":
-        ctrl = config.policy.controller  # type: ignore[union-attr]
-        if agents[ctrl].system_prompt == MATH_SYSTEM_PROMPT:
-            agents[ctrl] = agents[ctrl].model_copy(
-                update={"system_prompt": PROMPTED_CALL_SYSTEM_PROMPT})
+    agents = {n: config.agents[n] for n in config.needed_agents()}
     return PolicyPlan(name=name, type=fields["type"],
                       config=config.model_copy(update={"agents": agents}))
 
@@ -190,13 +189,13 @@ def _names(entries: list[tuple[str | None, dict[str, Any]]]) -> list[tuple[str, 
 
 def run_sweep(sweep: SweepConfig, store: TrajectoryStore, results: Results,
               concurrency: int = 1, pool: ModelPool | None = None,
-              progress: Progress | None = None, flag: StopFlag | None = None) -> dict[str, Any]:
+              progress: Progress | None = None, flag: CancelScope | None = None) -> dict[str, Any]:
     """Run the sweep (finished items are reused) and return the full results object."""
     started = time.perf_counter()
     problems = load_problems(sweep.dataset, sweep.limit, sweep.seed, sweep.question_field,
                              sweep.answer_field)
     plans = plan(sweep)
-    flag = flag or StopFlag()
+    flag = flag or CancelScope()
     pool = pool or ModelPool(flag)
     jobs = [job for p in plans for job in _jobs(p, problems, pool, store, sweep.large)]
     outcome = run_jobs(jobs, results, concurrency, flag=flag, progress=progress)
@@ -250,7 +249,8 @@ def derive_routers(sweep: SweepConfig, problems: list[Problem], small: dict[str,
     p_values = [*sweep.random_router_p,
                 *(float(e.get("p", 0.5)) for e in listed if e.get("type") == "random-router")]
     for p_value in dict.fromkeys(p_values):
-        router = QueryRouter.random(sweep.small, sweep.large, p_value, sweep.router_seed)
+        router = RandomRouter(small=sweep.small, large=sweep.large, p=p_value,
+                              seed=sweep.router_seed)
         routers[router.name] = lambda prob, r=router: r.to_large(prob.question)
     if sweep.perfect_router or any(e.get("type") == "perfect-router" for e in listed):
         routers["perfect-router"] = lambda prob: not small[prob.id]["correct"]

@@ -28,15 +28,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from relaygraph.config import AgentConfig
-from relaygraph.trajectory.answers import last_boxed
+from relaygraph.agents.registry import AgentConfig
+from relaygraph.agents.wrapping import CancelScope
 from relaygraph.eval.chains import Chain, cut_at_sentence, first_sentence, given, written_chain
 from relaygraph.eval.checking import equivalent
 from relaygraph.eval.datasets import Problem
 from relaygraph.eval.jobs import continuation_job, solo_job
 from relaygraph.eval.models import ModelPool, label
 from relaygraph.eval.report import markdown_table, pct
-from relaygraph.eval.runner import Progress, Record, Results, StopFlag, run_jobs
+from relaygraph.eval.runner import Progress, Record, Results, run_jobs
+from relaygraph.trajectory.answers import last_boxed
 from relaygraph.trajectory.store import TrajectoryStore
 
 POSITIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
@@ -100,7 +101,7 @@ def run_recoverability(model: AgentConfig, problems: Sequence[Problem], store: T
                        positions: Sequence[float] = POSITIONS,
                        steer_fraction: float = STEER_FRACTION, restatement: bool = True,
                        seed: int = 0, concurrency: int = 1, progress: Progress | None = None,
-                       flag: StopFlag | None = None) -> dict[str, Any]:
+                       flag: CancelScope | None = None) -> dict[str, Any]:
     """M alone on every problem, then M continuing [r_og, r_steer] on those it solved."""
     name = label(model.model)
     greedy = model.model_copy(update={"temperature": 0.0})
@@ -109,7 +110,7 @@ def run_recoverability(model: AgentConfig, problems: Sequence[Problem], store: T
     solo = run_jobs(solo_jobs, results, concurrency, flag=flag, progress=progress)
     by_id = {r["problem"]: r for r in solo.records.values()}
     qualifying = [p for p in problems if p.id in by_id and recoverable(by_id[p.id])]
-    decode = pool.backend(model.model, model.dtype).decode
+    decode = pool.backend(model).decode
     chains = {pid: written_chain(store, r["trajectory_id"], name) for pid, r in by_id.items()}
     candidates = [pid for pid, c in chains.items() if len(c)]
     conditions: list[tuple[str, float | None]] = [(f"m={m:g}", m) for m in positions]
@@ -186,7 +187,7 @@ def run_guidability(model: AgentConfig, steer_model: AgentConfig, problems: Sequ
                     max_tokens: int = 512, samples: int = 8, temperature: float = 0.7,
                     max_solved: int = 1, fractions: Sequence[float] = GUIDANCE_FRACTIONS,
                     concurrency: int = 1, progress: Progress | None = None,
-                    flag: StopFlag | None = None) -> dict[str, Any]:
+                    flag: CancelScope | None = None) -> dict[str, Any]:
     """k samples of M and the steer model's greedy solution on every problem; then M
     continuing the first fractions of the steer model's correct trajectory where M fails."""
     name, steer_name = label(model.model), label(steer_model.model)
@@ -211,7 +212,7 @@ def run_guidability(model: AgentConfig, steer_model: AgentConfig, problems: Sequ
     hard = [p for p in problems if len(sample_rows.get(p.id, ())) == samples
             and unsolved(sample_rows[p.id], max_solved)]
     qualifying = [p for p in hard if p.id in steer_rows and steer_rows[p.id]["correct"]]
-    decode = pool.backend(steer_model.model, steer_model.dtype).decode if qualifying else None
+    decode = pool.backend(steer_model).decode if qualifying else None
     jobs = []
     for problem in qualifying:
         chain = written_chain(store, steer_rows[problem.id]["trajectory_id"], steer_name)

@@ -20,6 +20,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from langgraph.config import get_stream_writer
@@ -27,12 +29,15 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
 from relaygraph.agents.agent import Agent
+from relaygraph.agents.backend import Generation, Prompt, StopRule
 from relaygraph.errors import BackendError, ConfigError, RelayGraphError
-from relaygraph.trajectory.answers import extract_answer
-from relaygraph.graphs.state import SUPERVISOR, RelayInput, RelayOutput, RelayState
+from relaygraph.graphs.state import RelayInput, RelayOutput, RelayState
 from relaygraph.observability import tracing
+from relaygraph.policies.base import SUPERVISOR, Decision, Policy, SupervisedPolicy, TurnContext
+from relaygraph.trajectory.answers import extract_answer
 from relaygraph.trajectory.models import (
     Segment,
+    StepRecord,
     Task,
     active,
     check_trajectory_id,
@@ -40,13 +45,12 @@ from relaygraph.trajectory.models import (
     reasoning_text,
 )
 from relaygraph.trajectory.store import TrajectoryStore
+from relaygraph.trajectory.totals import FINISH, Totals, tally
 
 if TYPE_CHECKING:
     from langgraph.graph.state import CompiledStateGraph
 
-    from relaygraph.policies.base import Decision, Policy
-
-RESERVED_NODES = frozenset({"start", "finish", START, END})
+RESERVED_NODES = frozenset({"start", FINISH, START, END})
 RETRY_BACKOFF_S = 0.5
 
 
@@ -67,10 +71,9 @@ def build_graph(
     by_name = {a.name: a for a in agents}
     if len(by_name) != len(agents):
         raise ConfigError("agent names must be unique")
-    if missing := [n for n in policy.agents if n not in by_name]:
-        raise ConfigError(
-            f"policy {policy.name!r} needs agents {list(policy.agents)}; missing: {missing}"
-        )
+    names = list(policy.agent_names())
+    if missing := [n for n in names if n not in by_name]:
+        raise ConfigError(f"policy {policy.name!r} needs agents {names}; missing: {missing}")
     if clash := (RESERVED_NODES | {SUPERVISOR}) & set(by_name):
         raise ConfigError(f"agent names {sorted(clash)} are reserved; rename them")
     if max_tokens < 1:
@@ -81,24 +84,36 @@ def build_graph(
     backups = {name: by_name[backup] for name, backup in fallbacks.items()}
     seen = SegmentCache(store)
 
-    supervised = callable(getattr(policy, "review", None))
-    targets = (*policy.agents, "finish", *((SUPERVISOR,) if supervised else ()))
+    supervised = isinstance(policy, SupervisedPolicy)
+    targets = (*names, FINISH, *((SUPERVISOR,) if supervised else ()))
     graph = StateGraph(RelayState, input_schema=RelayInput, output_schema=RelayOutput)
     graph.add_node("start", _start_node(policy, by_name, store, max_tokens, task_config or {}),
-                   destinations=tuple(policy.agents))
-    for name in policy.agents:
+                   destinations=tuple(names))
+    for name in names:
         graph.add_node(name, _agent_node(by_name[name], policy, seen, retries, backups),
                        destinations=targets)
-    if supervised:
+    if isinstance(policy, SupervisedPolicy):
         graph.add_node(SUPERVISOR, _supervisor_node(policy, seen), destinations=targets)
-    graph.add_node("finish", _finish_node(policy, store))
+    graph.add_node(FINISH, _finish_node(policy, store))
     graph.add_edge(START, "start")
-    graph.add_edge("finish", END)
+    graph.add_edge(FINISH, END)
     return graph.compile(checkpointer=checkpointer, name=f"relaygraph:{policy.name}")
+
+
+def context(state: RelayState) -> TurnContext:
+    """The frozen view of the run a policy decides on."""
+    return TurnContext(
+        question=state.get("question", ""), max_tokens=state.get("max_tokens", 0),
+        generated=state.get("generated", 0), budget=state.get("budget", 0),
+        counters=MappingProxyType(dict(state.get("counters") or {})),
+        tokens_by_agent=MappingProxyType(dict(state.get("tokens_by_agent") or {})),
+        trajectory_id=state.get("trajectory_id", ""))
 
 
 def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore,
                 max_tokens: int, task_config: dict[str, Any]) -> Callable[[RelayState], Command]:
+    names = list(policy.agent_names())
+
     def start(state: RelayState) -> Command:
         question = state.get("question", "")
         if not question or not question.strip():
@@ -107,23 +122,24 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
         given = [_given(Segment.model_validate(s)) for s in state.get("prefix") or ()]
         if store.exists(tid):  # resume a stored run from its last completed step
             task = store.load(tid).task
-            base: RelayState = {"trajectory_id": tid, "question": task.question,
-                                "max_tokens": task.config.get("max_tokens", max_tokens),
-                                "prefix": []}
             stored = store.read(tid)
-            resumed = replay(stored, policy.agents)
-            if resumed is not None:
+            totals, done = tally(stored, names)
+            if done:
                 store.set_status(tid, "running")
-                return Command(goto=resumed["turn"], update={**base, **resumed})
+                return Command(goto=totals.turn, update={
+                    "trajectory_id": tid, "question": task.question, "prefix": [],
+                    "max_tokens": task.config.get("max_tokens", max_tokens), "cursor": done,
+                    "turn": totals.turn, "budget": totals.budget,
+                    "finish_reason": totals.finish_reason, **totals.as_state()})
             given = given or list(itertools.takewhile(lambda s: s.meta.get("given"), stored))
         fresh: RelayState = {"trajectory_id": tid, "question": question,
                              "max_tokens": max_tokens, "generated": 0, "prefix": []}
-        first, budget = policy.first_turn(fresh)
+        first, budget = policy.first_turn(context(fresh))
         task = Task(
-            question=question, policy=policy.name,
-            agents={n: agents[n].backend.model_id for n in policy.agents},
+            question=question, policy=policy.name, primary=policy.primary,
+            agents={n: agents[n].backend.model_id for n in names},
             config={"max_tokens": max_tokens,
-                    "system_prompts": {n: agents[n].system_prompt for n in policy.agents},
+                    "system_prompts": {n: agents[n].system_prompt for n in names},
                     **task_config},
         )
         if not store.exists(tid):
@@ -131,15 +147,15 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
         for position, seg in enumerate(given):  # exactly-once: a resumed run re-appends no-ops
             store.append(tid, position, seg)
         return Command(goto=first, update={
-            **fresh, "cursor": len(given), "turn": first, "budget": budget,
-            "tokens_by_agent": {n: 0 for n in policy.agents}, "handoffs": 0, "counters": {},
-        })
+            **fresh, "cursor": len(given), "turn": first, "budget": budget, "finish_reason": "",
+            **Totals(tokens_by_agent={n: 0 for n in names}).as_state()})
 
     return start
 
 
-def _generate(agent: Agent, prompt: Any, rule: Any, retries: int, on_text: Callable[[str], None],
-              on_retry: Callable[[str], None], cache_key: str) -> Any:
+def _generate(agent: Agent, prompt: Prompt, rule: StopRule, retries: int,
+              on_text: Callable[[str], None], on_retry: Callable[[str], None],
+              cache_key: str) -> Generation:
     """The backend's generation, retried with backoff when it raises or returns nothing
     without a reason; errors that are the user's to fix (bad input) are not retried."""
     for attempt in range(retries + 1):
@@ -152,7 +168,7 @@ def _generate(agent: Agent, prompt: Any, rule: Any, retries: int, on_text: Calla
             error = "empty completion"
         except BackendError as exc:  # a backend's own report of a fault (a dead server)
             error = str(exc)
-        except RelayGraphError:  # the user's to fix: retrying would not help
+        except RelayGraphError:  # the user's to fix, or a cancellation: retrying would not help
             raise
         except Exception as exc:  # a backend fault: a dead server, a timeout, a bug
             error = f"{type(exc).__name__}: {exc}"
@@ -169,17 +185,18 @@ def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, retries: int,
                 fallbacks: dict[str, Agent]) -> Callable[[RelayState], Command]:
     def node(state: RelayState) -> Command:
         tid, cursor = state["trajectory_id"], state["cursor"]
+        ctx = context(state)
         writer = get_stream_writer()
         view = policy.view(agent.name, active(store.read(tid, 0, cursor)))
-        rule = policy.stop_rule(agent.name, state)
-        with tracing.agent_turn(agent, policy, tid, cursor) as span:
+        rule = policy.stop_rule(agent.name, ctx)
+        with tracing.agent_turn(agent, policy.name, tid, cursor) as span:
             writer_agent = agent  # who actually writes this turn (a fallback, if configured)
 
-            def attempt(who: Agent) -> Any:
+            def attempt(who: Agent) -> tuple[Agent, Generation]:
                 # the backup writes the failed agent's turn: same view, rule and cache slot
                 proxy = Agent(agent.name, who.backend, who.system_prompt, who.sampling)
                 return proxy, _generate(
-                    proxy, proxy.prompt(state["question"], view), rule, retries,
+                    proxy, proxy.prompt(ctx.question, view), rule, retries,
                     on_text=span.wrap_stream(
                         lambda text: writer({"type": "token", "agent": who.name, "text": text})),
                     on_retry=lambda error: writer({"type": "retry", "agent": who.name,
@@ -196,38 +213,39 @@ def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, retries: int,
                 writer({"type": "fallback", "agent": agent.name, "to": writer_agent.name,
                         "error": str(exc)})
                 proxy, generation = attempt(writer_agent)
-            decision = policy.route(proxy, generation, state)
+            decision = policy.route(proxy, generation, ctx)
             if writer_agent is not agent:
-                decision.segments = [
-                    s.model_copy(update={"author": writer_agent.name,
-                                         "meta": {**s.meta, "fallback_for": agent.name}})
-                    for s in decision.segments]
-                decision.counters = {**decision.counters, "fallback_turns": 1}
+                decision = replace(decision, counters={**decision.counters, "fallback_turns": 1},
+                                   segments=[s.model_copy(update={
+                                       "author": writer_agent.name,
+                                       "meta": {**s.meta, "fallback_for": agent.name}})
+                                       for s in decision.segments])
             update, handoff = _apply(decision, state, store, writer_agent.name,
                                      len(generation.token_ids), policy.name)
             tracing.record_turn(span, generation, handoff)
-        if handoff["to"] not in (agent.name, SUPERVISOR):  # a review is not a handoff
+        if handoff["moved"] or handoff["to"] == FINISH:
             writer(handoff)
         return Command(goto=update["turn"], update=update)
 
     return node
 
 
-def _supervisor_node(policy: Any, store: SegmentCache) -> Callable[[RelayState], Command]:
+def _supervisor_node(policy: SupervisedPolicy, store: SegmentCache) -> Callable[[RelayState], Command]:
     def supervise(state: RelayState) -> Command:
         segments = store.read(state["trajectory_id"], 0, state["cursor"])
         writer = get_stream_writer()
-        decision = policy.review(segments, state)
+        decision = policy.review(segments, context(state))
         for seg in decision.segments:
             if seg.kind == "steer":
                 writer({"type": "token", "agent": SUPERVISOR, "text": seg.text})
-        last = next((s.author for s in reversed(segments) if s.author != SUPERVISOR), SUPERVISOR)
+        last = next((s.author for s in reversed(segments)
+                     if s.author != SUPERVISOR and s.kind != "mark"), SUPERVISOR)
         update, handoff = _apply(decision, state, store, last, 0, policy.name)
         tracing.record_review(handoff)
         if decision.reason != "continue":
             writer({"type": "review", "action": decision.reason, "worker": last,
                     "position": update["cursor"], "score": decision.confidence})
-        if handoff["to"] not in (last, "finish"):
+        if handoff["moved"]:
             writer(handoff)
         return Command(goto=update["turn"], update=update)
 
@@ -236,35 +254,35 @@ def _supervisor_node(policy: Any, store: SegmentCache) -> Callable[[RelayState],
 
 def _apply(decision: Decision, state: RelayState, store: SegmentCache, author: str,
            n_tokens: int, policy_name: str) -> tuple[RelayState, dict[str, Any]]:
-    """Append the decision's segments at the cursor; the state update and handoff record."""
+    """Append the decision's segments at the cursor with the step's record; the state
+    update and the handoff event."""
     tid, cursor = state["trajectory_id"], state["cursor"]
-    generated = state["generated"] + n_tokens
-    nxt = decision.next if decision.next and generated < state["max_tokens"] else "finish"
-    moved = nxt not in ("finish", SUPERVISOR, author)
+    over = state["generated"] + n_tokens >= state["max_tokens"]
+    nxt = decision.next if decision.next and not over else FINISH
+    # a policy that wanted to go on was stopped by the run's budget
+    reason = "budget" if decision.next and nxt == FINISH else decision.reason
+    step = StepRecord(author=author, tokens=n_tokens, to=nxt, budget=decision.budget,
+                      reason=reason, counters=dict(decision.counters),
+                      moved=nxt not in (FINISH, SUPERVISOR, author),
+                      confidence=decision.confidence)
     segments = [s for s in decision.segments if s.text or s.kind != "text" or s.token_ids]
+    if not segments and (step.moved or step.counters or nxt == FINISH or n_tokens):
+        segments = [Segment(author=author, kind="mark", text="")]  # the record needs a carrier
     if segments:  # the step's outcome rides on its last segment: what resume replays
-        step = {"author": author, "tokens": n_tokens, "to": nxt, "budget": decision.budget,
-                "reason": decision.reason, "counters": decision.counters, "moved": moved,
-                "confidence": decision.confidence}
-        segments[-1] = segments[-1].model_copy(update={"meta": {**segments[-1].meta, "step": step}})
+        last = segments[-1]
+        segments[-1] = last.model_copy(update={"meta": {**last.meta, "step": step.model_dump()}})
     for seg in segments:
         store.append(tid, cursor, seg)
         cursor += 1
-    counters = dict(state.get("counters", {}))
-    for key, value in decision.counters.items():
-        counters[key] = counters.get(key, 0) + value
-    tokens = dict(state["tokens_by_agent"])
-    if n_tokens:
-        tokens[author] = tokens.get(author, 0) + n_tokens
-    update: RelayState = {
-        "cursor": cursor, "turn": nxt, "budget": decision.budget, "generated": generated,
-        "tokens_by_agent": tokens, "counters": counters, "handoffs": state["handoffs"] + moved,
-    }
-    if nxt == "finish":  # the policy ended the run, or the run's budget did
-        update["finish_reason"] = decision.reason if decision.next is None else "budget"
-    handoff = {"type": "handoff", "from": author, "to": nxt, "reason": decision.reason,
+    totals = Totals.from_state(state)
+    totals.add(step, cursor)
+    update: RelayState = {"cursor": cursor, "turn": nxt, "budget": decision.budget,
+                          **totals.as_state()}  # type: ignore[typeddict-item]
+    if nxt == FINISH:
+        update["finish_reason"] = reason
+    handoff = {"type": "handoff", "from": author, "to": nxt, "reason": reason,
                "position": cursor, "requested_tokens": decision.budget,
-               "confidence": decision.confidence, "policy": policy_name}
+               "confidence": decision.confidence, "policy": policy_name, "moved": step.moved}
     return update, handoff
 
 
@@ -307,41 +325,12 @@ def _given(segment: Segment) -> Segment:
     return segment.model_copy(update={"meta": {**segment.meta, "given": True}})
 
 
-def replay(segments: Sequence[Segment], agents: Sequence[str]) -> RelayState | None:
-    """The state after the last completed step, from the step records on the segments.
-
-    Segments after the last record belong to a step that did not complete (a crash between
-    its appends): resuming re-runs that step at the same position, and the store's
-    exactly-once appends turn the repeated segments into no-ops. None: no step completed.
-    """
-    last = max((i for i, s in enumerate(segments) if "step" in s.meta), default=None)
-    if last is None:
-        return None
-    tokens = {a: 0 for a in agents}
-    counters: dict[str, int] = {}
-    handoffs = 0
-    for seg in segments[:last + 1]:
-        if (step := seg.meta.get("step")) is None:
-            continue
-        if step["tokens"]:
-            tokens[step["author"]] = tokens.get(step["author"], 0) + step["tokens"]
-        for key, value in step["counters"].items():
-            counters[key] = counters.get(key, 0) + value
-        handoffs += bool(step["moved"])
-    final = segments[last].meta["step"]
-    return {"cursor": last + 1, "turn": final["to"], "budget": final["budget"],
-            "generated": sum(tokens.values()), "tokens_by_agent": tokens, "counters": counters,
-            "handoffs": handoffs, "finish_reason": final["reason"] if final["to"] == "finish" else ""}
-
-
-def _finish_node(policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], dict]:
-    def finish(state: RelayState) -> dict:
+def _finish_node(policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], dict[str, Any]]:
+    def finish(state: RelayState) -> dict[str, Any]:
         tid = state["trajectory_id"]
         text = reasoning_text(active(store.read(tid)))  # rolled-back steps are not the answer
-        generated = state["generated"]
-        helped = generated - state["tokens_by_agent"].get(policy.primary, 0)
-        call_ratio = helped / generated if generated else 0.0
         answer = extract_answer(text)
+        call_ratio = Totals.from_state(state).call_ratio(policy.primary)
         store.set_status(tid, "finished", finish_reason=state.get("finish_reason") or "",
                          answer=answer)
         return {"answer": answer, "call_ratio": call_ratio}

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any
 
-SUPERVISOR = "supervisor"
-"""Node name of a supervised policy's supervisor (policies with a ``review`` method)."""
+from typing_extensions import TypedDict
 
 
 class RelayInput(TypedDict, total=False):
@@ -14,7 +13,7 @@ class RelayInput(TypedDict, total=False):
 
     question: str
     trajectory_id: str
-    prefix: list[dict]
+    prefix: list[dict[str, Any]]
     """Segments (as dicts) placed before the first turn: given reasoning, e.g. another
     model's partial chain, that the policy's first agent continues. They are stored with
     ``meta["given"]`` and are not counted as generated tokens or against the budget."""
@@ -29,6 +28,9 @@ class RelayOutput(TypedDict, total=False):
     call_ratio: float
     tokens_by_agent: dict[str, int]
     handoffs: int
+    handoff_records: list[dict[str, Any]]
+    """Each handoff: ``from``, ``to``, ``reason``, ``position``, ``requested_tokens``,
+    ``confidence`` (see :class:`~relaygraph.trajectory.totals.HandoffRecord`)."""
     counters: dict[str, int]
 
 

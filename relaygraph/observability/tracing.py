@@ -38,76 +38,20 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 
+from relaygraph.agents.backend import provider_name
+from relaygraph.observability.instruments import Instruments
+
 if TYPE_CHECKING:
     from relaygraph.agents.agent import Agent
     from relaygraph.agents.backend import Generation
-    from relaygraph.policies.base import Policy
 
 SCOPE = "relaygraph"
-SUPERVISOR = "supervisor"  # the graph's supervisor node (relaygraph.graphs.state.SUPERVISOR)
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 HANDOFF_KEYS = ("from", "to", "policy", "reason", "position", "requested_tokens", "confidence")
 _log = logging.getLogger(__name__)
 
 # The API's proxies: they follow the global providers once an application sets them.
 tracer = trace.get_tracer(SCOPE)
-
-
-# --- metrics -----------------------------------------------------------------------------
-
-_SECONDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
-            20.48, 40.96, 81.92)
-_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-             0.5, 1.0, 2.5)
-_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
-_RATIO = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-class Instruments:
-    """The metric instruments of one meter (names are part of the public interface).
-
-    - ``relaygraph.handoffs`` (counter): control moving between two different agents,
-      by ``relaygraph.handoff.from`` / ``.to`` / ``.reason`` and ``relaygraph.policy``;
-    - ``gen_ai.client.token.usage`` (histogram, ``{token}``): tokens per turn by
-      ``gen_ai.agent.name`` and ``gen_ai.token.type`` (``input``, ``output``); its sum per
-      agent is the tokens that agent read / wrote;
-    - ``relaygraph.run.call_ratio`` (histogram, 1): per run, tokens written by agents other
-      than the policy's primary / all generated tokens;
-    - ``relaygraph.handoff.overhead`` (histogram, s): from the end of one agent's
-      generation to the start of the next one's (store appends, graph step, view, tracing);
-    - ``gen_ai.server.time_to_first_token`` (histogram, s): from the start of a turn's
-      generation to its first streamed text;
-    - ``gen_ai.client.operation.duration`` (histogram, s): a turn's generation;
-    - ``relaygraph.runs`` (counter): runs by policy and outcome (``ok``/``error``).
-    """
-
-    def __init__(self, meter: metrics.Meter) -> None:
-        def histogram(name: str, unit: str, description: str, bounds: tuple) -> Any:
-            try:
-                return meter.create_histogram(name, unit=unit, description=description,
-                                              explicit_bucket_boundaries_advisory=list(bounds))
-            except TypeError:  # an older API without bucket advice
-                return meter.create_histogram(name, unit=unit, description=description)
-
-        self.handoffs = meter.create_counter(
-            "relaygraph.handoffs", unit="{handoff}",
-            description="Control moving from one agent to another.")
-        self.runs = meter.create_counter("relaygraph.runs", unit="{run}",
-                                         description="Relay runs by outcome.")
-        self.tokens = histogram("gen_ai.client.token.usage", "{token}",
-                                "Number of input and output tokens used.", _TOKENS)
-        self.call_ratio = histogram(
-            "relaygraph.run.call_ratio", "1",
-            "Tokens written by agents other than the primary / all generated tokens, per run.",
-            _RATIO)
-        self.overhead = histogram(
-            "relaygraph.handoff.overhead", "s",
-            "Time from the end of one agent's generation to the start of the next agent's.",
-            _OVERHEAD)
-        self.ttft = histogram("gen_ai.server.time_to_first_token", "s",
-                              "Time to generate first token for successful responses.", _SECONDS)
-        self.duration = histogram("gen_ai.client.operation.duration", "s",
-                                  "GenAI operation duration.", _SECONDS)
 
 
 # --- which providers relaygraph uses -------------------------------------------------------
@@ -189,9 +133,8 @@ class RunStats:
     policy: str = ""
     question: str | None = None
     turns: int = 0
-    handoffs: int = 0
-    tokens: dict[str, int] = field(default_factory=dict)
-    primary: str | None = None
+    totals: dict[str, Any] | None = None
+    """The run's numbers as the graph computed them (:func:`run_totals`), set at its end."""
     last_agent: str | None = None
     last_generation_end: float | None = None
     texts: list[str] = field(default_factory=list)
@@ -229,7 +172,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
             last_trace_id = format(span.get_span_context().trace_id, "032x")
         token = otel_context.attach(trace.set_span_in_context(span))
         stats_token = _run.set(stats)
-    except Exception as exc:  # noqa: BLE001 - tracing must never fail a run
+    except Exception as exc:
         _warn_once("starting the run span", exc)
     outcome = "ok"
     try:
@@ -240,7 +183,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
             try:
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}"))
-            except Exception as inner:  # noqa: BLE001
+            except Exception as inner:
                 _warn_once("recording an error", inner)
         raise
     finally:
@@ -252,27 +195,36 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
                             "ending the run span")):
             try:
                 step()
-            except Exception as exc:  # noqa: BLE001 - each step on its own
+            except Exception as exc:
                 _warn_once(what, exc)
 
 
+def run_totals(totals: dict[str, Any]) -> None:
+    """Hand the current run span the run's numbers as the graph computed them
+    (``tokens_by_agent``, ``handoffs``, ``call_ratio``); they are set when it ends."""
+    stats = _run.get()
+    if stats is not None:
+        stats.totals = totals
+
+
 def _finish_run(installed: _Installed, span: Any, stats: RunStats, outcome: str) -> None:
-    total = sum(stats.tokens.values())
-    helped = total - stats.tokens.get(stats.primary or "", 0)
-    ratio = helped / total if total else 0.0
     attrs = {"relaygraph.policy": stats.policy}
     installed.instruments.runs.add(1, {**attrs, "relaygraph.run.outcome": outcome})
+    totals = stats.totals or {}
+    tokens: dict[str, int] = dict(totals.get("tokens_by_agent") or {})
+    total = sum(tokens.values())
+    ratio = float(totals.get("call_ratio") or 0.0)
     if total:
         installed.instruments.call_ratio.record(ratio, attrs)
     if span is None:
         return
     if span.is_recording():
-        names = list(stats.tokens)
+        names = list(tokens)
         span.set_attributes({
-            "relaygraph.turns": stats.turns, "relaygraph.handoffs": stats.handoffs,
+            "relaygraph.turns": stats.turns, "relaygraph.handoffs": int(totals.get("handoffs") or 0),
             "relaygraph.call_ratio": ratio, "gen_ai.usage.output_tokens": total,
             "relaygraph.agents": names,
-            "relaygraph.usage.output_tokens_by_agent": [stats.tokens[n] for n in names],
+            "relaygraph.usage.output_tokens_by_agent": [tokens[n] for n in names],
         })
         if stats.question is not None:  # content capture was on when the run started
             text = "".join(stats.texts)
@@ -285,28 +237,18 @@ def _finish_run(installed: _Installed, span: Any, stats: RunStats, outcome: str)
 
 # --- per-turn spans ------------------------------------------------------------------------
 
-def provider_name(backend: Any) -> str:
-    """``gen_ai.provider.name`` of a backend: its ``provider_name`` attribute, else the class
-    name without ``Backend`` (``TransformersBackend`` -> ``transformers``)."""
-    name = getattr(backend, "provider_name", None)
-    if isinstance(name, str) and name:
-        return name
-    cls = type(backend).__name__
-    return (cls[:-len("Backend")] if cls.endswith("Backend") and len(cls) > 7 else cls).lower()
-
-
 class Turn:
     """One agent turn: the ``invoke_agent`` span (attribute access goes to it) and timings."""
 
     __slots__ = ("span", "agent", "policy", "model", "provider", "trajectory_id", "position",
                  "started", "started_ns", "first_text", "stats", "installed")
 
-    def __init__(self, span: Any, agent: Any, policy: Any, trajectory_id: str, position: int,
+    def __init__(self, span: Any, agent: Agent, policy: str, trajectory_id: str, position: int,
                  installed: _Installed, stats: RunStats | None) -> None:
         self.span = span
         self.agent = agent
         self.policy = policy
-        self.model = str(getattr(agent.backend, "model_id", "") or "")
+        self.model = agent.backend.model_id
         self.provider = provider_name(agent.backend)
         self.trajectory_id = trajectory_id
         self.position = position
@@ -330,7 +272,7 @@ class Turn:
 
 
 @contextmanager
-def agent_turn(agent: Agent, policy: Policy, trajectory_id: str, position: int) -> Iterator[Any]:
+def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> Iterator[Turn]:
     """The ``invoke_agent {agent}`` span of one turn, current while the turn runs."""
     installed = _installed
     turn: Turn | None = None
@@ -343,7 +285,7 @@ def agent_turn(agent: Agent, policy: Policy, trajectory_id: str, position: int) 
                 "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent.name,
                 "gen_ai.request.model": turn.model, "gen_ai.provider.name": turn.provider,
                 "gen_ai.conversation.id": trajectory_id, "openinference.span.kind": "AGENT",
-                "relaygraph.policy": policy.name, "relaygraph.trajectory.id": trajectory_id,
+                "relaygraph.policy": policy, "relaygraph.trajectory.id": trajectory_id,
                 "relaygraph.segment.seq": position,
             })
         stats = turn.stats
@@ -354,9 +296,9 @@ def agent_turn(agent: Agent, policy: Policy, trajectory_id: str, position: int) 
             if stats.last_agent is not None and stats.last_agent != agent.name:
                 installed.instruments.overhead.record(gap, {
                     "relaygraph.handoff.from": stats.last_agent,
-                    "relaygraph.handoff.to": agent.name, "relaygraph.policy": policy.name})
+                    "relaygraph.handoff.to": agent.name, "relaygraph.policy": policy})
         token = otel_context.attach(trace.set_span_in_context(span))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         _warn_once("starting a turn span", exc)
     if turn is None:
         turn = Turn(trace.INVALID_SPAN, agent, policy, trajectory_id, position, installed, None)
@@ -366,7 +308,7 @@ def agent_turn(agent: Agent, policy: Policy, trajectory_id: str, position: int) 
         try:
             turn.span.record_exception(exc)
             turn.span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
-        except Exception as inner:  # noqa: BLE001
+        except Exception as inner:
             _warn_once("recording an error", inner)
         raise
     finally:
@@ -374,7 +316,7 @@ def agent_turn(agent: Agent, policy: Policy, trajectory_id: str, position: int) 
             if token is not None:
                 otel_context.detach(token)
             turn.span.end()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             _warn_once("ending a turn span", exc)
 
 
@@ -382,7 +324,7 @@ def record_turn(span: Any, generation: Generation, handoff: dict[str, Any]) -> N
     """Usage of the turn, its ``chat`` generation span, and the handoff that ends it."""
     try:
         _record_turn(span, generation, handoff)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         _warn_once("recording a turn", exc)
 
 
@@ -413,13 +355,10 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
         inst.duration.record(seconds, model_attrs)
     if ttft is not None:
         inst.ttft.record(ttft, model_attrs)
-    moved = _count_handoff(inst, handoff, turn.agent.name, turn.policy.name)
+    _count_handoff(inst, handoff, turn.agent.name, turn.policy)
     stats = turn.stats
     if stats is not None:
         stats.turns += 1
-        stats.handoffs += moved
-        stats.tokens[turn.agent.name] = stats.tokens.get(turn.agent.name, 0) + n_out
-        stats.primary = getattr(turn.policy, "primary", None)
         stats.last_agent = turn.agent.name
         # the backend's clock: the generation ended at most now (never after the turn)
         stats.last_generation_end = min(turn.started + seconds, time.perf_counter())
@@ -427,19 +366,13 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
             stats.texts.append(generation.text)
 
 
-def _moved(handoff: dict[str, Any], author: str) -> bool:
-    """Whether control moves to another agent (as the graph counts handoffs)."""
-    return handoff.get("to") not in (None, "finish", SUPERVISOR, handoff.get("from", author))
-
-
-def _count_handoff(inst: Instruments, handoff: dict[str, Any], author: str, policy: str) -> bool:
-    moved = _moved(handoff, author)
-    if moved:
+def _count_handoff(inst: Instruments, handoff: dict[str, Any], author: str, policy: str) -> None:
+    """Count the handoff if control moved (as the graph decided: ``handoff["moved"]``)."""
+    if handoff.get("moved"):
         inst.handoffs.add(1, {"relaygraph.handoff.from": str(handoff.get("from", author)),
                               "relaygraph.handoff.to": str(handoff.get("to")),
                               "relaygraph.handoff.reason": str(handoff.get("reason")),
                               "relaygraph.policy": str(handoff.get("policy") or policy)})
-    return moved
 
 
 def record_review(handoff: dict[str, Any]) -> None:
@@ -448,16 +381,13 @@ def record_review(handoff: dict[str, Any]) -> None:
     try:
         inst = _installed.instruments
         author = str(handoff.get("from") or "")
-        moved = _count_handoff(inst, handoff, author, str(handoff.get("policy") or ""))
-        stats = _run.get()
-        if stats is not None:
-            stats.handoffs += moved
+        _count_handoff(inst, handoff, author, str(handoff.get("policy") or ""))
         span = trace.get_current_span()
         if span.is_recording() and handoff.get("reason") != "continue":
             span.add_event("relaygraph.review", {
                 f"relaygraph.handoff.{k}": handoff[k] for k in HANDOFF_KEYS
                 if handoff.get(k) is not None})
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         _warn_once("recording a review", exc)
 
 
@@ -483,7 +413,7 @@ def _chat_span(turn: Turn, generation: Generation, seconds: float, ttft: float |
     chat = turn.installed.tracer.start_span(f"chat {turn.model}", context=ctx,
                                             start_time=turn.started_ns)
     n_in, n_out = generation.prompt_tokens, len(generation.token_ids)
-    sampling = getattr(turn.agent, "sampling", None)
+    sampling = turn.agent.sampling
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": turn.provider,
         "gen_ai.request.model": turn.model, "gen_ai.response.model": turn.model,
@@ -503,7 +433,7 @@ def _chat_span(turn: Turn, generation: Generation, seconds: float, ttft: float |
     if ttft is not None:
         attrs["gen_ai.response.time_to_first_chunk"] = ttft
     if capture_content(turn.installed):
-        system = getattr(turn.agent, "system_prompt", None)
+        system = turn.agent.system_prompt
         if system:
             attrs["gen_ai.system_instructions"] = json.dumps(
                 [{"type": "text", "content": system}], ensure_ascii=False)

@@ -1,29 +1,58 @@
 """The policy protocol: a stop rule inside generation, a route decision at the graph edge.
 
-A policy is a plain object over named agents. For each turn the graph asks it for the
-agent's **view** of the trajectory and a **stop rule** (applied token by token inside
-generation), then hands it the generation to **route**: which segments to append and who
-writes next. A policy with a ``review`` method also gets a ``supervisor`` node, visited
-whenever ``route`` sends control to ``SUPERVISOR``.
+A policy is an object over named agents. For each turn the graph asks it for the agent's
+**view** of the trajectory and a **stop rule** (applied token by token inside generation),
+then hands it the generation to **route**: which segments to append and who writes next.
+A :class:`SupervisedPolicy` (one with a ``review`` method) also gets a ``supervisor``
+node, visited whenever ``route`` sends control to :data:`SUPERVISOR`.
+
+Policies never see the graph's state: each call gets a frozen :class:`TurnContext`.
+
+The built-in policies are pydantic models: the policy *is* its config (validated once,
+loadable from a config file, recorded with each trajectory). Subclass
+:class:`PolicyConfig`, give it a ``type`` literal and register it
+(:func:`relaygraph.policies.register_policy`) to make a policy usable from config files,
+the CLI and sweeps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
 
 from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Generation, StopRule, TokenStep
-from relaygraph.graphs.state import SUPERVISOR, RelayState
-from relaygraph.trajectory.models import FinishReason, Segment, SegmentKind, active, retracted
+from relaygraph.trajectory.models import FinishReason, Segment, SegmentKind
 
-__all__ = ["SUPERVISOR", "Decision", "Metric", "Policy", "SupervisedPolicy", "active", "end_or",
-           "remaining", "retracted", "score", "segment", "split_tokens", "unconfident"]
-
+SUPERVISOR = "supervisor"
+"""Node name of a supervised policy's supervisor (policies with a ``review`` method)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class TurnContext:
+    """What a policy knows of the run when it decides (a frozen snapshot per turn)."""
+
+    question: str
+    max_tokens: int
+    """Budget of generated tokens for the whole run (all agents together)."""
+    generated: int = 0
+    """Tokens generated so far (all agents together)."""
+    budget: int = 0
+    """Token budget the previous decision granted the coming turn."""
+    counters: Mapping[str, int] = field(default_factory=dict)
+    tokens_by_agent: Mapping[str, int] = field(default_factory=dict)
+    trajectory_id: str = ""
+
+    @property
+    def remaining(self) -> int:
+        """Tokens left in the run's budget."""
+        return max(0, self.max_tokens - self.generated)
+
+
+@dataclass(frozen=True)
 class Decision:
     """What a policy decides after a turn: what to append, and who writes next.
 
@@ -33,11 +62,11 @@ class Decision:
     triggered it, when a confidence check did.
     """
 
-    segments: list[Segment]
+    segments: Sequence[Segment]
     next: str | None
     budget: int = 0
     reason: str = ""
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: Mapping[str, int] = field(default_factory=dict)
     confidence: float | None = None
 
 
@@ -45,25 +74,33 @@ class Decision:
 class Policy(Protocol):
     """A router policy over named agents."""
 
-    name: str
-    agents: Sequence[str]
-    """Names of the agents taking part (graph nodes)."""
-    primary: str
-    """The agent whose tokens are not counted as help (the call ratio's complement)."""
+    @property
+    def name(self) -> str:
+        """Shown in traces, records and results."""
+        ...
 
-    def first_turn(self, state: RelayState) -> tuple[str, int]:
-        """Who writes first, with what token budget (``state`` has the question)."""
+    def agent_names(self) -> Sequence[str]:
+        """Names of the agents taking part (graph nodes), the primary first."""
+        ...
+
+    @property
+    def primary(self) -> str:
+        """The agent whose tokens are not counted as help (the call ratio's complement)."""
+        ...
+
+    def first_turn(self, ctx: TurnContext) -> tuple[str, int]:
+        """Who writes first, with what token budget."""
         ...
 
     def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
         """The part of the trajectory ``agent`` sees (retracted segments are already gone)."""
         ...
 
-    def stop_rule(self, agent: str, state: RelayState) -> StopRule:
+    def stop_rule(self, agent: str, ctx: TurnContext) -> StopRule:
         """How ``agent``'s coming generation stops."""
         ...
 
-    def route(self, agent: Agent, generation: Generation, state: RelayState) -> Decision:
+    def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
         """Turn ``agent``'s generation into segments and choose the next writer."""
         ...
 
@@ -72,15 +109,67 @@ class Policy(Protocol):
 class SupervisedPolicy(Policy, Protocol):
     """A policy whose supervisor reviews the trajectory between turns."""
 
-    def review(self, segments: Sequence[Segment], state: RelayState) -> Decision:
+    def review(self, segments: Sequence[Segment], ctx: TurnContext) -> Decision:
         """Decide after a chunk: continue, switch, steer, roll back (retract) or stop."""
         ...
 
 
-def remaining(state: RelayState) -> int:
-    """Tokens left in the run's budget."""
-    return max(0, state.get("max_tokens", 0) - state.get("generated", 0))
+class PolicyConfig(BaseModel):
+    """Base of config-backed policies: a pydantic model with a ``type`` literal.
 
+    Subclasses declare their options as fields (validated once, for Python, config files,
+    the CLI and per-request overrides alike) and implement the :class:`Policy` methods,
+    or override :meth:`build` to return another object that does.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    type: str
+    system_prompts: ClassVar[Mapping[str, str]] = {}
+    """Role field -> system prompt given to that agent when its config sets none (e.g. the
+    prompted call-token policy explains the call tool to its controller)."""
+
+    @property
+    def name(self) -> str:
+        return self.type
+
+    def agent_names(self) -> list[str]:
+        """The agents this policy needs (the config's ``[agents]`` must have them)."""
+        raise NotImplementedError
+
+    def required_agents(self) -> list[str]:
+        """The agents to load: those taking turns, plus any the policy uses otherwise
+        (e.g. a judge)."""
+        return self.agent_names()
+
+    @property
+    def primary(self) -> str:
+        return self.agent_names()[0]
+
+    trusted_fields: ClassVar[frozenset[str]] = frozenset()
+    """Fields that name code to import or files to read: taken only from the user's own
+    config or arguments, never from a served request or a stored trajectory."""
+
+    def build(self, agents: Mapping[str, Agent]) -> Policy:
+        """The policy to run with these loaded agents (itself, for most policies)."""
+        return self
+
+    def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
+        """Every agent sees the whole (active) trajectory unless a policy says otherwise."""
+        return list(segments)
+
+    def first_turn(self, ctx: TurnContext) -> tuple[str, int]:
+        """The primary writes first with the run's whole budget unless a policy says otherwise."""
+        return self.primary, ctx.remaining
+
+    def stop_rule(self, agent: str, ctx: TurnContext) -> StopRule:
+        raise NotImplementedError
+
+    def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
+        raise NotImplementedError
+
+
+# --- helpers for policies --------------------------------------------------------------------
 
 def segment(agent: Agent, generation: Generation, ids: Sequence[int] | None = None,
             logprobs: Sequence[float] | None = None, kind: SegmentKind = "text",
@@ -120,10 +209,12 @@ def unconfident(value: float, threshold: float, metric: Metric) -> bool:
 
 
 def end_or(agent: Agent, generation: Generation, next_agent: str | None, budget: int,
-           reason: str, **decision: Any) -> Decision:
+           reason: str, counters: Mapping[str, int] | None = None,
+           confidence: float | None = None) -> Decision:
     """Append the whole generation; end the run on EOS, else hand over to ``next_agent``."""
     seg = segment(agent, generation, finish_reason=generation.finish_reason)
     if generation.finish_reason == "eos" or next_agent is None:
         why = "eos" if generation.finish_reason == "eos" else reason
-        return Decision([seg], None, reason=why, **decision)
-    return Decision([seg], next_agent, budget=budget, reason=reason, **decision)
+        return Decision([seg], None, reason=why, counters=counters or {}, confidence=confidence)
+    return Decision([seg], next_agent, budget=budget, reason=reason, counters=counters or {},
+                    confidence=confidence)

@@ -14,13 +14,15 @@ retrieved document or the expert's output is just text and never triggers a call
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.agents.backend import Generation, StopRule
-from relaygraph.graphs.state import RelayState
-from relaygraph.policies.base import Decision, remaining, segment, split_tokens
+from relaygraph.policies.base import Decision, PolicyConfig, TurnContext, segment, split_tokens
 from relaygraph.trajectory.models import Segment
 
 CALL_OPEN, CALL_CLOSE = "<call>", "</call>"
@@ -68,8 +70,7 @@ def parse_call(text: str) -> CallCommand | None:
     return CallCommand(start=start, raw=text[start:end + len(CALL_CLOSE)], n=n)
 
 
-@dataclass
-class CallTokenPolicy:
+class _CallPolicy(PolicyConfig):
     """The controller asks the expert for ``n`` tokens by writing ``<call>n</call>``.
 
     ``max_call_tokens`` caps one call; ``max_calls`` caps calls per run (later commands are
@@ -78,26 +79,17 @@ class CallTokenPolicy:
 
     controller: str = "controller"
     expert: str = "expert"
-    max_call_tokens: int = 1024
-    max_calls: int = 32
-    name: str = "call-token"
+    max_call_tokens: int = Field(1024, ge=1)
+    max_calls: int = Field(32, ge=0)
 
-    def __post_init__(self) -> None:
-        if self.max_call_tokens < 1 or self.max_calls < 0:
-            raise ValueError("max_call_tokens must be >= 1 and max_calls >= 0")
+    @model_validator(mode="after")
+    def _two_agents(self) -> _CallPolicy:
         if self.controller == self.expert:
             raise ValueError("the controller and the expert must be different agents")
+        return self
 
-    @property
-    def agents(self) -> Sequence[str]:
-        return (self.controller, self.expert)
-
-    @property
-    def primary(self) -> str:
-        return self.controller
-
-    def first_turn(self, state: RelayState) -> tuple[str, int]:
-        return self.controller, remaining(state)
+    def agent_names(self) -> list[str]:
+        return [self.controller, self.expert]
 
     def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
         """The controller sees everything; the expert sees call segments without the command
@@ -112,22 +104,22 @@ class CallTokenPolicy:
                 view.append(Segment(author=seg.author, text=rest))
         return view
 
-    def stop_rule(self, agent: str, state: RelayState) -> StopRule:
+    def stop_rule(self, agent: str, ctx: TurnContext) -> StopRule:
         if agent == self.controller:
-            return StopRule(max_tokens=remaining(state), stop_strings=(CALL_CLOSE,))
-        return StopRule(max_tokens=min(state.get("budget", 0), remaining(state)))
+            return StopRule(max_tokens=ctx.remaining, stop_strings=(CALL_CLOSE,))
+        return StopRule(max_tokens=min(ctx.budget, ctx.remaining))
 
-    def route(self, agent: Agent, generation: Generation, state: RelayState) -> Decision:
+    def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
         if agent.name == self.expert:
             if generation.finish_reason == "eos":
                 return Decision([segment(agent, generation, finish_reason="eos")], None, reason="eos")
             return Decision([segment(agent, generation, finish_reason="budget")], self.controller,
-                            budget=remaining(state) - len(generation.token_ids),
+                            budget=ctx.remaining - len(generation.token_ids),
                             reason="call_done")
-        return self._route_controller(agent, generation, state)
+        return self._route_controller(agent, generation, ctx)
 
-    def _route_controller(self, agent: Agent, gen: Generation, state: RelayState) -> Decision:
-        left = remaining(state) - len(gen.token_ids)
+    def _route_controller(self, agent: Agent, gen: Generation, ctx: TurnContext) -> Decision:
+        left = ctx.remaining - len(gen.token_ids)
         command = parse_call(gen.text) if gen.finish_reason == "stop" else None
         if command is None:
             reason = "eos" if gen.finish_reason == "eos" else "budget"
@@ -142,7 +134,7 @@ class CallTokenPolicy:
         head = ([segment(agent, gen, gen.token_ids[:cut], gen.logprobs[:cut], finish_reason="call")]
                 if cut else [])
         granted = min(command.n, self.max_call_tokens, left)
-        refused = "max_calls" if state.get("counters", {}).get("calls", 0) >= self.max_calls else (
+        refused = "max_calls" if ctx.counters.get("calls", 0) >= self.max_calls else (
             "no_budget" if granted <= 0 else None)
         offset = command.start - len(agent.backend.decode(gen.token_ids[:cut]))
         call = segment(agent, gen, gen.token_ids[cut:], gen.logprobs[cut:], kind="call",
@@ -154,3 +146,17 @@ class CallTokenPolicy:
                             reason=f"call_refused:{refused}", counters={"refused_calls": 1})
         return Decision(head + [call], self.expert, budget=granted, reason="call",
                         counters={"calls": 1})
+
+
+class CallTokenPolicy(_CallPolicy):
+    __doc__ = _CallPolicy.__doc__
+
+    type: Literal["call-token"] = "call-token"
+
+
+class PromptedCallPolicy(_CallPolicy):
+    """The call-token policy for untrained controllers: the controller's system prompt (when
+    its config sets none) explains the call tool."""
+
+    type: Literal["prompted-call"] = "prompted-call"
+    system_prompts: ClassVar[Mapping[str, str]] = {"controller": PROMPTED_CALL_SYSTEM_PROMPT}

@@ -10,22 +10,26 @@ fallback that is itself unconfident hands over to the next one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
+
+from pydantic import Field, field_validator
 
 from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Generation, StopRule, TokenStep
-from relaygraph.errors import ConfigError
-from relaygraph.graphs.state import RelayState
-from relaygraph.policies.base import Decision, Metric, end_or, remaining, score, unconfident
-from relaygraph.trajectory.models import Segment
+from relaygraph.policies.base import (
+    Decision,
+    Metric,
+    PolicyConfig,
+    TurnContext,
+    end_or,
+    score,
+    unconfident,
+)
 
 SENTENCE_ENDS = (". ", ".\n", "? ", "?\n", "! ", "!\n", "\n\n")
 
 
-@dataclass
-class ConfidencePolicy:
+class ConfidencePolicy(PolicyConfig):
     """Primary first; low confidence hands ``fallback_tokens`` tokens to the next agent.
 
     ``warmup``: primary tokens written before checks start; ``min_gap``: tokens the
@@ -33,48 +37,37 @@ class ConfidencePolicy:
     fallbacks per run (None: unlimited).
     """
 
-    agents: Sequence[str] = ("controller", "expert")
-    threshold: float = -2.5
+    type: Literal["confidence"] = "confidence"
+    agents: tuple[str, ...] = ("controller", "expert")
+    threshold: float = Field(-2.5, allow_inf_nan=False)
     metric: Metric = "logprob"
-    fallback_tokens: int = 16
+    fallback_tokens: int = Field(16, ge=1)
     fallback_until: Literal["tokens", "confident", "sentence"] = "tokens"
-    warmup: int = 0
-    min_gap: int = 0
-    max_handoffs: int | None = None
-    name: str = "confidence"
+    warmup: int = Field(0, ge=0)
+    min_gap: int = Field(0, ge=0)
+    max_handoffs: int | None = Field(None, ge=0)
 
-    def __post_init__(self) -> None:
-        self.agents = tuple(self.agents)
-        if len(self.agents) < 2 or len(set(self.agents)) != len(self.agents):
-            raise ConfigError("confidence needs two or more distinct agents (primary first)")
-        if self.fallback_tokens < 1 or self.warmup < 0 or self.min_gap < 0:
-            raise ConfigError("confidence: fallback_tokens >= 1, warmup >= 0 and min_gap >= 0")
-        if self.metric not in ("logprob", "entropy"):
-            raise ConfigError(f"confidence: metric must be logprob or entropy, not {self.metric!r}")
-        if self.fallback_until not in ("tokens", "confident", "sentence"):
-            raise ConfigError("confidence: fallback_until must be tokens, confident or sentence")
+    @field_validator("agents")
+    @classmethod
+    def _chain(cls, agents: tuple[str, ...]) -> tuple[str, ...]:
+        if len(agents) < 2 or len(set(agents)) != len(agents):
+            raise ValueError("confidence needs two or more distinct agents (primary first)")
+        return agents
 
-    @property
-    def primary(self) -> str:
-        return self.agents[0]
-
-    def first_turn(self, state: RelayState) -> tuple[str, int]:
-        return self.primary, remaining(state)
-
-    def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
-        return list(segments)
+    def agent_names(self) -> list[str]:
+        return list(self.agents)
 
     def _low(self, step: TokenStep) -> bool:
         return unconfident(score(step, self.metric), self.threshold, self.metric)
 
-    def stop_rule(self, agent: str, state: RelayState) -> StopRule:
-        budget = min(state.get("budget", 0), remaining(state))
+    def stop_rule(self, agent: str, ctx: TurnContext) -> StopRule:
+        budget = min(ctx.budget, ctx.remaining)
         last = agent == self.agents[-1]
         if agent == self.primary:
-            done = state.get("counters", {}).get("fallbacks", 0)
+            done = ctx.counters.get("fallbacks", 0)
             if self.max_handoffs is not None and done >= self.max_handoffs:
                 return StopRule(max_tokens=budget)
-            before = state.get("tokens_by_agent", {}).get(agent, 0)
+            before = ctx.tokens_by_agent.get(agent, 0)
             return StopRule(max_tokens=budget, check=lambda s: (
                 before + s.position >= self.warmup and s.position >= self.min_gap and self._low(s)))
         recover = self.fallback_until == "confident"
@@ -87,8 +80,8 @@ class ConfidencePolicy:
         return StopRule(max_tokens=budget, stop_strings=stops,
                         check=check if recover or not last else None)
 
-    def route(self, agent: Agent, generation: Generation, state: RelayState) -> Decision:
-        left = remaining(state) - len(generation.token_ids)
+    def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
+        left = ctx.remaining - len(generation.token_ids)
         rejected = generation.rejected
         confidence = score(rejected, self.metric) if rejected else None
         index = self.agents.index(agent.name)

@@ -20,18 +20,17 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_serializer, field_validator
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Generation, Prompt, StopRule
+from relaygraph.agents.backend import Generation, Prompt, ScoringBackend, StopRule
 from relaygraph.errors import ConfigError
-from relaygraph.graphs.state import RelayState
-from relaygraph.policies.base import SUPERVISOR, Decision, active, remaining, segment
-from relaygraph.trajectory.models import Segment, reasoning_text
+from relaygraph.policies.base import SUPERVISOR, Decision, PolicyConfig, TurnContext, segment
+from relaygraph.trajectory.models import Segment, active, reasoning_text
 
 Action = Literal["continue", "switch", "steer", "rollback", "stop"]
 ACTIONS: tuple[str, ...] = ("continue", "switch", "steer", "rollback", "stop")
@@ -66,48 +65,92 @@ class Review:
 Supervisor = Callable[[Review], "Verdict | None"]
 
 
-@dataclass
-class SupervisorPolicy:
-    """Workers take turns in chunks under a supervisor's review (a ``supervisor`` node)."""
+class SupervisorPolicy(PolicyConfig):
+    """Workers take turns in chunks under a supervisor's review (a ``supervisor`` node).
 
-    supervisor: Supervisor
-    workers: Sequence[str] = ("controller",)
-    chunk_tokens: int = 48
+    ``supervisor``: a callable ``(Review) -> Verdict | None``, or in a config
+    ``module:function`` (a rule/classifier), ``judge:AGENT`` (an agent prompted as a judge)
+    or ``score:AGENT`` (an agent's log-prob score of " good" vs " bad").
+    """
+
+    type: Literal["supervisor"] = "supervisor"
+    supervisor: str | Callable[[Review], Verdict | None]
+    workers: tuple[str, ...] = ("controller",)
+    chunk_tokens: int = Field(48, ge=1)
     chunk_stops: tuple[str, ...] = ("\n\n",)
-    name: str = "supervisor"
+    score_threshold: float = Field(0.0, allow_inf_nan=False)
+    trusted_fields: ClassVar[frozenset[str]] = frozenset({"supervisor"})
 
-    def __post_init__(self) -> None:
-        self.workers = tuple(self.workers)
-        if not self.workers or len(set(self.workers)) != len(self.workers):
-            raise ConfigError("supervisor: give one or more distinct workers")
-        if SUPERVISOR in self.workers:
-            raise ConfigError(f"{SUPERVISOR!r} is the supervisor node's name; rename that worker")
-        if self.chunk_tokens < 1:
-            raise ConfigError("supervisor: chunk_tokens must be >= 1")
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, workers: tuple[str, ...]) -> tuple[str, ...]:
+        if not workers or len(set(workers)) != len(workers):
+            raise ValueError("supervisor: give one or more distinct workers")
+        if SUPERVISOR in workers:
+            raise ValueError(f"{SUPERVISOR!r} is the supervisor node's name; rename that worker")
+        return workers
 
-    @property
-    def agents(self) -> Sequence[str]:
-        return self.workers
+    @field_validator("supervisor")
+    @classmethod
+    def _spec(cls, spec: Any) -> Any:
+        if isinstance(spec, str):
+            kind, sep, rest = spec.partition(":")
+            if not sep or not kind or not rest:
+                raise ValueError(f"supervisor {spec!r}: expected module:function, judge:AGENT "
+                                 "or score:AGENT")
+        return spec
 
-    @property
-    def primary(self) -> str:
-        return self.workers[0]
+    @field_serializer("supervisor")
+    def _dump_supervisor(self, spec: Any) -> str:
+        return spec if isinstance(spec, str) else f"python:{getattr(spec, '__qualname__', spec)}"
 
-    def first_turn(self, state: RelayState) -> tuple[str, int]:
-        return self.workers[0], min(self.chunk_tokens, remaining(state))
+    def _model_agent(self) -> str | None:
+        if isinstance(self.supervisor, str):
+            kind, _, agent = self.supervisor.partition(":")
+            if kind in ("judge", "score"):
+                return agent
+        return None
 
-    def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
-        return list(segments)
+    def agent_names(self) -> list[str]:
+        return list(self.workers)
 
-    def stop_rule(self, agent: str, state: RelayState) -> StopRule:
-        return StopRule(max_tokens=min(self.chunk_tokens, remaining(state)),
+    def required_agents(self) -> list[str]:
+        judge = self._model_agent()
+        return [*self.workers, *([judge] if judge and judge not in self.workers else [])]
+
+    def build(self, agents: Mapping[str, Agent]) -> SupervisorPolicy:
+        """Resolve a ``judge:``/``score:``/``module:function`` supervisor into a callable."""
+        spec = self.supervisor
+        if not isinstance(spec, str):
+            return self
+        kind, _, name = spec.partition(":")
+        resolved: Callable[[Review], Verdict | None]
+        if kind == "judge":
+            resolved = JudgeSupervisor(agents[name])
+        elif kind == "score":
+            resolved = ScoreSupervisor(agents[name], self.score_threshold)
+        else:
+            resolved = load_supervisor(spec)
+        return self.model_copy(update={"supervisor": resolved})
+
+    def _verdict(self, review: Review) -> Verdict | None:
+        if isinstance(self.supervisor, str):
+            raise ConfigError("the supervisor policy must be built (Relay.from_config does it) "
+                              "before it runs")
+        return self.supervisor(review)
+
+    def first_turn(self, ctx: TurnContext) -> tuple[str, int]:
+        return self.workers[0], min(self.chunk_tokens, ctx.remaining)
+
+    def stop_rule(self, agent: str, ctx: TurnContext) -> StopRule:
+        return StopRule(max_tokens=min(self.chunk_tokens, ctx.remaining),
                         stop_strings=self.chunk_stops)
 
-    def route(self, agent: Agent, generation: Generation, state: RelayState) -> Decision:
+    def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
         seg = segment(agent, generation, finish_reason=generation.finish_reason)
         return Decision([seg], SUPERVISOR, reason="review")
 
-    def review(self, segments: Sequence[Segment], state: RelayState) -> Decision:
+    def review(self, segments: Sequence[Segment], ctx: TurnContext) -> Decision:
         """Ask the supervisor about the latest worker chunk and act on its verdict."""
         chunk_seq = len(segments) - 1
         if chunk_seq < 0 or segments[chunk_seq].author not in self.workers:
@@ -115,9 +158,9 @@ class SupervisorPolicy:
         chunk = segments[chunk_seq]
         visible = active(segments)
         worker = chunk.author
-        verdict = self.supervisor(Review(state.get("question", ""), visible, chunk, worker)) or Verdict()
+        verdict = self._verdict(Review(ctx.question, visible, chunk, worker)) or Verdict()
         ended = chunk.finish_reason == "eos"
-        budget = min(self.chunk_tokens, remaining(state))
+        budget = min(self.chunk_tokens, ctx.remaining)
         # guidance already in view is not repeated (repeats make small models loop)
         repeated = any(s.kind == "steer" and s.text == verdict.guidance for s in visible)
         steer = ([Segment(author=SUPERVISOR, kind="steer", text=verdict.guidance,
@@ -142,7 +185,6 @@ class SupervisorPolicy:
                 return Decision(steer, nxt, budget, "switch", {"switches": 1}, verdict.score)
         return Decision(steer, None if ended else worker, budget, "eos" if ended else "continue",
                         confidence=verdict.score)
-
 
     def _worker(self, verdict: Verdict, default: str) -> str:
         """The worker a verdict names (``verdict.worker``), else ``default``."""
@@ -174,8 +216,8 @@ def keyword_guard(patterns: Sequence[str], guidance: str, action: Action = "roll
 def load_supervisor(spec: str) -> Supervisor:
     """Import ``module:function`` (a supervisor, or a factory taking no arguments)."""
     module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:  # like uvicorn: modules next to where the user runs
-        sys.path.insert(0, os.getcwd())
+    if os.getcwd() not in sys.path:  # modules next to where the user runs, searched last
+        sys.path.append(os.getcwd())
     if not module_name or not attr:
         raise ConfigError(f"supervisor {spec!r}: expected module:function or a model name")
     try:
@@ -249,8 +291,12 @@ class ScoreSupervisor:
     def __call__(self, review: Review) -> Verdict:
         question = (f"Problem:\n{review.question}\n\nStep:\n{review.chunk.text}\n\n"
                     "Is this step correct and on task? Answer good or bad.")
-        logprobs = self.scorer.backend.next_token_logprobs(  # type: ignore[attr-defined]
-            Prompt(question, "You rate reasoning steps."), [" good", " bad"])
+        backend = self.scorer.backend
+        if not isinstance(backend, ScoringBackend):
+            raise ConfigError(f"score:{self.scorer.name}: its backend cannot score tokens "
+                              "(use a local transformers model, or judge:AGENT)")
+        logprobs = backend.next_token_logprobs(Prompt(question, "You rate reasoning steps."),
+                                               [" good", " bad"])
         value = logprobs[" good"] - logprobs[" bad"]
         if value < self.threshold:
             return Verdict(action=self.action, guidance=self.guidance, score=value,

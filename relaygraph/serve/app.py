@@ -24,12 +24,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from relaygraph.errors import ConfigError, RelayGraphError, StoreUnavailableError
-from relaygraph.graphs.state import SUPERVISOR
+from relaygraph.errors import Cancelled, ConfigError, RelayGraphError, StoreUnavailableError
+from relaygraph.policies.base import SUPERVISOR
 from relaygraph.serve.registry import Registry, ServedRelay
 from relaygraph.serve.runner import (
     DONE,
-    RunCancelled,
     RunHandle,
     Scheduler,
     ServerBusy,
@@ -361,7 +360,7 @@ def _outcome(run: _Run) -> tuple[Any, str]:
 
 def _run_error(exc: BaseException, run: _Run) -> APIError:
     where = f"trajectory {run.trajectory_id}"
-    if isinstance(exc, RunCancelled):
+    if isinstance(exc, Cancelled):
         return APIError(503, f"The run was cancelled ({exc.reason}); what was written is kept "
                         f"in {where}", "server_error", code="cancelled")
     if exc.__class__.__name__ == "ContextTooLongError":

@@ -36,19 +36,20 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Prompt, Sampling
-from relaygraph.config import RelayConfig, _policy_agents, build_policy, read_config_file, validate
+from relaygraph.agents.backend import Backend, Prompt, Sampling
+from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
+from relaygraph.agents.registry import AgentConfig, BackendPool
+from relaygraph.config import RelayConfig, read_config_file, validate
 from relaygraph.errors import ConfigError
-from relaygraph.serve.runner import CancellableBackend
+from relaygraph.policies.base import PolicyConfig
+from relaygraph.policies.registry import trusted_fields
+from relaygraph.serve.runner import cancellable
 from relaygraph.serve.schemas import APIError, bad_request, validation_error
 
 if TYPE_CHECKING:
     from relaygraph.relay import Relay
     from relaygraph.trajectory.store import TrajectoryStore
 
-NOT_PER_REQUEST = ("type", "supervisor", "solo_results")
-"""Policy fields a request may not override: they change the policy's kind, or name code to
-import or a file to read on the server."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
 SystemMessage = Literal["append", "override", "reject"]
 
@@ -101,29 +102,25 @@ class ServeConfig(BaseModel):
         return cls.parse(read_config_file(path), source=str(path))
 
     @classmethod
-    def default(cls, controller: str = "qwen2.5-coder-0.5b",
-                expert: str = "qwen2.5-coder-1.5b") -> ServeConfig:
+    def default(cls, controller: str = DEFAULT_CONTROLLER,
+                expert: str = DEFAULT_EXPERT) -> ServeConfig:
         """The offline pair as ``relay-call-token`` and ``relay-prompted-call``."""
         relays = {}
         for policy, text in (("call-token", "the controller calls the expert with "
                               "<call>n</call> (RelayLLM; needs a controller trained to call)"),
                              ("prompted-call", "the same, with the call tool explained in the "
                               "controller's system prompt")):
-            cfg = RelayConfig.from_options(controller, expert, policy).model_dump()
-            cfg.pop("redis")
+            cfg = RelayConfig.from_options(controller, expert, policy).model_dump(
+                exclude={"redis"})
             relays[f"relay-{policy}"] = {**cfg, "description": f"{controller} + {expert}: {text}"}
         return cls.parse({"relays": relays}, source="default serve config")
 
-    def backend_keys(self) -> list[tuple[str, str]]:
-        """(model, dtype) of every model that must be on this machine (served models need
-        only their tokenizer, if that)."""
-        keys = []
-        for cfg in self.relays.values():
-            for name in cfg.needed_agents():
-                agent = cfg.agents[name]
-                if agent.local_model:
-                    keys.append((agent.local_model, agent.dtype))
-        return list(dict.fromkeys(keys))
+    def local_models(self) -> list[str]:
+        """Every model that must be on this machine (served models need only their
+        tokenizer, if that)."""
+        models = [m for cfg in self.relays.values() for name in cfg.needed_agents()
+                  if (m := cfg.agents[name].local_model)]
+        return list(dict.fromkeys(models))
 
 
 def _sampling(base: Sampling, temperature: float | None, top_p: float | None,
@@ -158,7 +155,7 @@ class ServedRelay:
         self.agents = agents
         self.store = store
         self.created = int(time.time())
-        policy = build_policy(config.policy, agents)
+        policy = config.policy.build(agents)
         self.relay = Relay(list(agents.values()), policy, store, config.max_tokens)
         self._variants: OrderedDict[Variant, Relay] = OrderedDict()
         self._cache_size = cache_size
@@ -205,7 +202,7 @@ class ServedRelay:
         from relaygraph.relay import Relay
 
         policy_cfg = self._policy_config(overrides)
-        names = list(dict.fromkeys(_policy_agents(policy_cfg)))
+        names = list(dict.fromkeys(policy_cfg.required_agents()))
         if missing := [n for n in names if n not in self.agents]:
             raise bad_request(f"the policy would need agents {missing}, but {self.name} serves "
                               f"{sorted(self.agents)}", "relaygraph.policy", "invalid_value")
@@ -220,24 +217,25 @@ class ServedRelay:
                 base, system_prompt=prompt,
                 sampling=_sampling(base.sampling, key.temperature, key.top_p, key.seed))
         try:
-            policy = build_policy(policy_cfg, agents)
-        except (ValueError, ConfigError) as exc:
+            policy = policy_cfg.build(agents)
+        except ConfigError as exc:
             raise bad_request(f"relaygraph.policy: {exc}", "relaygraph.policy",
                               "invalid_value") from None
         return Relay(list(agents.values()), policy, self.store,
                      key.max_tokens or self.config.max_tokens)
 
-    def _policy_config(self, overrides: dict[str, Any]) -> Any:
+    def _policy_config(self, overrides: dict[str, Any]) -> PolicyConfig:
         if not overrides:
             return self.config.policy
-        for field in NOT_PER_REQUEST:
+        for field in sorted(trusted_fields()):
             if field in overrides:
                 raise bad_request(f"relaygraph.policy.{field} cannot be set per request; "
                                   "serve another relay for that", f"relaygraph.policy.{field}",
                                   "invalid_value")
         cls = type(self.config.policy)
         try:
-            return cls.model_validate({**self.config.policy.model_dump(), **overrides})
+            return cls.model_validate({**self.config.policy.model_dump(exclude_unset=True),
+                                       **overrides})
         except ValidationError as exc:
             raise validation_error(exc, "relaygraph.policy.") from None
 
@@ -268,24 +266,16 @@ class Registry:
 
     @classmethod
     def build(cls, config: ServeConfig, store: TrajectoryStore,
-              backend_factory: Callable[[str, str], Any] | None = None) -> Registry:
-        """Load every model once (agents with equal ``AgentConfig.backend_key()`` share it;
-        ``backend_factory(model, dtype)`` replaces ``AgentConfig.build_backend``) and build
-        each relay on the shared, cancellable backends."""
-        backends: dict[tuple[Any, ...], Any] = {}
+              backend_factory: Callable[[AgentConfig], Backend] | None = None) -> Registry:
+        """Load every model once (agents with equal :meth:`AgentConfig.key` share it;
+        ``backend_factory(config)`` replaces :meth:`AgentConfig.build`) and build each relay
+        on the shared, cancellable backends."""
+        pool = BackendPool(wrap=cancellable, build=backend_factory)
         relays = {}
         for name, cfg in config.relays.items():
-            agents = {}
-            for agent_name in cfg.needed_agents():
-                a = cfg.agents[agent_name]
-                key = a.backend_key()
-                if key not in backends:
-                    built = backend_factory(a.model, a.dtype) if backend_factory else a.build_backend()
-                    backends[key] = CancellableBackend(built)
-                agents[agent_name] = Agent(agent_name, backends[key],
-                                           a.system_prompt, Sampling(a.temperature, a.top_p, a.seed))
+            agents = pool.agents(cfg.agents, cfg.needed_agents())
             relays[name] = ServedRelay(name, cfg, agents, store)
-        return cls(relays, backends)
+        return cls(relays, pool.backends)
 
     def get(self, model: str) -> ServedRelay:
         relay = self.relays.get(model)
@@ -294,3 +284,4 @@ class Registry:
                            f"{', '.join(self.relays)} (GET /v1/models)", "invalid_request_error",
                            "model", "model_not_found")
         return relay
+

@@ -4,11 +4,12 @@
 At most ``concurrency + max_queue`` requests are admitted at once (the rest get a 429), and
 a request that waits longer than ``queue_timeout`` for a worker gets a 503.
 
-Cancellation (a client disconnects, the server shuts down) sets a flag that stops
-generation at the next token: every backend a server loads is wrapped in
-:class:`CancellableBackend`, whose stop-rule check raises :class:`RunCancelled` once the
-flag of the run it serves is set (the run is found through a context variable, which
-LangGraph copies into its node threads). The interrupted turn is dropped, every turn that
+Cancellation (a client disconnects, the server shuts down) cancels the run's
+:class:`~relaygraph.agents.wrapping.CancelScope`, which stops generation at the next
+token: every backend a server loads is a
+:class:`~relaygraph.agents.wrapping.CancellableBackend` that finds the scope of the run it
+serves through a context variable (LangGraph copies it into its node threads) and raises
+:class:`~relaygraph.errors.Cancelled`. The interrupted turn is dropped, every turn that
 completed stays in the store, and the trajectory's status becomes ``cancelled`` (with a
 ``cancel_reason``), so it reads as consistent as a crash at a step boundary would (and
 ``relaygraph resume`` can continue it).
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import logging
 import threading
 import time
@@ -26,85 +26,20 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback, TokenStep
-from relaygraph.errors import RelayGraphError
-from relaygraph.observability.tracing import provider_name
+from relaygraph.agents.backend import Backend
+from relaygraph.agents.wrapping import CancellableBackend, CancelScope
+from relaygraph.errors import Cancelled
 
 log = logging.getLogger("relaygraph.serve")
 
 
-class RunCancelled(RelayGraphError):
-    """Raised inside generation when the run's request was cancelled.
-
-    A :class:`~relaygraph.errors.RelayGraphError`, so the graph does not retry the turn
-    (it retries backend faults, not errors with a known cause) and the run ends at once.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class RunControl:
-    """Per-run state the backends consult: the cancellation flag and the KV caches used."""
-
-    def __init__(self) -> None:
-        self._cancelled = threading.Event()
-        self.reason = ""
-        self.cache_keys: set[tuple[Any, str]] = set()
-        self.tokens_after_cancel = 0
-
-    def cancel(self, reason: str) -> None:
-        if not self._cancelled.is_set():
-            self.reason = reason
-            self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def check(self) -> None:
-        if self._cancelled.is_set():
-            raise RunCancelled(self.reason)
-
-
-_current: contextvars.ContextVar[RunControl | None] = contextvars.ContextVar(
+_current: contextvars.ContextVar[CancelScope | None] = contextvars.ContextVar(
     "relaygraph_serve_run", default=None)
 
 
-class CancellableBackend:
-    """A loaded backend shared by every relay and request of a server, made cancellable.
-
-    Everything but ``generate`` goes to the wrapped backend. ``generate`` checks the
-    current run's flag before it starts and at every token (through the stop rule's
-    ``check``), and remembers the KV-cache key so the server can drop it after the run.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.provider_name = provider_name(inner)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def generate(self, prompt: Prompt, rule: StopRule, sampling: Sampling = Sampling(),
-                 on_text: TextCallback | None = None, cache_key: str | None = None) -> Generation:
-        control = _current.get()
-        if control is None:
-            return self.inner.generate(prompt, rule, sampling, on_text, cache_key)
-        control.check()
-        if cache_key is not None:
-            control.cache_keys.add((self.inner, cache_key))
-        inner_check = rule.check
-
-        def check(step: TokenStep) -> bool:
-            if control.cancelled:
-                control.tokens_after_cancel += 1
-                raise RunCancelled(control.reason)
-            return inner_check(step) if inner_check is not None else False
-
-        return self.inner.generate(prompt, dataclasses.replace(rule, check=check), sampling,
-                                   on_text, cache_key)
+def cancellable(backend: Backend) -> Backend:
+    """``backend`` made cancellable by the scope of the served run calling it."""
+    return CancellableBackend(backend, _current.get)
 
 
 class ServerBusy(Exception):
@@ -120,7 +55,7 @@ class RunHandle:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
         self.loop = loop
-        self.control = RunControl()
+        self.control = CancelScope()
         self.events: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
         self.started = asyncio.Event()
         self.future: Future[Any] | None = None
@@ -230,7 +165,7 @@ class Scheduler:
         for future in futures:
             try:
                 future.exception(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - cancelled, timed out: nothing more to do
+            except Exception:
                 pass
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -247,7 +182,7 @@ def run_relay(relay: Any, handle: RunHandle, question: str, trajectory_id: str,
     try:
         control.check()  # cancelled while queued: nothing is written
         return relay.run(question, trajectory_id=trajectory_id, on_event=handle.emit)
-    except RunCancelled as exc:
+    except Cancelled as exc:
         _mark_cancelled(relay.store, trajectory_id, exc.reason)
         raise
     finally:
@@ -255,15 +190,13 @@ def run_relay(relay: Any, handle: RunHandle, question: str, trajectory_id: str,
             otel_context.detach(otel_token)
         _current.reset(token)
         for backend, key in control.cache_keys:  # a served run is never continued in place
-            drop = getattr(backend, "drop_cache", None)
-            if drop is not None:
-                drop(key)
+            backend.drop_cache(key)
 
 
 def _mark_cancelled(store: Any, trajectory_id: str, reason: str) -> None:
     try:
         if store.exists(trajectory_id):
             store.set_status(trajectory_id, "cancelled", cancel_reason=reason)
-    except Exception as exc:  # noqa: BLE001 - the store may be what failed
+    except Exception as exc:
         log.warning("could not mark trajectory %s cancelled (%s)", trajectory_id,
                     type(exc).__name__)

@@ -24,7 +24,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
 
     settings = settings or ServeSettings()
     store = open_store(redis or config.redis)
-    announce(f"loading models: {', '.join(m for m, _ in config.backend_keys())}")
+    announce(f"loading models: {', '.join(config.local_models())}")
     registry = Registry.build(config, store)
     app = create_app(registry, settings)
     log_config = copy.deepcopy(LOGGING_CONFIG)

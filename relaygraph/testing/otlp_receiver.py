@@ -211,7 +211,7 @@ class OtlpReceiver(_ReceiverBase):
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 encoding = (self.headers.get("Content-Encoding") or "").lower()
                 if encoding == "gzip":
@@ -231,7 +231,7 @@ class OtlpReceiver(_ReceiverBase):
                     else:
                         self.send_error(404)
                         return
-                except Exception:  # noqa: BLE001 - a malformed body is the sender's problem
+                except Exception:
                     self.send_error(400)
                     return
                 self.send_response(200)
@@ -295,12 +295,12 @@ class GrpcOtlpReceiver(_ReceiverBase):
         store = self._store
 
         class Traces(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's naming
+            def Export(self, request: Any, context: Any) -> Any:
                 store.add(spans=_spans(request))
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+            def Export(self, request: Any, context: Any) -> Any:
                 store.add(points=_points(request))
                 return metrics_service_pb2.ExportMetricsServiceResponse()
 

@@ -33,7 +33,6 @@ from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.agents.backend import Prompt, Sampling
-from relaygraph.agents.rendering import tokenizer_fingerprint as _tokenizer_fingerprint
 from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.errors import ConfigError
 from relaygraph.policies.call_token import CallTokenPolicy
@@ -109,16 +108,6 @@ class GrpoSettings(Strict):
         return self
 
 
-class PolicyBackend(TransformersBackend):
-    """The model being trained as a relay backend: rollouts decode with its live weights
-    through the backend's own loop (KV cache, batched decode steps), without a copy."""
-
-    def __init__(self, model: Any, tokenizer: Any, model_id: str = "policy",
-                 cache_size: int = 256) -> None:
-        self.model_id = model_id
-        self._attach(model, tokenizer, str(next(model.parameters()).device), cache_size)
-
-
 @dataclass
 class Rollout:
     """One relay run as the trainer sees it."""
@@ -182,7 +171,8 @@ class RelayRollouts:
         self.max_tokens = max_tokens
         self.sampling = Sampling(temperature, top_p)
         self.system_prompt = system_prompt
-        self.policy = CallTokenPolicy(CONTROLLER, expert.name, max_call_tokens, max_calls)
+        self.policy = CallTokenPolicy(controller=CONTROLLER, expert=expert.name,
+                                      max_call_tokens=max_call_tokens, max_calls=max_calls)
 
     def __call__(self, prompts: list[str], trainer: Any) -> dict[str, list[Any]]:
         from trl.models import unwrap_model_for_generation
@@ -195,7 +185,8 @@ class RelayRollouts:
                 training = model.training
                 model.eval()  # no dropout; with checkpointing off the KV cache is used
                 try:
-                    rollouts = self.run(PolicyBackend(model, trainer.processing_class), prompts)
+                    rollouts = self.run(TransformersBackend.from_loaded(
+                        model, trainer.processing_class, "policy", cache_size=256), prompts)
                 finally:
                     model.train(training)
         return {

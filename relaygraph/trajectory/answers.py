@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (balanced braces), or None."""

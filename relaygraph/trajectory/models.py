@@ -10,17 +10,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SegmentKind = Literal["text", "call", "steer", "retract", "error"]
+from relaygraph.errors import ConfigError
+
+SegmentKind = Literal["text", "call", "steer", "retract", "error", "mark"]
 """``text``: reasoning an agent wrote; ``call``: a controller's ``<call>n</call>`` command;
 ``steer``: guidance injected by a supervisor, visible to all; ``retract``: a marker that
 rolls back earlier segments (``meta["retracts"]`` lists their positions; they stay in the
-store but leave every view); ``error``: a failure recorded in the run."""
+store but leave every view); ``error``: a failure recorded in the run; ``mark``: an empty
+segment that only carries the record of a step that appended nothing else (e.g. a
+supervisor's stop)."""
 
 FinishReason = Literal["stop", "eos", "length", "budget", "call", "low_confidence", "error"]
 """Why a segment ended: a stop string, end of sequence, the backend's token limit, the
 policy's budget, a call command, a per-token confidence check, or an error."""
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
 
 
 def new_trajectory_id() -> str:
@@ -31,7 +35,7 @@ def new_trajectory_id() -> str:
 def check_trajectory_id(trajectory_id: str) -> str:
     """Validate a (possibly user-supplied) id so it cannot address another key namespace."""
     if not isinstance(trajectory_id, str) or not _ID_RE.match(trajectory_id):
-        raise ValueError(
+        raise ConfigError(
             f"invalid trajectory id {trajectory_id!r}: use 1-64 letters, digits, '-' or '_'"
         )
     return trajectory_id
@@ -75,9 +79,10 @@ def retracted(segments: Sequence[Segment]) -> set[int]:
 
 
 def active(segments: Sequence[Segment]) -> list[Segment]:
-    """The segments views are built from: without retracted ones and retraction markers."""
+    """The segments views are built from: without retracted ones and markers."""
     gone = retracted(segments)
-    return [s for i, s in enumerate(segments) if s.kind != "retract" and i not in gone]
+    return [s for i, s in enumerate(segments)
+            if s.kind not in ("retract", "mark") and i not in gone]
 
 
 def reasoning_text(segments: Sequence[Segment]) -> str:
@@ -95,6 +100,8 @@ class Task(BaseModel):
     policy: str = ""
     agents: dict[str, str] = Field(default_factory=dict)
     """Agent name -> model identifier."""
+    primary: str = ""
+    """The agent whose tokens are not counted as help (empty: the first agent)."""
     config: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
 
@@ -117,3 +124,35 @@ class Trajectory(BaseModel):
     @property
     def text(self) -> str:
         return reasoning_text(self.segments)
+
+
+class StepRecord(BaseModel):
+    """The outcome of one graph step, stored on the step's last segment (``meta["step"]``):
+    the one record every number of a run (tokens, handoffs, counters, finish reason) is
+    computed from — by the graph as it runs, by resume, and by every viewer."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    author: str
+    """The agent who wrote the step (for a supervisor review: the worker reviewed)."""
+    tokens: int = 0
+    """Tokens generated in the step."""
+    to: str
+    """Who writes next: an agent, ``supervisor`` or ``finish``."""
+    budget: int = 0
+    reason: str = ""
+    counters: dict[str, int] = Field(default_factory=dict)
+    moved: bool = False
+    """Control moved to another agent: a handoff."""
+    confidence: float | None = None
+
+
+def step_of(segment: Segment) -> StepRecord | None:
+    """The step record a segment carries, if any (malformed records count as none)."""
+    raw = segment.meta.get("step")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return StepRecord.model_validate(raw)
+    except ValueError:
+        return None

@@ -15,17 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from relaygraph.policies.base import SUPERVISOR
+from relaygraph.trajectory.models import Segment, Trajectory, retracted
 from relaygraph.viewer.summary import (
-    SUPERVISOR,
     Handoff,
     HandoffTracker,
-    Totals,
+    Summary,
     load_decoders,
-    retracted_positions,
     summarize,
     token_pieces,
 )
-from relaygraph.trajectory.models import Segment, Trajectory
 
 # (text, tint, swatch) per author, in order of appearance; the terminal's palette order
 COLOURS = (
@@ -147,44 +146,51 @@ def _marker(h: Handoff, number: int) -> str:
 def _body(trajectory: Trajectory, authors: _Authors, decoders: dict[str, Decoder]
           ) -> tuple[str, list[tuple[Handoff, int]]]:
     segments = trajectory.segments
-    gone = retracted_positions(segments)
+    gone = retracted(segments)
     tracker = HandoffTracker()
     parts: list[str] = []
     handoffs: list[tuple[Handoff, int]] = []
     tokens_so_far = 0
     for i, seg in enumerate(segments):
+        _segment_html(parts, seg, i, i in gone, authors, decoders, tokens_so_far)
+        tokens_so_far += seg.n_tokens if seg.kind in ("text", "call") else 0
         handoff = tracker.push(i, seg)
         if handoff is not None:
             handoffs.append((handoff, tokens_so_far))
             parts.append(_marker(handoff, len(handoffs)))
-        cls = authors.cls(seg.author)
-        if seg.kind == "steer":
-            why = f" ({seg.meta['reason']})" if seg.meta.get("reason") else ""
-            parts.append(f'<span class="steer {cls}">{_esc(seg.author)} steers{_esc(why)}: '
-                         f'{_esc(seg.text)}</span>')
-            continue
-        if seg.kind == "retract":
-            which = ", ".join(f"#{j}" for j in seg.meta.get("retracts", ()))
-            why = f": {seg.meta['reason']}" if seg.meta.get("reason") else ""
-            parts.append(f'<span class="ho rb">⟲ rollback of {_esc(which)}{_esc(why)}</span>')
-            continue
-        if seg.kind == "error":
-            parts.append(f'<span class="err">[error by {_esc(seg.author)}] {_esc(seg.text)}</span>')
-            continue
-        extra = (" call" if seg.kind == "call" else "") + (" gone" if i in gone else "")
-        tip = f"{seg.author} · segment #{i} · {seg.kind} · {seg.n_tokens} tokens"
-        if seg.finish_reason:
-            tip += f" · ended: {seg.finish_reason}"
-        if seg.kind == "call":
-            granted = seg.meta.get("granted")
-            tip += f" · call for {seg.meta.get('requested')} tokens, granted {granted}"
-        parts.append(f'<span class="seg {cls}{extra}" data-seq="{i}" title="{_esc(tip)}">'
-                     f'{_token_spans(seg, i, decoders.get(seg.author), tokens_so_far)}</span>')
-        tokens_so_far += seg.n_tokens
     return "".join(parts), handoffs
 
 
-def _cards(totals: Totals, authors: _Authors) -> str:
+def _segment_html(parts: list[str], seg: Segment, i: int, gone: bool, authors: _Authors,
+                  decoders: dict[str, Decoder], tokens_so_far: int) -> None:
+    cls = authors.cls(seg.author)
+    why = f"{seg.meta['reason']}" if seg.meta.get("reason") else ""
+    if seg.kind == "mark":
+        return
+    if seg.kind == "steer":
+        parts.append(f'<span class="steer {cls}">{_esc(seg.author)} steers'
+                     f'{_esc(f" ({why})" if why else "")}: {_esc(seg.text)}</span>')
+        return
+    if seg.kind == "retract":
+        which = ", ".join(f"#{j}" for j in seg.meta.get("retracts", ()))
+        parts.append(f'<span class="ho rb">⟲ rollback of {_esc(which)}'
+                     f'{_esc(f": {why}" if why else "")}</span>')
+        return
+    if seg.kind == "error":
+        parts.append(f'<span class="err">[error by {_esc(seg.author)}] {_esc(seg.text)}</span>')
+        return
+    extra = (" call" if seg.kind == "call" else "") + (" gone" if gone else "")
+    tip = f"{seg.author} · segment #{i} · {seg.kind} · {seg.n_tokens} tokens"
+    if seg.finish_reason:
+        tip += f" · ended: {seg.finish_reason}"
+    if seg.kind == "call":
+        granted = seg.meta.get("granted")
+        tip += f" · call for {seg.meta.get('requested')} tokens, granted {granted}"
+    parts.append(f'<span class="seg {cls}{extra}" data-seq="{i}" title="{_esc(tip)}">'
+                 f'{_token_spans(seg, i, decoders.get(seg.author), tokens_so_far)}</span>')
+
+
+def _cards(totals: Summary, authors: _Authors) -> str:
     total = totals.total_tokens or 1
     bar = "".join(f'<i class="{authors.cls(a)}" style="width:{100 * n / total:.2f}%"></i>'
                   for a, n in totals.tokens_by_agent.items() if n)
@@ -241,7 +247,7 @@ def render_html(trajectory: Trajectory, decoders: dict[str, Decoder] | None = No
         "</tbody></table>" if handoffs else "<p class='muted'>No handoffs: one agent wrote "
         "everything.</p>")
     ended = f" ({_esc(totals.finish_reason)})" if totals.finish_reason else ""
-    created = dt.datetime.fromtimestamp(task.created_at, dt.timezone.utc).strftime(
+    created = dt.datetime.fromtimestamp(task.created_at, dt.UTC).strftime(
         "%Y-%m-%d %H:%M:%S UTC")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

@@ -1,27 +1,23 @@
 """What a stored trajectory says about its run: handoffs, totals, per-token confidence.
 
-Shared by the terminal and HTML viewers. The last segment of each graph step carries the
-step's outcome in ``meta["step"]`` (``to``, ``reason``, ``budget``, ...: what the policy
-decided), so handoffs are shown exactly as they happened. For segments without it (older
-trajectories, a supervisor decision that appended nothing) the handoff is inferred: a
-granted call command (``call``), a turn that used up its grant (``call_done``), a refused
-low-confidence token (``low_confidence``), a supervisor's rollback or switch, or the
-segment's finish reason.
+Shared by the terminal and HTML viewers. Every number comes from the step records the
+graph stored with the trajectory (``meta["step"]`` on each step's last segment), folded
+by :func:`relaygraph.trajectory.totals.tally` — the same function resume uses — so a
+viewer shows exactly the handoffs, tokens and finish reason ``relaygraph run`` reported.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from relaygraph.trajectory.models import Segment, Trajectory
+from relaygraph.policies.base import SUPERVISOR
+from relaygraph.trajectory.answers import extract_answer
+from relaygraph.trajectory.models import Segment, Trajectory, active, reasoning_text, retracted, step_of
+from relaygraph.trajectory.totals import tally
 
-SUPERVISOR = "supervisor"
 WORK_KINDS = ("text", "call")
-ENDINGS = ("eos", "stop", "budget", "empty")
-"""Step reasons that end a run by themselves (others end it only when the budget is spent)."""
 
 
 @dataclass
@@ -44,11 +40,13 @@ class Handoff:
 
 
 @dataclass
-class Totals:
+class Summary:
+    """A trajectory's numbers for display."""
+
     tokens_by_agent: dict[str, int] = field(default_factory=dict)
     total_tokens: int = 0
     call_ratio: float = 0.0
-    """Tokens written by agents other than the primary (the first agent) / all tokens."""
+    """Tokens written by agents other than the primary / all tokens."""
     handoffs: int = 0
     segments: int = 0
     retracted: int = 0
@@ -58,108 +56,49 @@ class Totals:
     """Tokens with probability below 0.5."""
     answer: str = ""
     finish_reason: str = ""
-    """Why the run ended (the last step's reason), when recorded."""
-
-
-def retracted_positions(segments: Sequence[Segment]) -> set[int]:
-    return {seq for s in segments if s.kind == "retract" for seq in s.meta.get("retracts", ())}
-
-
-def step_of(seg: Segment) -> dict[str, Any] | None:
-    """The graph step record on a segment (``meta["step"]``), if it has one."""
-    step = seg.meta.get("step")
-    return step if isinstance(step, dict) and step.get("to") else None
+    """Why the run ended, when it has."""
 
 
 class HandoffTracker:
-    """Finds handoffs one segment at a time (for a trajectory that is still growing)."""
-
-    def __init__(self) -> None:
-        self.last: Segment | None = None
-        self.called = False  # the current writer's turn began with a granted call
-        self.between: list[Segment] = []  # supervisor segments since the last worker one
+    """Finds handoffs one segment at a time (for a trajectory that is still growing):
+    :meth:`push` returns the handoff that follows a segment, if its step moved control."""
 
     def push(self, position: int, seg: Segment) -> Handoff | None:
-        if seg.kind not in WORK_KINDS or seg.author == SUPERVISOR:
-            self.between.append(seg)
+        step = step_of(seg)
+        if step is None or not step.moved:
             return None
-        handoff = None
-        prev = self.last
-        if prev is not None and prev.author != seg.author:
-            handoff = _handoff(position, prev, seg.author, self.called, self.between)
-            self.called = prev.kind == "call" and bool(prev.meta.get("granted"))
-        self.last = seg
-        self.between = []
-        return handoff
+        note = str(seg.meta.get("reason", "")) if seg.author == SUPERVISOR else ""
+        return Handoff(position + 1, step.author, step.to, step.reason, step.budget,
+                       step.confidence, note)
 
 
-def infer_handoffs(segments: Sequence[Segment]) -> list[Handoff]:
-    """Handoffs between writers, in order (see the module docstring)."""
+def handoffs(segments: list[Segment]) -> list[Handoff]:
+    """Every handoff of a trajectory, in order."""
     tracker = HandoffTracker()
     return [h for i, s in enumerate(segments) if (h := tracker.push(i, s)) is not None]
 
 
-def _handoff(position: int, prev: Segment, to: str, called: bool,
-             between: list[Segment]) -> Handoff:
-    for seg in [*reversed(between), prev]:  # the decision that sent control to ``to``
-        step = step_of(seg)
-        if step is not None and step["to"] == to:
-            note = str(seg.meta.get("reason", "")) if seg.author == SUPERVISOR else ""
-            budget = step.get("budget")
-            return Handoff(position, prev.author, to, str(step.get("reason") or "handoff"),
-                           int(budget) if isinstance(budget, int) else None, note=note)
-    review = next((s for s in between if s.kind == "retract"), None) or next(
-        (s for s in between if s.kind == "steer"), None)
-    if review is not None:  # the supervisor rolled back, or switched writers
-        reason = "rollback" if review.kind == "retract" else "switch"
-        return Handoff(position, prev.author, to, reason, note=str(review.meta.get("reason", "")))
-    if prev.kind == "call" and prev.meta.get("granted"):
-        return Handoff(position, prev.author, to, "call",
-                       requested_tokens=int(prev.meta["granted"]))
-    if prev.finish_reason == "low_confidence":
-        return Handoff(position, prev.author, to, "low_confidence")
-    if prev.finish_reason == "budget" and called:
-        return Handoff(position, prev.author, to, "call_done")
-    return Handoff(position, prev.author, to, prev.finish_reason or "handoff")
-
-
-def summarize(trajectory: Trajectory) -> Totals:
+def summarize(trajectory: Trajectory) -> Summary:
     """Tokens per agent, call ratio, handoffs, confidence and the answer of a trajectory."""
-    from relaygraph.trajectory.answers import extract_answer
-
     segments = trajectory.segments
-    gone = retracted_positions(segments)
-    agents = list(trajectory.task.agents)
-    tokens = {a: 0 for a in agents}
+    task = trajectory.task
+    agents = list(task.agents)
+    totals, _ = tally(segments, agents)
+    summary = Summary(segments=len(segments), retracted=len(retracted(segments)),
+                      tokens_by_agent=totals.tokens_by_agent, total_tokens=totals.generated,
+                      handoffs=totals.handoffs, finish_reason=totals.finish_reason)
+    primary = task.primary or (agents[0] if agents else "")
+    summary.call_ratio = totals.call_ratio(primary)
     probs: dict[str, list[float]] = {}
-    totals = Totals(segments=len(segments), retracted=len(gone))
     for seg in segments:
-        if seg.kind not in WORK_KINDS:
-            continue
-        tokens[seg.author] = tokens.get(seg.author, 0) + seg.n_tokens
-        for lp in seg.logprobs or ():
-            p = math.exp(lp)
-            probs.setdefault(seg.author, []).append(p)
-            totals.low_tokens += p < 0.5
-    totals.tokens_by_agent = tokens
-    totals.total_tokens = sum(tokens.values())
-    primary = agents[0] if agents else (segments[0].author if segments else "")
-    if totals.total_tokens:
-        totals.call_ratio = (totals.total_tokens - tokens.get(primary, 0)) / totals.total_tokens
-    totals.handoffs = len(infer_handoffs(segments))
-    totals.mean_prob_by_agent = {a: sum(v) / len(v) for a, v in probs.items() if v}
-    text = "".join(s.plain_text for i, s in enumerate(segments)
-                   if s.kind in WORK_KINDS and i not in gone)
-    totals.answer = extract_answer(text)
-    last = next((step for seg in reversed(segments) if (step := step_of(seg)) is not None), None)
-    if last is not None and last["to"] == "finish":
-        reason = str(last.get("reason") or "")
-        budget = trajectory.task.config.get("max_tokens")
-        # as the graph does: a policy that wanted to go on was stopped by the run's budget
-        if isinstance(budget, int) and totals.total_tokens >= budget and reason not in ENDINGS:
-            reason = "budget"
-        totals.finish_reason = reason
-    return totals
+        if seg.kind in WORK_KINDS:
+            for lp in seg.logprobs or ():
+                p = math.exp(lp)
+                probs.setdefault(seg.author, []).append(p)
+                summary.low_tokens += p < 0.5
+    summary.mean_prob_by_agent = {a: sum(v) / len(v) for a, v in probs.items() if v}
+    summary.answer = extract_answer(reasoning_text(active(segments)))
+    return summary
 
 
 def token_pieces(segment: Segment, decode: Any) -> list[str] | None:
@@ -176,7 +115,7 @@ def token_pieces(segment: Segment, decode: Any) -> list[str] | None:
                 return None
             pieces.append(text[len(previous):])
             previous = text
-    except Exception:  # noqa: BLE001 - a viewer must not fail on a tokenizer quirk
+    except Exception:
         return None
     return pieces if "".join(pieces) == segment.text else None
 
@@ -194,7 +133,7 @@ def load_decoders(trajectory: Trajectory) -> dict[str, Any]:
         cache[model] = None
         try:
             decoders[author] = cache[model] = _decoder(model)
-        except Exception:  # noqa: BLE001 - no tokenizer: per-segment shading instead
+        except Exception:
             continue
     return decoders
 

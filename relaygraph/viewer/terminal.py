@@ -13,13 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from relaygraph.viewer.summary import (
-    Handoff,
-    HandoffTracker,
-    Totals,
-    retracted_positions,
-)
-from relaygraph.trajectory.models import Segment, Trajectory
+from relaygraph.trajectory.models import Segment, Trajectory, retracted
+from relaygraph.viewer.summary import Handoff, HandoffTracker, Summary, summarize
 
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red")
 
@@ -58,6 +53,8 @@ def segment_text(segment: Segment, styles: Styles, retracted: bool = False) -> T
         return text
     if segment.kind in ("steer", "error"):
         return Text(f"\n[{segment.kind} by {segment.author}] {segment.text}\n", style=f"italic {style}")
+    if segment.kind == "mark":
+        return Text("")
     if segment.kind == "retract":
         gone = ", ".join(f"#{i}" for i in segment.meta.get("retracts", ()))
         why = f": {segment.meta['reason']}" if segment.meta.get("reason") else ""
@@ -82,11 +79,11 @@ class TrajectoryPrinter:
         self.count = 0
 
     def add(self, position: int, segment: Segment) -> None:
+        self.console.print(segment_text(segment, self.styles, position in self.retracted),
+                           end="", soft_wrap=True)
         handoff = self.tracker.push(position, segment)
         if handoff is not None:
             self.console.print(handoff_marker(handoff), end="", soft_wrap=True)
-        self.console.print(segment_text(segment, self.styles, position in self.retracted),
-                           end="", soft_wrap=True)
         self.count += 1
 
     def add_all(self, segments: Iterable[tuple[int, Segment]]) -> None:
@@ -99,7 +96,7 @@ def header(trajectory: Trajectory, console: Console, styles: Styles) -> None:
     console.print(styles.legend(trajectory.task.agents))
 
 
-def footer(trajectory: Trajectory, totals: Totals, status: str, console: Console) -> None:
+def footer(trajectory: Trajectory, totals: Summary, status: str, console: Console) -> None:
     tokens = ", ".join(f"{k} {v}" for k, v in totals.tokens_by_agent.items())
     console.print()
     console.print(Text(f"answer: {totals.answer or '(none)'}", style="bold"))
@@ -112,11 +109,9 @@ def footer(trajectory: Trajectory, totals: Totals, status: str, console: Console
 
 def render_trajectory(trajectory: Trajectory, console: Console, status: str | None = None) -> None:
     """A stored trajectory: header, coloured text with handoff markers, totals."""
-    from relaygraph.viewer.summary import summarize
-
     styles = Styles(list(trajectory.task.agents))
     header(trajectory, console, styles)
-    printer = TrajectoryPrinter(console, styles, retracted_positions(trajectory.segments))
+    printer = TrajectoryPrinter(console, styles, retracted(trajectory.segments))
     printer.add_all(enumerate(trajectory.segments))
     footer(trajectory, summarize(trajectory), status or trajectory.status, console)
 
@@ -125,8 +120,6 @@ def follow_trajectory(store: Any, trajectory_id: str, console: Console,
                       block_ms: int = 1000) -> Trajectory:
     """Print a (running) trajectory as its segments arrive, by blocking reads on its stream,
     until the run ends; returns the finished trajectory."""
-    from relaygraph.viewer.summary import summarize
-
     trajectory = store.load(trajectory_id)
     styles = Styles(list(trajectory.task.agents))
     header(trajectory, console, styles)

@@ -8,7 +8,6 @@ several processes or machines split the work).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,13 +17,13 @@ import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
+from relaygraph.agents.catalog import DEFAULT_CONTROLLER as SMALL
+from relaygraph.agents.catalog import DEFAULT_EXPERT as LARGE
+from relaygraph.cli.common import ensure_pulled, err, floats, friendly, say
 from relaygraph.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Evaluate policies and model pairs on a dataset.")
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
-
-SMALL, LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 
 Dataset = Annotated[str, typer.Argument(help="JSONL/JSON/CSV file (question + answer; GSM8K '#### N' answers work), reasoning-gym:TASK, or hf:NAME[:CONFIG][@SPLIT].")]
 Limit = Annotated[int | None, typer.Option(min=1, help="Use this many problems (default: all).")]
@@ -40,40 +39,23 @@ QField = Annotated[str | None, typer.Option(help="Dataset field holding the ques
 AField = Annotated[str | None, typer.Option(help="Dataset field holding the answer (default: found by name).")]
 
 
-def _floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{what} takes numbers separated by commas, got {text!r}") from None
-
-
 def _command(func: F) -> F:
-    """A subcommand with the main CLI's error handling (one ``error:`` line, exit 2)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from relaygraph.cli import friendly  # here: relaygraph.cli imports this module
-
-        return friendly(func)(*args, **kwargs)
-
-    return app.command()(wrapper)  # type: ignore[return-value]
+    """A subcommand with the CLI's one-line errors."""
+    return app.command()(friendly(func))  # type: ignore[no-any-return]
 
 
 @contextmanager
 def _session(out: Path, redis: str | None, shared: str | None, lease: float,
              models: list[str]) -> Iterator[tuple[Any, Any, Any]]:
     """(store, results, pool) for one experiment; Ctrl-C keeps what finished."""
-    from relaygraph.cli import _ensure_pulled
     from relaygraph.eval.models import ModelPool
     from relaygraph.eval.runner import FileResults, RedisResults
     from relaygraph.trajectory import open_store
 
     store = open_store(redis)
     results = RedisResults(store.client, shared, lease) if shared else FileResults(out)
-    _ensure_pulled(*models)
-    pool = ModelPool(say=lambda line: err.print(f"[dim]{line}…[/dim]"))
+    ensure_pulled(*models)
+    pool = ModelPool(say=lambda line: say(f"{line}…"))
     try:
         yield store, results, pool
     except KeyboardInterrupt:
@@ -107,7 +89,7 @@ def sweep(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Sweep config (.toml, .yaml, .json); options below override it.")] = None,
     small: Annotated[str | None, typer.Option(help=f"Small model (default {SMALL}).")] = None,
     large: Annotated[str | None, typer.Option(help=f"Large model (default {LARGE}).")] = None,
-    policies: Annotated[str | None, typer.Option(help="Policy types to run besides the solo runs, comma-separated, from: confidence, fixed-interval, prompted-call, call-token, supervisor ('none': only solo runs and derived routers). Default: all of them.")] = None,
+    policies: Annotated[str | None, typer.Option(help="Policy types to run besides the solo runs, comma-separated: any registered policy type ('none': only solo runs and derived routers). Default: confidence, fixed-interval, prompted-call, call-token, supervisor.")] = None,
     thresholds: Annotated[str | None, typer.Option(help="confidence thresholds, comma-separated (default -5,-3,-1.5).")] = None,
     p: Annotated[str | None, typer.Option("--p", help="random-router p values, comma-separated (default 0.1,0.25,0.5,0.75,0.9).")] = None,
     limit: Limit = None, seed: Seed = None,
@@ -119,41 +101,47 @@ def sweep(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Policies x problems: accuracy, call ratio, tokens, time; the cost curve with AUC and APGR."""
+    from relaygraph.config import validate
     from relaygraph.eval.report import write_sweep
     from relaygraph.eval.sweep import DEFAULT_POLICIES, SweepConfig, plan, run_sweep
+    from relaygraph.policies.registry import policy_types
 
     overrides = {"dataset": dataset, "limit": limit, "seed": seed, "max_tokens": max_tokens,
                  "question_field": question_field, "answer_field": answer_field,
-                 "random_router_p": _floats(p, "--p")}
+                 "random_router_p": floats(p, "--p")}
     if config is not None:
         cfg = SweepConfig.load(config, **overrides)
     elif dataset is None:
         raise ConfigError("give a dataset (e.g. /path/gsm8k_test.jsonl) or --config FILE")
     else:
-        from relaygraph.config import validate
-
         cfg = validate(SweepConfig, {k: v for k, v in overrides.items() if v is not None}, "options")
-    data = cfg.model_dump()
+    data = cfg.model_dump(mode="json", exclude_unset=True)  # unset fields keep their defaults
+    data["agents"] = {n: a.model_dump(mode="json", exclude_unset=True)
+                      for n, a in cfg.agents.items()}
+    data["policies"] = [dict(e) for e in cfg.policies]
     for role, model in ((cfg.small, small), (cfg.large, large)):
         if model:
             data["agents"][role]["model"] = model
     if dtype:
         for agent in data["agents"].values():
-            agent["dtype"] = dtype
+            if agent.get("backend", "transformers") in ("transformers", "vllm"):
+                agent["dtype"] = dtype
     if policies is not None:
-        wanted = {x.strip() for x in policies.split(",") if x.strip()} - {"none"}
-        known = {e["type"] for e in DEFAULT_POLICIES}
-        if unknown := wanted - known - {e.get("type") for e in data["policies"]}:
-            raise ConfigError(f"--policies: unknown {sorted(unknown)}; choose from {sorted(known)}")
+        wanted = [x.strip() for x in policies.split(",") if x.strip() and x.strip() != "none"]
+        known = policy_types()
+        if unknown := [w for w in wanted if w not in known]:
+            raise ConfigError(f"--policies: unknown {unknown}; choose from {', '.join(known)}")
         source = data["policies"] if config is not None else DEFAULT_POLICIES
-        data["policies"] = [e for e in source if e.get("type") in wanted]
+        chosen = [e for e in source if e.get("type") in wanted]
+        data["policies"] = chosen + [{"type": w} for w in wanted
+                                     if w not in {e.get("type") for e in chosen}]
     if thresholds is not None:
-        values = _floats(thresholds, "--thresholds")
+        values = floats(thresholds, "--thresholds")
         for entry in data["policies"]:
             if entry.get("type") == "confidence":
                 entry.pop("threshold", None)
                 entry["vary"] = {**entry.get("vary", {}), "threshold": values}
-    cfg = SweepConfig.model_validate(data)
+    cfg = validate(SweepConfig, data, str(config or "options"))
     plan(cfg)  # a bad policy fails here, before any model is pulled or loaded
     models = [a.local_model for a in cfg.agents.values() if a.local_model]
     with _session(out, redis, shared, lease, models) as (store, results, pool):
@@ -189,10 +177,10 @@ def relay(
         raise ConfigError("--models needs two or more distinct models (or one with --self-pairs)")
     problems = load_problems(dataset, limit, seed, question_field, answer_field)
     with _session(out, redis, shared, lease, names + ([prm] if prm else [])) as (store, results, pool):
-        judge = JudgePRM(pool.backend(prm, dtype)) if prm else None
+        judge = JudgePRM(pool.backend_for(prm, dtype)) if prm else None
         result = run_relay_experiment(
-            configs, problems, store, results, pool, max_tokens, _floats(thresholds, "--thresholds") or [],
-            _floats(fractions, "--fractions") or [], warmup, self_pairs, judge, concurrency,
+            configs, problems, store, results, pool, max_tokens, floats(thresholds, "--thresholds") or [],
+            floats(fractions, "--fractions") or [], warmup, self_pairs, judge, concurrency,
             _progress(quiet), pool.flag)
     result["dataset"] = dataset
     markdown = relay_markdown(result)
@@ -224,7 +212,7 @@ def recoverability(
     with _session(out, redis, shared, lease, [model]) as (store, results, pool):
         result = run_recoverability(
             agent_config(model, dtype), problems, store, results, pool, max_tokens,
-            _floats(positions, "--positions") or [], steer_fraction, restatement, distractor_seed,
+            floats(positions, "--positions") or [], steer_fraction, restatement, distractor_seed,
             concurrency, _progress(quiet), pool.flag)
     result["dataset"] = dataset
     markdown = recoverability_markdown(result)
@@ -257,7 +245,7 @@ def guidability(
     with _session(out, redis, shared, lease, [model, steer_model]) as (store, results, pool):
         result = run_guidability(
             agent_config(model, dtype), agent_config(steer_model, dtype), problems, store, results,
-            pool, max_tokens, samples, temperature, max_solved, _floats(fractions, "--fractions") or [],
+            pool, max_tokens, samples, temperature, max_solved, floats(fractions, "--fractions") or [],
             concurrency, _progress(quiet), pool.flag)
     result["dataset"] = dataset
     markdown = guidability_markdown(result)

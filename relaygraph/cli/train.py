@@ -8,39 +8,25 @@ stage runs.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-train_app = typer.Typer(no_args_is_help=True,
-                        help="Train the learned call token (RelayLLM): warmup, filter, grpo.")
-F = TypeVar("F", bound=Callable[..., Any])
+from relaygraph.cli.common import friendly, parse_set_options, say
+
+app = typer.Typer(no_args_is_help=True,
+                  help="Train the learned call token (RelayLLM): warmup, filter, grpo.")
 
 ConfigArg = Annotated[Path, typer.Argument(help="Stage config (.toml, .yaml, .json).")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config field as KEY=VALUE, dotted for nested fields (repeatable).")]
 
 
-def _friendly(func: F) -> F:
-    """The CLI's one-line errors (imported late: ``relaygraph.cli`` imports this module)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from relaygraph.cli import friendly
-
-        return friendly(func)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
 def load_settings(model: type, config: Path, sets: list[str] | None) -> Any:
     """``model`` validated from the config file with ``--set`` overrides applied."""
     import importlib.util
 
-    from relaygraph.cli import _set_option
     from relaygraph.config import read_config_file, validate
     from relaygraph.errors import ConfigError
 
@@ -49,7 +35,7 @@ def load_settings(model: type, config: Path, sets: list[str] | None) -> Any:
     data = read_config_file(config)
     if not isinstance(data, dict):
         raise ConfigError(f"config {config}: expected a table of settings at the top level")
-    for dotted, value in _set_option(sets or []).items():
+    for dotted, value in parse_set_options(sets or []).items():
         *parents, key = dotted.split(".")
         node = data
         for part in parents:
@@ -60,34 +46,28 @@ def load_settings(model: type, config: Path, sets: list[str] | None) -> Any:
     return validate(model, data, str(config))
 
 
-def _say(line: str) -> None:
-    from relaygraph.cli import err
-
-    err.print(f"[dim]{line}[/dim]", markup=True, highlight=False)
-
-
-@train_app.command()
-@_friendly
+@app.command()
+@friendly
 def warmup(config: ConfigArg, set_: SetOpt = None) -> None:
     """Own responses + <call>n</call> at random token positions, SFT -> OUTPUT_DIR/model."""
     from relaygraph.train.warmup import WarmupSettings, run_warmup
 
-    print(run_warmup(load_settings(WarmupSettings, config, set_), progress=_say))
+    print(run_warmup(load_settings(WarmupSettings, config, set_), progress=say))
 
 
-@train_app.command("filter")
-@_friendly
+@app.command("filter")
+@friendly
 def filter_(config: ConfigArg, set_: SetOpt = None) -> None:
     """Keep the questions the expert solves in >= min_pass_rate of k samples -> OUTPUT."""
     from relaygraph.train.filtering import FilterSettings, run_filter
 
-    print(run_filter(load_settings(FilterSettings, config, set_), progress=_say))
+    print(run_filter(load_settings(FilterSettings, config, set_), progress=say))
 
 
-@train_app.command()
-@_friendly
+@app.command()
+@friendly
 def grpo(config: ConfigArg, set_: SetOpt = None) -> None:
     """GRPO on relay rollouts (expert tokens masked), RelayLLM's reward -> OUTPUT_DIR/model."""
     from relaygraph.train.grpo import GrpoSettings, run_grpo
 
-    print(run_grpo(load_settings(GrpoSettings, config, set_), progress=_say))
+    print(run_grpo(load_settings(GrpoSettings, config, set_), progress=say))

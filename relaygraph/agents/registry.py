@@ -1,0 +1,167 @@
+"""Agent configs, one model per backend kind, in a registry; and a pool that loads each
+backend once.
+
+An agent config is flat (what a config file's ``[agents.NAME]`` table holds): the fields
+every agent has (``model``, ``system_prompt``, sampling) plus its backend's own. The
+``backend`` field picks the class: ``transformers`` (the default), ``openai`` (implied by
+``base_url``), ``vllm``, or one added with :func:`register_backend` or the
+``relaygraph.backends`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
+from relaygraph.agents.backend import Backend, Sampling
+from relaygraph.errors import ConfigError, NestedError, nested_error
+from relaygraph.plugins import Registry
+
+
+class AgentConfig(BaseModel):
+    """One agent: its model, the backend that runs it, how it is prompted and sampled.
+
+    Subclasses (one per backend kind) add the backend's fields and implement :meth:`key`
+    and :meth:`build`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: str
+    model: str
+    """Catalog name, local folder, ``.gguf`` file or hub id (or a server's model name)."""
+    system_prompt: str | None = MATH_SYSTEM_PROMPT
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+
+    def key(self) -> tuple[Any, ...]:
+        """Agents whose configs have equal keys share one backend (one copy of the weights,
+        one connection pool)."""
+        raise NotImplementedError
+
+    def build(self) -> Backend:
+        """Load (or connect to) the model this config names."""
+        raise NotImplementedError
+
+    @property
+    def local_model(self) -> str | None:
+        """What must be on this machine (pulled first if it is a catalog model)."""
+        return self.model
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.seed)
+
+    def describe(self) -> str:
+        """A few words for progress lines: ``qwen2.5-coder-0.5b (transformers)``."""
+        return f"{self.model} ({self.backend})"
+
+
+C = TypeVar("C", bound=type[AgentConfig])
+
+BACKENDS: Registry[type[AgentConfig]] = Registry(
+    "backend",
+    key=lambda cls: str(cls.model_fields["backend"].default),
+    builtins={
+        "transformers": "relaygraph.agents.transformers_backend:TransformersConfig",
+        "openai": "relaygraph.agents.openai_backend:OpenAIServerConfig",
+        "vllm": "relaygraph.agents.vllm_backend:VLLMConfig",
+    },
+    group="relaygraph.backends",
+)
+
+
+def register_backend(cls: C) -> C:
+    """Make an :class:`AgentConfig` subclass usable by its ``backend`` name in configs
+    (a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, AgentConfig)):
+        raise ConfigError(f"register_backend takes an AgentConfig subclass, not {cls!r}")
+    return BACKENDS.register(cls)
+
+
+def parse_agent_config(data: Any) -> AgentConfig:
+    """The agent config a ``[agents.NAME]`` mapping describes (or the instance given); a
+    ValueError naming the bad field otherwise."""
+    if isinstance(data, AgentConfig):
+        return data
+    if not isinstance(data, Mapping):
+        raise ValueError("expected a table with at least a model")
+    kind = data.get("backend") or ("openai" if data.get("base_url") else "transformers")
+    if not isinstance(kind, str):
+        raise ValueError("backend: expected a backend name")
+    try:
+        cls = BACKENDS.get(kind)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        return cls.model_validate({**data, "backend": kind})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = first["loc"][0] if first["loc"] else None
+        if first["type"] == "extra_forbidden" and isinstance(field, str):
+            owners = [n for n in BACKENDS.names() if field in BACKENDS.get(n).model_fields]
+            if owners:
+                raise NestedError((field,), f"is for backend {' or '.join(map(repr, owners))}, "
+                                  f"not {kind!r}") from None
+        raise nested_error(exc) from None
+
+
+def parse_agent_configs(agents: Any) -> Any:
+    """``{name: config}`` with each config parsed by :func:`parse_agent_config` (for a
+    pydantic ``mode="before"`` validator; anything but a mapping is left to pydantic)."""
+    if not isinstance(agents, Mapping):
+        return agents
+    parsed = {}
+    for name, data in agents.items():
+        try:
+            parsed[name] = parse_agent_config(data)
+        except NestedError as exc:
+            raise NestedError((name, *exc.loc), exc.message) from None
+        except ValueError as exc:
+            raise NestedError((name,), str(exc)) from None
+    return parsed
+
+
+class BackendPool:
+    """Loads each backend once: agents whose configs have equal :meth:`AgentConfig.key`
+    share it. ``build`` loads one (default: :meth:`AgentConfig.build`); ``wrap`` is applied
+    to each backend as it is loaded (e.g. to make it cancellable); ``say`` hears what is
+    being loaded."""
+
+    def __init__(self, wrap: Callable[[Backend], Backend] | None = None,
+                 say: Callable[[str], None] | None = None,
+                 build: Callable[[AgentConfig], Backend] | None = None) -> None:
+        self.wrap = wrap
+        self.say = say or (lambda line: None)
+        self.build = build or (lambda cfg: cfg.build())
+        self.backends: dict[tuple[Any, ...], Backend] = {}
+        self._lock = threading.RLock()
+
+    def backend(self, cfg: AgentConfig) -> Backend:
+        key = cfg.key()
+        with self._lock:
+            if key not in self.backends:
+                self.say(f"loading {cfg.describe()}")
+                built = self.build(cfg)
+                self.backends[key] = self.wrap(built) if self.wrap is not None else built
+            return self.backends[key]
+
+    def agent(self, name: str, cfg: AgentConfig, seed: int | None = None) -> Agent:
+        """Agent ``name`` on the shared backend of ``cfg``; ``seed`` overrides the sampling
+        seed (one per sample)."""
+        sampling = cfg.sampling if seed is None else Sampling(cfg.temperature, cfg.top_p, seed)
+        return Agent(name, self.backend(cfg), cfg.system_prompt, sampling)
+
+    def agents(self, configs: Mapping[str, AgentConfig], names: Sequence[str]) -> dict[str, Agent]:
+        return {name: self.agent(name, configs[name]) for name in names}
+
+    def close(self) -> None:
+        with self._lock:
+            for backend in self.backends.values():
+                backend.close()
+            self.backends.clear()

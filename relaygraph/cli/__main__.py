@@ -1,0 +1,5 @@
+"""``python -m relaygraph.cli``."""
+
+from relaygraph.cli import main
+
+main()

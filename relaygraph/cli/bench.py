@@ -1,0 +1,71 @@
+"""``relaygraph bench``: what relaying costs on a model pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from relaygraph.cli.common import ensure_pulled, err, friendly
+from relaygraph.errors import ConfigError
+
+
+@friendly
+def bench(
+    controller: Annotated[str, typer.Option(help="Small model (catalog name, folder, .gguf or hub id).")] = "qwen2.5-coder-0.5b",
+    expert: Annotated[str, typer.Option(help="Large model.")] = "qwen2.5-coder-1.5b",
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Build both architectures from their configs with random weights (only config and tokenizer files are needed; timings only — the text is noise).")] = False,
+    tokens: Annotated[int, typer.Option(min=16, help="Tokens of the measured relay.")] = 256,
+    interval: Annotated[int, typer.Option(min=1, help="Tokens per turn (tokens / interval handoffs at most).")] = 8,
+    concurrency: Annotated[str, typer.Option(help="Concurrent trajectories for the throughput runs, comma-separated.")] = "1,8,32",
+    throughput_tokens: Annotated[int, typer.Option(min=1, help="Tokens per trajectory in the throughput runs.")] = 64,
+    questions: Annotated[Path | None, typer.Option(help="JSONL with a 'question' field for the throughput runs (default: one built-in question).")] = None,
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path("benchmarks/results/bench.json"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+) -> None:
+    """Measure what relaying costs on a model pair: prefill amplification with and without KV
+    reuse, handoff overhead, relay vs solo wall time, throughput at several concurrencies."""
+    import json
+
+    from relaygraph import bench as bench_mod
+    from relaygraph.config import RelayConfig
+    from relaygraph.trajectory import open_store
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--concurrency takes numbers separated by commas, got {concurrency!r}") from None
+    if not levels or min(levels) < 1:
+        raise ConfigError("--concurrency needs at least one number >= 1")
+    pool: list[str] = []
+    if questions is not None:
+        try:
+            pool = [json.loads(line)["question"] for line in questions.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--questions {questions}: expected JSONL rows with a 'question' field ({exc})") from None
+    from relaygraph.agents.transformers_backend import TransformersBackend
+
+    config = RelayConfig.from_options(controller, expert, "fixed-interval", tokens, redis, dtype,
+                                      interval=interval)
+    ensure_pulled(controller, expert)
+    store = open_store(config.redis)
+    small, large = (TransformersBackend(m, dtype, device, random_weights=random_weights)
+                    for m in (controller, expert))
+    if random_weights:  # random models rarely emit EOS: every run writes its whole budget
+        small.eos_ids = large.eos_ids = frozenset()
+    say = (lambda line: None) if as_json else (lambda line: err.print(f"[dim]{line}…[/dim]"))
+    results = bench_mod.run_bench(small, large, store,
+                                  tokens=tokens, interval=interval, concurrency=levels,
+                                  throughput_tokens=throughput_tokens, questions=pool, progress=say)
+    results.update(device=device, dtype=dtype, random_weights=random_weights)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    if as_json:
+        print(json.dumps(results))
+    else:
+        print(bench_mod.table(results))
+        err.print(f"results written to {out}")

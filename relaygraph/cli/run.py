@@ -1,0 +1,113 @@
+"""``relaygraph run`` and ``relaygraph resume``: answer a question with a relay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from relaygraph.cli.common import (
+    ensure_pulled,
+    err,
+    friendly,
+    parse_set_options,
+    relay_config,
+    traced,
+)
+from relaygraph.errors import ConfigError
+from relaygraph.policies.registry import policy_types
+
+POLICY_HELP = f"{' | '.join(policy_types())} (default call-token; more with register_policy)."
+
+
+@friendly
+@traced
+def run(
+    question: Annotated[str, typer.Argument(help="The question to answer.")],
+    policy: Annotated[str | None, typer.Option(help=POLICY_HELP)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Relay config file (.toml, .yaml, .json); options below override it.")] = None,
+    controller: Annotated[str | None, typer.Option(help="Controller model: catalog name, folder, .gguf or hub id (default qwen2.5-coder-0.5b).")] = None,
+    expert: Annotated[str | None, typer.Option(help="Expert model (default qwen2.5-coder-1.5b).")] = None,
+    controller_url: Annotated[str | None, typer.Option(help="Use the controller model served at this OpenAI-compatible URL (e.g. vllm serve: http://localhost:8000/v1); --controller is then the served model name.")] = None,
+    expert_url: Annotated[str | None, typer.Option(help="The same for the expert.")] = None,
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Budget of generated tokens, all models together (default 512).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32")] = None,
+    max_call_tokens: Annotated[int | None, typer.Option(help="call-token: most tokens one call may ask for.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="confidence/truncate: log-prob (or entropy) threshold.")] = None,
+    fallback_tokens: Annotated[int | None, typer.Option(help="confidence: tokens the fallback writes.")] = None,
+    interval: Annotated[int | None, typer.Option(help="fixed-interval: tokens per turn.")] = None,
+    p: Annotated[float | None, typer.Option("--p", help="random-router: share of queries sent to the expert.")] = None,
+    supervisor: Annotated[str | None, typer.Option(help="supervisor: module:function, judge:AGENT or score:AGENT.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any policy field as KEY=VALUE (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+    trace: Annotated[str | None, typer.Option("--trace", help="OpenTelemetry traces to: console | otlp | none | an OTLP URL such as http://localhost:6006 (default: the OTEL_* variables).")] = None,
+    trace_content: Annotated[bool, typer.Option("--trace-content", help="Record the question and generated text in spans (off by default).")] = False,
+) -> None:
+    """Answer QUESTION with a relay; tokens stream coloured by the model that wrote them."""
+    if not question.strip():
+        raise ConfigError("the question is empty; pass the text of a question in quotes")
+    flags = {"max_call_tokens": max_call_tokens, "threshold": threshold,
+             "fallback_tokens": fallback_tokens, "interval": interval, "p": p,
+             "supervisor": supervisor}
+    options = {k: v for k, v in flags.items() if v is not None} | parse_set_options(set_ or [])
+    cfg = relay_config(config, policy, controller, expert, redis, max_tokens, dtype, options,
+                        {"controller": controller_url, "expert": expert_url})
+    from relaygraph.relay import Relay
+    from relaygraph.trajectory import open_store
+
+    store = open_store(cfg.redis)
+    ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
+    with err.status("loading models…"):
+        relay = Relay.from_config(cfg, store)
+    out = Console(highlight=False)
+    if as_json:
+        result = relay.run(question)
+        print(result.model_dump_json(indent=2, by_alias=True))
+        return
+    from relaygraph.viewer.terminal import LivePrinter, Styles
+
+    styles = Styles([a.name for a in relay.agents])
+    out.print(styles.legend())
+    result = relay.run(question, on_event=LivePrinter(out, styles))
+    out.print()
+    out.rule()
+    tokens = ", ".join(f"{k} {v}" for k, v in result.tokens_by_agent.items())
+    total = sum(result.tokens_by_agent.values())
+    out.print("answer: ", style="bold", end="")
+    out.print(result.answer or "(none)", markup=False)
+    out.print(f"call ratio {result.call_ratio:.1%} · tokens {tokens} · handoffs {result.handoffs} "
+              f"· {result.finish_reason} · {result.seconds:.1f}s ({total / result.seconds:.1f} tok/s)")
+    out.print(f"trajectory {result.trajectory_id} — `relaygraph show {result.trajectory_id}`",
+              style="dim", markup=False)
+
+
+@friendly
+def resume(
+    trajectory_id: Annotated[str, typer.Argument(help="Id of the interrupted run.")],
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Continue an interrupted run from its last completed step (same models and policy)."""
+    from relaygraph.config import RelayConfig
+    from relaygraph.relay import Relay
+    from relaygraph.trajectory import check_trajectory_id, open_store
+
+    store = open_store(redis)
+    task = store.load(check_trajectory_id(trajectory_id)).task
+    if "relay" not in task.config:
+        raise ConfigError(f"trajectory {trajectory_id} was not started from a config (a Relay "
+                          "built in Python); resume it in Python with Relay.resume(id)")
+    cfg = RelayConfig.parse(task.config["relay"], source=f"trajectory {trajectory_id}")
+    ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
+    with err.status("loading models…"):
+        relay = Relay.from_config(cfg, store)
+    result = relay.resume(trajectory_id)
+    if as_json:
+        print(result.model_dump_json(indent=2, by_alias=True))
+    else:
+        Console(highlight=False).print(f"answer: {result.answer or '(none)'} · status "
+                                       f"{store.status(trajectory_id)} · {len(result.segments)} segments",
+                                       markup=False)

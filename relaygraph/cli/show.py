@@ -1,0 +1,48 @@
+"""``relaygraph show``: a stored trajectory in the terminal or as one HTML page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from relaygraph.cli.common import friendly
+from relaygraph.errors import ConfigError
+
+
+@friendly
+def show(
+    trajectory_id: Annotated[str | None, typer.Argument(help="Id to show; omit to list recent runs.")] = None,
+    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Watch a running trajectory live.")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Write one self-contained HTML page of the trajectory to this file.")] = None,
+    limit: Annotated[int, typer.Option(help="How many recent ids to list.")] = 20,
+) -> None:
+    """Render a stored trajectory coloured by author, with handoff markers (or list recent ones)."""
+    from relaygraph.trajectory import check_trajectory_id, open_store
+
+    store = open_store(redis)
+    out = Console(highlight=False)
+    if trajectory_id is None:
+        for tid in store.list_ids(limit):
+            out.print(tid)
+        return
+    from relaygraph.viewer.terminal import follow_trajectory, render_trajectory
+
+    tid = check_trajectory_id(trajectory_id)
+    if follow:
+        trajectory = follow_trajectory(store, tid, out)
+    else:
+        trajectory = store.load(tid)
+        if html is None:
+            render_trajectory(trajectory, out)
+    if html is not None:
+        from relaygraph.viewer.html import write_html
+
+        try:
+            path = write_html(trajectory, html)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {html}: {exc.strerror or exc}") from None
+        out.print(f"wrote {path} — open it in a browser", soft_wrap=True)

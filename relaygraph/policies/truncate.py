@@ -1,0 +1,66 @@
+"""Reasoning relay's truncate-and-continue: the initiator is cut, the continuer finishes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from relaygraph.agents.agent import Agent
+from relaygraph.agents.backend import Generation, StopRule
+from relaygraph.policies.base import (
+    Decision,
+    Metric,
+    PolicyConfig,
+    TurnContext,
+    end_or,
+    score,
+    unconfident,
+)
+
+
+class TruncatePolicy(PolicyConfig):
+    """The initiator writes until it is cut; the continuer finishes the chain.
+
+    The cut comes at the first token (after ``warmup``) whose ``metric`` crosses
+    ``threshold`` — that token is discarded — or after ``cut_tokens`` tokens.
+    """
+
+    type: Literal["truncate"] = "truncate"
+    initiator: str = "controller"
+    continuer: str = "expert"
+    threshold: float | None = Field(None, allow_inf_nan=False)
+    metric: Metric = "logprob"
+    cut_tokens: int | None = Field(None, ge=0)
+    warmup: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_cut(self) -> TruncatePolicy:
+        if (self.threshold is None) == (self.cut_tokens is None):
+            raise ValueError("truncate: give exactly one of threshold and cut_tokens")
+        return self
+
+    def agent_names(self) -> list[str]:
+        return [self.initiator, self.continuer]
+
+    def first_turn(self, ctx: TurnContext) -> tuple[str, int]:
+        budget = ctx.remaining
+        if self.cut_tokens is not None:
+            budget = min(budget, self.cut_tokens)
+        return self.initiator, budget
+
+    def stop_rule(self, agent: str, ctx: TurnContext) -> StopRule:
+        budget = min(ctx.budget, ctx.remaining)
+        threshold = self.threshold
+        if agent == self.continuer or threshold is None:
+            return StopRule(max_tokens=budget)
+        metric, warmup = self.metric, self.warmup
+        return StopRule(max_tokens=budget, check=lambda s: (
+            s.position >= warmup and unconfident(score(s, metric), threshold, metric)))
+
+    def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
+        if agent.name == self.continuer:
+            return end_or(agent, generation, None, 0, "budget")
+        left = ctx.remaining - len(generation.token_ids)
+        confidence = score(generation.rejected, self.metric) if generation.rejected else None
+        return end_or(agent, generation, self.continuer, left, "truncate", confidence=confidence)
