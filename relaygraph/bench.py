@@ -149,7 +149,7 @@ def run_bench(small: Backend, large: Backend, store: TrajectoryStore, question: 
                    "naive": amplification(naive_recs[name].calls)}
             for name in recs}
         calls = sorted((c for r in recs.values() for c in r.calls), key=lambda c: c.start)
-        gaps = [(b.start - a.end) * 1000 for a, b in zip(calls, calls[1:])]
+        gaps = [(b.start - a.end) * 1000 for a, b in zip(calls, calls[1:], strict=False)]
         bare = bare_langgraph_step_ms()
         overhead = statistics.median(gaps) if gaps else 0.0
         out["handoff_overhead_ms"] = {"median": overhead, "p90": _quantile(gaps, 0.9),

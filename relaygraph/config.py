@@ -156,7 +156,7 @@ def read_config_file(path: str | Path) -> Any:
             return json.loads(raw)
     except ImportError:
         raise ConfigError("YAML configs need PyYAML: pip install pyyaml") from None
-    except Exception as exc:  # TOML/JSON/YAML/Unicode errors
+    except Exception as exc:  # noqa: BLE001 - TOML/JSON/YAML/Unicode errors, as one line
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"config {path} is not valid {path.suffix[1:].upper()}: {first}") from None
     raise ConfigError(f"config {path}: use a .toml, .yaml or .json file")

@@ -190,5 +190,5 @@ class Relay:
         try:
             if self.store.exists(tid):
                 self.store.set_status(tid, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
-        except Exception:  # the store itself may be what failed
+        except Exception:  # noqa: BLE001 - the store itself may be what failed
             pass

@@ -112,7 +112,7 @@ class Batcher:
     def _guard(self, requests: list[_Request], fn: Any, arg: Any) -> None:
         try:
             fn(arg)
-        except BaseException as exc:  # handed to the waiting threads, raised there
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting threads, raised there
             for r in requests:
                 r.error = exc
         for r in requests:
@@ -136,7 +136,7 @@ class Batcher:
         layers = []
         for index in range(len(requests[0].cache.layers)):
             keys, values = [], []
-            for r, n in zip(requests, lengths):
+            for r, n in zip(requests, lengths, strict=True):
                 layer = r.cache.layers[index]
                 keys.append(torch.nn.functional.pad(layer.keys, (0, 0, longest - n, 0)))
                 values.append(torch.nn.functional.pad(layer.values, (0, 0, longest - n, 0)))
@@ -146,7 +146,7 @@ class Batcher:
         mask = torch.zeros(rows, longest + width, dtype=torch.long, device=self.device)
         ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         positions = torch.zeros(rows, width, dtype=torch.long, device=self.device)
-        for row, (r, n) in enumerate(zip(requests, lengths)):
+        for row, (r, n) in enumerate(zip(requests, lengths, strict=True)):
             f = len(r.feed)
             mask[row, longest - n:longest] = 1
             mask[row, longest + width - f:] = 1

@@ -294,7 +294,7 @@ class OpenAIBackend(TokenizerBackend):
             return []
         return [Sample(int(tid), float(lp if lp is not None else float("-inf")),
                        _entropy_of(tops[i] if i < len(tops) else None))
-                for i, (tid, lp) in enumerate(zip(token_ids, token_logprobs))]
+                for i, (tid, lp) in enumerate(zip(token_ids, token_logprobs, strict=True))]
 
     def next_token_logprobs(self, prompt: Prompt, candidates: Sequence[str]) -> dict[str, float]:
         """Log-probability of each candidate's first token right after ``prompt``."""

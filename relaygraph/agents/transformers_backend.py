@@ -101,7 +101,7 @@ class TransformersBackend(TokenizerBackend):
         if entry is not None:
             seen, cache = entry
             common = 0
-            for a, b in zip(seen, ids):
+            for a, b in zip(seen, ids, strict=False):  # a common prefix
                 if a != b:
                     break
                 common += 1

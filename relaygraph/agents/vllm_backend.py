@@ -148,7 +148,7 @@ class VLLMBackend(TokenizerBackend):
                 async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids),
                                                       params, request_id):
                     outputs.put(out)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, raised there
                 outputs.put(exc)
             finally:
                 outputs.put(_DONE)

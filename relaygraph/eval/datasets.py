@@ -128,7 +128,7 @@ def reasoning_gym_problems(task: str, size: int, seed: int) -> list[Problem]:
     try:
         data = reasoning_gym.create_dataset(name, size=size, seed=seed,
                                             **{k: json.loads(v) for k, v in kwargs.items()})
-    except Exception as exc:  # the generator's own validation
+    except Exception as exc:  # noqa: BLE001 - the generator's own validation, as one line
         raise ConfigError(f"reasoning-gym task {name!r}: {exc}") from None
     return [Problem(id=str(i), question=entry["question"], answer=str(entry["answer"]),
                     grader="reasoning-gym",
@@ -178,7 +178,7 @@ def _hf_rows(spec: str) -> list[dict[str, Any]]:
         else (name_config, "", "")
     try:
         data = datasets.load_dataset(name, config or None, split=split or "test")
-    except Exception as exc:  # offline hub, unknown name or split
+    except Exception as exc:  # noqa: BLE001 - offline hub, unknown name or split
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"cannot load Hugging Face dataset {spec!r} ({first}); without "
                           "the hub, use a local JSONL file") from None

@@ -69,7 +69,7 @@ def curve(points: Iterable[Point], small: float, large: float) -> list[Point]:
 
 def auc(line: Sequence[Point]) -> float:
     """Area under a sorted piecewise-linear curve (trapezoids)."""
-    return sum((c1 - c0) * (a0 + a1) / 2 for (c0, a0), (c1, a1) in zip(line, line[1:]))
+    return sum((c1 - c0) * (a0 + a1) / 2 for (c0, a0), (c1, a1) in zip(line, line[1:], strict=False))
 
 
 def apgr(line: Sequence[Point], small: float, large: float) -> float | None:
@@ -85,7 +85,7 @@ def call_ratio_for_gap(line: Sequence[Point], small: float, large: float,
     target = small + share * (large - small)
     if line[0][1] >= target:
         return line[0][0]
-    for (c0, a0), (c1, a1) in zip(line, line[1:]):
+    for (c0, a0), (c1, a1) in zip(line, line[1:], strict=False):
         if a1 >= target:
             return c0 if a1 == a0 else c0 + (c1 - c0) * (target - a0) / (a1 - a0)
     return None

@@ -117,9 +117,8 @@ def prm_summary(prm: ProcessRewardModel, question: str, prefix: str,
     before, after = split_steps(prefix), split_steps(continuation)
     scores = prm.score_steps(question, before + after)
     low = next((i for i, s in enumerate(scores) if s < 0.5), None)
-    mean = lambda xs: sum(xs) / len(xs) if xs else None
-    return {"steps": scores, "cut_step": len(before), "prefix_mean": mean(scores[:len(before)]),
-            "continuation_mean": mean(scores[len(before):]), "mean": mean(scores),
+    return {"steps": scores, "cut_step": len(before), "prefix_mean": _mean(scores[:len(before)]),
+            "continuation_mean": _mean(scores[len(before):]), "mean": _mean(scores),
             "first_low": None if low is None
             else ("prefix" if low < len(before) else "continuation")}
 
@@ -214,6 +213,10 @@ def _solo_rows(models: dict[str, AgentConfig], records: Any) -> list[dict[str, A
     return rows
 
 
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _hybrid_rows(pairs: list[tuple[str, str]], cuts: list[tuple[str, Any, Any]],
                  hybrids: list[Record],
                  solos: dict[tuple[str, str], Record]) -> list[dict[str, Any]]:
@@ -224,16 +227,18 @@ def _hybrid_rows(pairs: list[tuple[str, str]], cuts: list[tuple[str, Any, Any]],
         cut_items = [r for r in items if not r["uncut"]]
         positions = [r["position"] for r in cut_items if r["position"] is not None]
         mean_pos = sum(positions) / len(positions) if positions else None
-        same = lambda who: _score([solos[who, r["problem"]] for r in items
-                                   if (who, r["problem"]) in solos])["accuracy"]
+
+        def same(who: str, items: list[Record] = items) -> Any:
+            return _score([solos[who, r["problem"]] for r in items
+                           if (who, r["problem"]) in solos])["accuracy"]
+
         row = {"initiator": initiator, "continuer": continuer, "cut": cut, **_score(items),
                "cut_share": len(cut_items) / len(items) if items else None,
                "mean_position": mean_pos, "stage": None if mean_pos is None else stage(mean_pos),
                "initiator_solo": same(initiator), "continuer_solo": same(continuer)}
         with_prm = [r["prm"] for r in items if r.get("prm")]
         if with_prm:
-            values = lambda key: [p[key] for p in with_prm if p[key] is not None]
-            row["prm"] = {key: (sum(values(key)) / len(values(key)) if values(key) else None)
+            row["prm"] = {key: _mean([p[key] for p in with_prm if p[key] is not None])
                           for key in ("prefix_mean", "continuation_mean", "mean")}
             row["prm"]["falters_in_continuation"] = sum(p["first_low"] == "continuation"
                                                         for p in with_prm)

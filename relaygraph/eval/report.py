@@ -64,7 +64,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> bool:
     by_name = {p["name"]: p for p in result["policies"]}
     expected = result["families"].get("random-router (expected)")
     if expected:
-        xs, ys = zip(*expected["curve"])
+        xs, ys = zip(*expected["curve"], strict=True)
         ax.plot(xs, ys, "--", color="grey", label="random router (expected)")
     markers = iter("os^vDP*Xhp<>")
     for kind, family in result["families"].items():
@@ -74,7 +74,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> bool:
                         for n in family["policies"] if by_name[n]["accuracy"] is not None)
         if not points:
             continue
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker=next(markers, "o"), linestyle="-" if len(points) > 1 else "none",
                 label=kind)
     for name, colour in (("solo-small", "black"), ("solo-large", "tab:red")):

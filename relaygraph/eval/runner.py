@@ -235,7 +235,7 @@ def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
                             record = future.result()
                         except Cancelled:
                             continue
-                        except Exception as exc:
+                        except Exception as exc:  # noqa: BLE001 - an item failing is recorded, not fatal
                             errors[job.key] = f"{type(exc).__name__}: {exc}"[:500]
                             progress.advance(job.group, failed=True)
                             continue

@@ -146,7 +146,7 @@ def plan(sweep: SweepConfig) -> list[PolicyPlan]:
         if not isinstance(vary, dict) or not all(isinstance(v, list) and v for v in vary.values()):
             raise ConfigError(f"policies.{i}.vary: expected field = [values, ...]")
         for values in itertools.product(*vary.values()):
-            combo = dict(zip(vary, values))
+            combo = dict(zip(vary, values, strict=True))
             label = f"{name}({_args(combo)})" if name and combo else name
             entries.append((label, {**entry, **combo}))
     # solo runs always run; the routers are derived from them (see derive_routers)

@@ -170,7 +170,7 @@ def _generate(agent: Agent, prompt: Prompt, rule: StopRule, retries: int,
             error = str(exc)
         except RelayGraphError:  # the user's to fix, or a cancellation: retrying would not help
             raise
-        except Exception as exc:  # a backend fault: a dead server, a timeout, a bug
+        except Exception as exc:  # noqa: BLE001 - a backend fault (dead server, timeout, bug): retried
             error = f"{type(exc).__name__}: {exc}"
         if attempt < retries:
             on_retry(error)

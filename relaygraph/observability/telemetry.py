@@ -93,7 +93,7 @@ class _Problems(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage().splitlines()[0][:300]
-        except Exception:
+        except Exception:  # noqa: BLE001 - telemetry set-up never fails a run
             message = str(record.msg)[:300]
         if message not in self.messages and len(self.messages) < 20:
             self.messages.append(message)
@@ -118,7 +118,7 @@ class _Guarded:
         if not self.closed:
             try:
                 result = self.inner.export(batch, *args, **kwargs)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - telemetry set-up never fails a run
                 logging.getLogger("opentelemetry.exporter").warning(
                     "export failed: %s: %s", type(exc).__name__, exc)
         success = getattr(result, "name", "") == "SUCCESS"
@@ -136,13 +136,13 @@ class _Guarded:
         self.closed = True
         try:
             self.inner.shutdown(*args, **kwargs)
-        except Exception:
+        except Exception:  # noqa: BLE001 - telemetry set-up never fails a run
             pass
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         try:
             return bool(self.inner.force_flush(timeout_millis))
-        except Exception:
+        except Exception:  # noqa: BLE001 - telemetry set-up never fails a run
             return False
 
     def __getattr__(self, name: str) -> Any:  # metric exporters' temporality, aggregation...
@@ -203,7 +203,7 @@ class Telemetry:
                     self.tracer_provider.shutdown()
                 if self.meter_provider is not None:  # collects and exports one last time
                     self.meter_provider.shutdown()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - telemetry set-up never fails a run
                 self.problems.append(f"shutdown failed: {type(exc).__name__}: {exc}")
             finally:
                 done.set()

@@ -172,7 +172,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
             last_trace_id = format(span.get_span_context().trace_id, "032x")
         token = otel_context.attach(trace.set_span_in_context(span))
         stats_token = _run.set(stats)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - tracing never fails a run
         _warn_once("starting the run span", exc)
     outcome = "ok"
     try:
@@ -183,7 +183,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
             try:
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}"))
-            except Exception as inner:
+            except Exception as inner:  # noqa: BLE001 - tracing never fails a run
                 _warn_once("recording an error", inner)
         raise
     finally:
@@ -195,7 +195,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
                             "ending the run span")):
             try:
                 step()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - tracing never fails a run
                 _warn_once(what, exc)
 
 
@@ -298,7 +298,7 @@ def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> 
                     "relaygraph.handoff.from": stats.last_agent,
                     "relaygraph.handoff.to": agent.name, "relaygraph.policy": policy})
         token = otel_context.attach(trace.set_span_in_context(span))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - tracing never fails a run
         _warn_once("starting a turn span", exc)
     if turn is None:
         turn = Turn(trace.INVALID_SPAN, agent, policy, trajectory_id, position, installed, None)
@@ -308,7 +308,7 @@ def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> 
         try:
             turn.span.record_exception(exc)
             turn.span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
-        except Exception as inner:
+        except Exception as inner:  # noqa: BLE001 - tracing never fails a run
             _warn_once("recording an error", inner)
         raise
     finally:
@@ -316,7 +316,7 @@ def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> 
             if token is not None:
                 otel_context.detach(token)
             turn.span.end()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - tracing never fails a run
             _warn_once("ending a turn span", exc)
 
 
@@ -324,7 +324,7 @@ def record_turn(span: Any, generation: Generation, handoff: dict[str, Any]) -> N
     """Usage of the turn, its ``chat`` generation span, and the handoff that ends it."""
     try:
         _record_turn(span, generation, handoff)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - tracing never fails a run
         _warn_once("recording a turn", exc)
 
 
@@ -387,7 +387,7 @@ def record_review(handoff: dict[str, Any]) -> None:
             span.add_event("relaygraph.review", {
                 f"relaygraph.handoff.{k}": handoff[k] for k in HANDOFF_KEYS
                 if handoff.get(k) is not None})
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - tracing never fails a run
         _warn_once("recording a review", exc)
 
 

@@ -165,7 +165,7 @@ class Scheduler:
         for future in futures:
             try:
                 future.exception(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged; the server keeps serving
                 pass
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -197,6 +197,6 @@ def _mark_cancelled(store: Any, trajectory_id: str, reason: str) -> None:
     try:
         if store.exists(trajectory_id):
             store.set_status(trajectory_id, "cancelled", cancel_reason=reason)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - logged; the server keeps serving
         log.warning("could not mark trajectory %s cancelled (%s)", trajectory_id,
                     type(exc).__name__)

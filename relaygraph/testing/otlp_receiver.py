@@ -231,7 +231,7 @@ class OtlpReceiver(_ReceiverBase):
                     else:
                         self.send_error(404)
                         return
-                except Exception:
+                except Exception:  # noqa: BLE001 - a malformed body is the sender's problem
                     self.send_error(400)
                     return
                 self.send_response(200)

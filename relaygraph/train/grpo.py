@@ -211,7 +211,7 @@ class RelayRollouts:
         eos = backend.tokenizer.eos_token_id
         return [to_rollout(r, self.store.read(r.trajectory_id),
                            backend.render(Prompt(q, self.system_prompt)), eos)
-                for q, r in zip(questions, results)]
+                for q, r in zip(questions, results, strict=True)]
 
 
 # rewards ------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ class GroupReward:
                  **_: Any) -> list[float]:
         correct = graded(answer, relay_answer, finished)
         if self.kind == "simple":
-            return [rewards.simple(c, r) for c, r in zip(correct, call_ratio)]
+            return [rewards.simple(c, r) for c, r in zip(correct, call_ratio, strict=True)]
         all_correct, all_ratios, offset = _gather(correct, list(call_ratio))
         g = self.num_generations
         if len(all_correct) % g:
@@ -247,7 +247,7 @@ class GroupReward:
 
 def graded(answer: list[str], relay_answer: list[str], finished: list[bool]) -> list[bool]:
     """Right answer in a finished response."""
-    return [done and is_correct(a, g) for g, a, done in zip(answer, relay_answer, finished)]
+    return [done and is_correct(a, g) for g, a, done in zip(answer, relay_answer, finished, strict=True)]
 
 
 def accuracy(prompts: list[Any], completions: list[Any], answer: list[str],

@@ -38,7 +38,7 @@ def scenario(correct: Sequence[bool], call_ratios: Sequence[float]) -> Scenario:
         raise ValueError("a group needs as many call ratios as answers, and at least one sample")
     for ratio in call_ratios:
         _check_ratio(ratio)
-    if any(ok and ratio == 0 for ok, ratio in zip(correct, call_ratios)):
+    if any(ok and ratio == 0 for ok, ratio in zip(correct, call_ratios, strict=True)):
         return "student-solvable"
     return "teacher-dependent" if any(correct) else "unsolvable"
 
@@ -55,7 +55,7 @@ def difficulty_aware(correct: Sequence[bool], call_ratios: Sequence[float]) -> l
     """
     kind = scenario(correct, call_ratios)
     rewards = []
-    for ok, ratio in zip(correct, call_ratios):
+    for ok, ratio in zip(correct, call_ratios, strict=True):
         called = ratio > 0
         if kind == "student-solvable":
             reward = (INDEPENDENT_BONUS if not called else simple(True, ratio)) if ok else 0.0

