@@ -194,7 +194,9 @@ def table(res: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, r in res["systems"].items():
         kinds = r.get("by_kind", {})
-        cell = lambda k: f"{kinds[k]['accuracy']:.0%}" if k in kinds else "–"  # noqa: E731
+        def cell(k: str, kinds: dict = kinds) -> str:
+            return f"{kinds[k]['accuracy']:.0%}" if k in kinds else "–"
+
         lines.append(f"| {name} | {r['accuracy']:.1%} | {cell('easy')} | {cell('hard')} "
                      f"| {r['call_ratio']:.1%} | {r.get('calls', '–')} | {r.get('cut_off', '–')} |")
     return "\n".join(lines)

@@ -34,12 +34,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from opentelemetry import trace  # noqa: E402
+from opentelemetry import trace
 
-from relaygraph.agents.agent import Agent  # noqa: E402
-from relaygraph.agents.backend import Generation  # noqa: E402
-from relaygraph.observability import configure, tracing  # noqa: E402
-from relaygraph.testing.otlp_receiver import GrpcOtlpReceiver, OtlpReceiver  # noqa: E402
+from relaygraph.agents.agent import Agent
+from relaygraph.agents.backend import Generation
+from relaygraph.observability import configure, tracing
+from relaygraph.testing.otlp_receiver import GrpcOtlpReceiver, OtlpReceiver
 
 ATTRS = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "controller",
          "gen_ai.request.model": "qwen2.5-coder-0.5b", "relaygraph.segment.seq": 12,

@@ -123,10 +123,9 @@ class Relay:
                     inputs,
                     stream_mode=["custom", "values"], config={"recursion_limit": limit},
                 ):
-                    if mode == "custom":
-                        if on_event is not None:
-                            on_event(chunk)
-                    elif mode == "values":
+                    if mode == "custom" and on_event is not None and isinstance(chunk, dict):
+                        on_event(chunk)
+                    elif mode == "values" and isinstance(chunk, dict):
                         final = chunk
                 tracing.run_totals(final)
             except redis.RedisError as exc:

@@ -52,12 +52,19 @@ def embedded_store(embedded_home: Path) -> Iterator[RedisStore]:
 
 
 @pytest.fixture(scope="session")
-def backends(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny overfit (controller, expert) pair as float32 backends, built once a session
-    (modules that need other scopes or names define their own)."""
-    from relaygraph.agents.transformers_backend import TransformersBackend
+def tiny_pair() -> tuple[Path, Path]:
+    """(controller_dir, expert_dir) of the tiny overfit relay pair: trained once, kept across
+    sessions (``tests/tiny_models.py``: rebuilt when its recipe or code changes)."""
     from tests import tiny_models as tiny
 
-    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    return tiny.relay_pair()
+
+
+@pytest.fixture(scope="session")
+def backends(tiny_pair: tuple[Path, Path]):
+    """The tiny pair as float32 backends, loaded once a session."""
+    from relaygraph.agents.transformers_backend import TransformersBackend
+
+    controller, expert = tiny_pair
     return (TransformersBackend(str(controller), dtype="float32"),
             TransformersBackend(str(expert), dtype="float32"))

@@ -70,7 +70,7 @@ class RedisServer:
                     break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: {args}")
+                    raise RuntimeError(f"redis-server did not start: {args}") from None
                 time.sleep(0.02)
         return self
 

@@ -19,7 +19,7 @@ from tests import tiny_models as tiny
 
 @pytest.fixture(scope="module")
 def expert(tmp_path_factory: pytest.TempPathFactory) -> TransformersBackend:
-    _, expert_dir = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    _, expert_dir = tiny.relay_pair()
     return TransformersBackend(str(expert_dir), dtype="float32")
 
 
@@ -100,7 +100,7 @@ def test_turns_are_traced_with_genai_attributes(tmp_path_factory, redis_store) -
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    controller_dir, expert_dir = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    controller_dir, expert_dir = tiny.relay_pair()
     relay = Relay([Agent("controller", TransformersBackend(str(controller_dir), dtype="float32"),
                          tiny.SYSTEM_PROMPT),
                    Agent("expert", TransformersBackend(str(expert_dir), dtype="float32"),

@@ -4,6 +4,7 @@ running the generations one after another, and leave reusable per-conversation c
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from relaygraph.agents.backend import Prompt, StopRule

@@ -13,16 +13,16 @@ import pytest
 
 from relaygraph import Agent, CallTokenPolicy, Relay, SoloPolicy
 from relaygraph.agents.backend import Generation, Prompt, StopRule
-from relaygraph.policies import TurnContext
 from relaygraph.agents.transformers_backend import TransformersBackend
+from relaygraph.policies import TurnContext
 from relaygraph.trajectory import RedisStore, Trajectory
 from tests import tiny_models as tiny
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    root = tmp_path_factory.getbasetemp() / "tiny-pair"
-    controller, expert = tiny.build_relay_pair(root)
+    root = tiny.relay_root()
+    controller, expert = tiny.relay_pair()
     return controller, expert, tiny.load_relay_meta(root)
 
 

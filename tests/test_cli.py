@@ -21,11 +21,6 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
                           cwd=Path(__file__).parents[1])
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
-
-
 def test_run_json_with_a_relay(tiny_pair, redis_server) -> None:
     controller, expert = tiny_pair
     proc = cli("run", tiny.QUESTION, "--controller", str(controller), "--expert", str(expert),

@@ -91,7 +91,7 @@ def test_bad_configs_say_what_is_wrong(tmp_path: Path, body: str, message: str) 
 
 
 def test_options_build_a_runnable_relay(tmp_path_factory, redis_store) -> None:
-    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    controller, expert = tiny.relay_pair()
     cfg = RelayConfig.from_options(str(controller), str(expert), "fixed-interval", max_tokens=10,
                                    dtype="float32", interval=3)
     relay = Relay.from_config(cfg, redis_store)

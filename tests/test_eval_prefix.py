@@ -16,7 +16,7 @@ from tests import tiny_models as tiny
 
 @pytest.fixture(scope="module")
 def meta(backends, tmp_path_factory):
-    return tiny.load_relay_meta(tmp_path_factory.getbasetemp() / "tiny-pair")
+    return tiny.load_relay_meta(tiny.relay_root())
 
 
 def given_head(backends, meta) -> Segment:

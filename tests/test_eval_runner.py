@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from relaygraph import Agent, Relay
-from relaygraph.policies import FixedIntervalPolicy, SoloPolicy
-from relaygraph.errors import ConfigError
 from relaygraph.agents.wrapping import CancellableBackend, CancelScope
-from relaygraph.errors import Cancelled
+from relaygraph.errors import Cancelled, ConfigError
 from relaygraph.eval.runner import (
     FileResults,
     Job,
@@ -23,6 +21,7 @@ from relaygraph.eval.runner import (
     run_jobs,
     trajectory_id,
 )
+from relaygraph.policies import FixedIntervalPolicy, SoloPolicy
 from tests import tiny_models as tiny
 
 QUESTIONS = [tiny.QUESTION, tiny.NOCALL_QUESTION, tiny.MALFORMED_QUESTION, "What is 3 + 4?"]

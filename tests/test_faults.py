@@ -25,7 +25,7 @@ FIGURES = {"interrupted": 0, "resumed": 0, "lost": 0, "doubled": 0}
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    return tiny.relay_pair()
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from relaygraph.viewer.terminal import follow_trajectory, render_trajectory
-from relaygraph.viewer.summary import handoffs, summarize
 from relaygraph.trajectory import RedisStore, Segment, Task, Trajectory
+from relaygraph.viewer.summary import handoffs, summarize
+from relaygraph.viewer.terminal import follow_trajectory, render_trajectory
 from tests import tiny_models as tiny
 from tests.test_observability import make_relay
 

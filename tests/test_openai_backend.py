@@ -237,7 +237,7 @@ def test_token_ids_round_trip(served, local, vllm_server) -> None:
 @pytest.mark.vllm
 def test_refused_token_aborts_the_request(served, local, full, vllm_server) -> None:
     prompt = Prompt(QUESTION, MATH_SYSTEM_PROMPT)
-    generated = "vllm:generation_tokens_total{engine=\"0\",model_name=\"%s\"}" % MODEL
+    generated = f'vllm:generation_tokens_total{{engine="0",model_name="{MODEL}"}}'
     before = vllm_server.metrics()[generated]
     steps, local_steps = [], []
     g = served.generate(prompt, StopRule(40, check=lambda s: steps.append(s) or s.position == 12))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from relaygraph import Agent, Relay
@@ -30,7 +28,7 @@ from tests import tiny_models as tiny
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[TransformersBackend, TransformersBackend]:
-    c, e = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    c, e = tiny.relay_pair()
     return TransformersBackend(str(c), dtype="float32"), TransformersBackend(str(e), dtype="float32")
 
 
@@ -168,7 +166,7 @@ def test_truncate_by_token_count(pair, redis_store) -> None:
 
 @pytest.fixture(scope="module")
 def safety_worker(tmp_path_factory) -> TransformersBackend:
-    return TransformersBackend(str(tiny.build_safety_worker(tmp_path_factory.mktemp("safety"))),
+    return TransformersBackend(str(tiny.safety_worker()),
                                dtype="float32")
 
 

@@ -71,7 +71,7 @@ def test_no_pickle_or_eval_of_stored_data() -> None:
 
 
 def test_many_runs_in_parallel_on_one_redis(tmp_path_factory, redis_server) -> None:
-    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    controller, expert = tiny.relay_pair()
     c = TransformersBackend(str(controller), dtype="float32")
     e = TransformersBackend(str(expert), dtype="float32")
     store = RedisStore.from_url(redis_server.url)
@@ -100,7 +100,7 @@ def test_the_password_never_reaches_json_output_or_errors(tmp_path, tmp_path_fac
     from tests.servers import RedisServer
     from tests.test_cli import cli
 
-    controller, expert = tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
+    controller, expert = tiny.relay_pair()
     server = RedisServer(tmp_path, password="pw-SECRET-42").start()
     try:
         ok = cli("run", tiny.QUESTION, "--controller", str(controller), "--expert", str(expert),

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import fcntl
-import getpass
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -43,18 +40,6 @@ from tests import tiny_models as tiny
 from tests.servers import RedisServer, free_port
 
 ASK = [{"role": "user", "content": tiny.QUESTION}]
-
-
-@pytest.fixture(scope="session")
-def tiny_pair() -> tuple[Path, Path]:
-    """The tiny relay pair, cached across sessions (training it takes a minute on a busy
-    2-core machine); ``build_relay_pair`` rebuilds when its recipe changes."""
-    root = Path(os.environ.get("RELAYGRAPH_TEST_CACHE")
-                or Path(tempfile.gettempdir()) / f"relaygraph-test-cache-{getpass.getuser()}")
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return tiny.build_relay_pair(root / "relay-pair")
 
 
 def tiny_config(tiny_pair: tuple[Path, Path], **overrides: Any) -> ServeConfig:

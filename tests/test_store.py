@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from relaygraph.errors import StoreUnavailableError
-from relaygraph.trajectory import RedisStore, Segment, Task, open_store, redact_url
 from relaygraph.testing.store_conformance import StoreConformance
+from relaygraph.trajectory import RedisStore, Segment, Task, open_store, redact_url
 from tests.servers import RedisServer, free_port
 
 

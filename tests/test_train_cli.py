@@ -7,18 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from relaygraph.cli import app
 from tests import tiny_models as tiny
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
 
 
 def invoke(*args: str):

@@ -7,15 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 from relaygraph.train.grpo import TRAIN_NAMESPACE, GrpoSettings, run_grpo
 from tests import tiny_models as tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
 
 
 def test_two_grpo_steps_then_resume(tiny_pair, redis_server, tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from relaygraph.agents.backend import Prompt
 from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.policies import CallTokenPolicy
 from relaygraph.relay import RunResult
-from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.train.grpo import RelayRollouts, to_rollout
 from relaygraph.trajectory import Segment
 from tests import tiny_models as tiny
@@ -20,8 +19,8 @@ from tests import tiny_models as tiny
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    root = tmp_path_factory.getbasetemp() / "tiny-pair"
-    controller, expert = tiny.build_relay_pair(root)
+    root = tiny.relay_root()
+    controller, expert = tiny.relay_pair()
     return controller, expert, tiny.load_relay_meta(root)
 
 

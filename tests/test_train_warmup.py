@@ -29,11 +29,6 @@ def tokenizer():
     return tiny.build_tokenizer([TEXT, "<call>12</call> é ü"])
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return tiny.build_relay_pair(tmp_path_factory.getbasetemp() / "tiny-pair")
-
-
 def test_call_lengths_are_d_times_ten_to_the_k_uniformly() -> None:
     rng = random.Random(0)
     draws = [sample_call_length(rng) for _ in range(36_000)]
@@ -102,8 +97,8 @@ def test_warmup_samples_inserts_and_fine_tunes(tiny_pair, tmp_path: Path) -> Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    from relaygraph.agents.transformers_backend import TransformersBackend
     from relaygraph.agents.backend import Prompt
+    from relaygraph.agents.transformers_backend import TransformersBackend
     from relaygraph.train.warmup import sft_trainer
 
     controller, _ = tiny_pair

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -319,10 +320,53 @@ def build_tiny_model(
     return out_dir
 
 
+_SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def _cache_key(*parts) -> str:
-    blob = json.dumps([_BUILD_VERSION, *[list(p) if isinstance(p, tuple) else p for p in parts]],
+    """A model's cache key: its recipe (``parts``) and this file (the training code)."""
+    blob = json.dumps([_BUILD_VERSION, _SOURCE_DIGEST,
+                       *[list(p) if isinstance(p, tuple) else p for p in parts]],
                       default=list, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_root() -> Path:
+    """Where tiny models are kept across test sessions (``$RELAYGRAPH_TEST_CACHE``, else a
+    per-user folder in the temp directory); a model is rebuilt when its recipe changes."""
+    import getpass
+    import tempfile
+
+    root = Path(os.environ.get("RELAYGRAPH_TEST_CACHE")
+                or Path(tempfile.gettempdir()) / f"relaygraph-test-cache-{getpass.getuser()}")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _cached(build, name: str):
+    """``build(cache_root() / name)`` under a file lock (parallel sessions train once)."""
+    import fcntl
+
+    root = cache_root()
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build(root / name)
+
+
+def relay_root() -> Path:
+    """The folder of the shared tiny relay pair (built on first use)."""
+    relay_pair()
+    return cache_root() / "relay-pair"
+
+
+def relay_pair() -> tuple[Path, Path]:
+    """(controller_dir, expert_dir) of the tiny relay pair, shared by every test file."""
+    return _cached(build_relay_pair, "relay-pair")
+
+
+def safety_worker() -> Path:
+    """The tiny safety worker (see :func:`build_safety_worker`), shared across sessions."""
+    return _cached(build_safety_worker, "safety")
 
 
 # --------------------------------------------------------------------------- relay pair

@@ -170,7 +170,9 @@ def _paddable(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(
+    if not layers:
+        return False
+    return all(
         type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0
         for layer in layers
     )

@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -227,7 +227,7 @@ class OpenAIBackend(TokenizerBackend):
         prompt_tokens = int(usage.get("prompt_tokens") or len(ids))
         return Generation(
             text=decoded.text, token_ids=decoded.token_ids, logprobs=decoded.logprobs,
-            finish_reason=finish,  # type: ignore[arg-type]
+            finish_reason=finish,
             prompt_tokens=prompt_tokens,
             prefilled_tokens=prompt_tokens - int(cached or 0),
             seconds=time.perf_counter() - start_time, tokenizer=self.tokenizer_id,
@@ -235,7 +235,7 @@ class OpenAIBackend(TokenizerBackend):
             extra={"cached_tokens": cached, "server_finish_reason": state.finish},
         )
 
-    def _samples(self, body: dict[str, Any], state: _Stream) -> Iterator[Sample]:
+    def _samples(self, body: dict[str, Any], state: _Stream) -> Generator[Sample, None, None]:
         """The server's sampled tokens as they stream in (SSE)."""
         state.started = True
         try:

@@ -81,7 +81,8 @@ def register_backend(cls: C) -> C:
     (a class decorator)."""
     if not (isinstance(cls, type) and issubclass(cls, AgentConfig)):
         raise ConfigError(f"register_backend takes an AgentConfig subclass, not {cls!r}")
-    return BACKENDS.register(cls)
+    BACKENDS.register(cls)
+    return cls
 
 
 def parse_agent_config(data: Any) -> AgentConfig:

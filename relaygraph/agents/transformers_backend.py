@@ -10,10 +10,11 @@ through one :class:`~relaygraph.agents.batching.Batcher`, which runs them as one
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,7 +157,7 @@ class TransformersBackend(TokenizerBackend):
         )
 
     def _samples(self, feed: list[int], cache: Any, seen: list[int], sampling: Sampling,
-                 generator: Any) -> Iterator[Sample]:
+                 generator: Any) -> Generator[Sample, None, None]:
         """The decode loop: feed, sample, repeat — until the stop rule stops pulling."""
         import torch
 
@@ -165,8 +166,7 @@ class TransformersBackend(TokenizerBackend):
             seen += feed
             logp = torch.log_softmax(logits, dim=-1)
             token = _choose(logp, sampling, generator)
-            yield Sample(token, float(logp[token]),
-                         lambda logp=logp: float(-(logp.exp() * logp).nan_to_num().sum()))
+            yield Sample(token, float(logp[token]), functools.partial(_entropy, logp))
             feed = [token]
 
     def next_token_logprobs(self, prompt: Prompt, candidates: Sequence[str]) -> dict[str, float]:
@@ -178,6 +178,11 @@ class TransformersBackend(TokenizerBackend):
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, -1]
             logp = torch.log_softmax(logits.float(), dim=-1)
         return {c: float(logp[self.encode(c)[0]]) for c in candidates}
+
+
+def _entropy(logp: Any) -> float:
+    """Entropy of a log-softmax distribution (nats)."""
+    return float(-(logp.exp() * logp).nan_to_num().sum())
 
 
 def _choose(logp: Any, sampling: Sampling, generator: Any) -> int:

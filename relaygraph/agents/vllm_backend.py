@@ -17,7 +17,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any, Literal
 
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
@@ -136,7 +136,7 @@ class VLLMBackend(TokenizerBackend):
             rejected=decoded.rejected, extra={"cached_tokens": cached},
         )
 
-    def _samples(self, ids: list[int], params: Any, state: dict[str, Any]) -> Iterator[Sample]:
+    def _samples(self, ids: list[int], params: Any, state: dict[str, Any]) -> Generator[Sample, None, None]:
         """The engine's sampled tokens as its request streams deltas."""
         from vllm.inputs import TokensPrompt
 

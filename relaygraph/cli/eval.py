@@ -41,7 +41,7 @@ AField = Annotated[str | None, typer.Option(help="Dataset field holding the answ
 
 def _command(func: F) -> F:
     """A subcommand with the CLI's one-line errors."""
-    return app.command()(friendly(func))  # type: ignore[no-any-return]
+    return app.command()(friendly(func))
 
 
 @contextmanager
@@ -59,7 +59,7 @@ def _session(out: Path, redis: str | None, shared: str | None, lease: float,
     try:
         yield store, results, pool
     except KeyboardInterrupt:
-        pool.flag.set()
+        pool.flag.cancel("interrupted")
         where = f"Redis ({shared})" if shared else str(out)
         err.print(f"interrupted: finished items are kept in {where}; rerun the same command "
                   "to continue")

@@ -142,18 +142,24 @@ def run_relay_experiment(models: dict[str, AgentConfig], problems: Sequence[Prob
     solo = run_jobs(solo_jobs, results, concurrency, flag=flag, progress=progress)
     solos = {(r["model"], r["problem"]): r for r in solo.records.values()}
     chains = {key: written_chain(store, r["trajectory_id"], key[0]) for key, r in solos.items()}
-    cuts = [(f"logprob<{t:g}", t, None) for t in thresholds]
+    cuts: list[tuple[str, float | None, float | None]] = [
+        (f"logprob<{t:g}", t, None) for t in thresholds]
     cuts += [(f"{f:.0%}", None, f) for f in fractions]
     pairs = [(a, b) for a, b in itertools.product(greedy, greedy) if self_pairs or a != b]
-    jobs, uncut = [], []
+    jobs: list[Job] = []
+    uncut: list[Record] = []
     for (initiator, continuer), (cut, threshold, fraction), problem in itertools.product(
             pairs, cuts, problems):
         source = solos.get((initiator, problem.id))
         if source is None:
             continue
         chain = chains[initiator, problem.id]
-        k = fraction_cut(len(chain), fraction) if fraction is not None \
-            else threshold_cut(chain.logprobs, threshold, warmup)
+        k: int | None
+        if fraction is not None:
+            k = fraction_cut(len(chain), fraction)
+        else:
+            assert threshold is not None  # each cut is a fraction or a threshold
+            k = threshold_cut(chain.logprobs, threshold, warmup)
         info = {"initiator": initiator, "continuer": continuer, "cut": cut,
                 "cut_tokens": k, "chain_tokens": len(chain),
                 "position": None if k is None or not len(chain) else k / len(chain)}

@@ -39,6 +39,7 @@ interval = 32
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import threading
 import time
@@ -240,6 +241,14 @@ def _jobs(plan_: PolicyPlan, problems: list[Problem], pool: ModelPool,
     return jobs
 
 
+def _routed_large(router: RandomRouter, problem: Problem) -> bool:
+    return router.to_large(problem.question)
+
+
+def _small_failed(small: dict[str, Record], problem: Problem) -> bool:
+    return not small[problem.id]["correct"]
+
+
 def derive_routers(sweep: SweepConfig, problems: list[Problem], small: dict[str, Record],
                    large: dict[str, Record]) -> dict[str, dict[str, Record]]:
     """Random routers (each p) and the perfect router, assembled from the solo items."""
@@ -251,9 +260,9 @@ def derive_routers(sweep: SweepConfig, problems: list[Problem], small: dict[str,
     for p_value in dict.fromkeys(p_values):
         router = RandomRouter(small=sweep.small, large=sweep.large, p=p_value,
                               seed=sweep.router_seed)
-        routers[router.name] = lambda prob, r=router: r.to_large(prob.question)
+        routers[router.name] = functools.partial(_routed_large, router)
     if sweep.perfect_router or any(e.get("type") == "perfect-router" for e in listed):
-        routers["perfect-router"] = lambda prob: not small[prob.id]["correct"]
+        routers["perfect-router"] = functools.partial(_small_failed, small)
     derived: dict[str, dict[str, Record]] = {}
     for name, to_large in routers.items():
         rows = {}
@@ -271,10 +280,10 @@ def assemble(sweep: SweepConfig, problems: list[Problem], plans: list[PolicyPlan
              items: dict[str, dict[str, Record]], derived: dict[str, dict[str, Record]],
              errors: dict[str, str]) -> dict[str, Any]:
     """The results object: per-policy summaries, family curves, items, notes."""
-    policies = []
-    for p in plans:
-        policies.append({"name": p.name, "type": p.type, "derived_from": None,
-                         **_summary(items[p.name], problems, sweep.large)})
+    policies: list[dict[str, Any]] = []
+    for plan_ in plans:
+        policies.append({"name": plan_.name, "type": plan_.type, "derived_from": None,
+                         **_summary(items[plan_.name], problems, sweep.large)})
     for name, rows in derived.items():
         kind = "perfect-router" if name == "perfect-router" else "random-router"
         policies.append({"name": name, "type": kind, "derived_from": "solo runs",

@@ -23,6 +23,7 @@ M's continuations are greedy; its budget is ``max_tokens`` new tokens after the 
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Sequence
@@ -212,9 +213,9 @@ def run_guidability(model: AgentConfig, steer_model: AgentConfig, problems: Sequ
     hard = [p for p in problems if len(sample_rows.get(p.id, ())) == samples
             and unsolved(sample_rows[p.id], max_solved)]
     qualifying = [p for p in hard if p.id in steer_rows and steer_rows[p.id]["correct"]]
-    decode = pool.backend(steer_model).decode if qualifying else None
     jobs = []
     for problem in qualifying:
+        decode = pool.backend(steer_model).decode
         chain = written_chain(store, steer_rows[problem.id]["trajectory_id"], steer_name)
         for fraction in fractions:
             n = steer_tokens(len(chain), fraction)
@@ -223,7 +224,7 @@ def run_guidability(model: AgentConfig, steer_model: AgentConfig, problems: Sequ
             condition = f"steer={fraction:g}"
             jobs.append(continuation_job(
                 f"{condition}/{problem.id}", condition, name, greedy, problem,
-                lambda segment=segment: [segment],
+                functools.partial(list, [segment]),
                 [condition, n, steer_rows[problem.id]["fingerprint"]], pool, store, max_tokens,
                 "continuation", phase="guidability", condition=condition, fraction=fraction,
                 steer_tokens=n, spoiler=is_spoiler(segment.text, problem.answer)))

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
@@ -51,6 +51,12 @@ if TYPE_CHECKING:
     from langgraph.graph.state import CompiledStateGraph
 
 RESERVED_NODES = frozenset({"start", FINISH, START, END})
+
+
+class Node(Protocol):
+    """A graph node (LangGraph passes the state by the name ``state``)."""
+
+    def __call__(self, state: RelayState) -> Any: ...
 RETRY_BACKOFF_S = 0.5
 
 
@@ -111,7 +117,7 @@ def context(state: RelayState) -> TurnContext:
 
 
 def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore,
-                max_tokens: int, task_config: dict[str, Any]) -> Callable[[RelayState], Command]:
+                max_tokens: int, task_config: dict[str, Any]) -> Node:
     names = list(policy.agent_names())
 
     def start(state: RelayState) -> Command:
@@ -182,7 +188,7 @@ def _generate(agent: Agent, prompt: Prompt, rule: StopRule, retries: int,
 
 
 def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, retries: int,
-                fallbacks: dict[str, Agent]) -> Callable[[RelayState], Command]:
+                fallbacks: dict[str, Agent]) -> Node:
     def node(state: RelayState) -> Command:
         tid, cursor = state["trajectory_id"], state["cursor"]
         ctx = context(state)
@@ -230,7 +236,7 @@ def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, retries: int,
     return node
 
 
-def _supervisor_node(policy: SupervisedPolicy, store: SegmentCache) -> Callable[[RelayState], Command]:
+def _supervisor_node(policy: SupervisedPolicy, store: SegmentCache) -> Node:
     def supervise(state: RelayState) -> Command:
         segments = store.read(state["trajectory_id"], 0, state["cursor"])
         writer = get_stream_writer()
@@ -325,7 +331,7 @@ def _given(segment: Segment) -> Segment:
     return segment.model_copy(update={"meta": {**segment.meta, "given": True}})
 
 
-def _finish_node(policy: Policy, store: TrajectoryStore) -> Callable[[RelayState], dict[str, Any]]:
+def _finish_node(policy: Policy, store: TrajectoryStore) -> Node:
     def finish(state: RelayState) -> dict[str, Any]:
         tid = state["trajectory_id"]
         text = reasoning_text(active(store.read(tid)))  # rolled-back steps are not the answer

@@ -319,9 +319,12 @@ def _span_exporter(kind: str, protocol: str, endpoint: str | None, out: IO[str])
     url = _otlp_endpoint(protocol, endpoint, "traces")
     try:
         if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+
+            return GrpcSpanExporter(**_otlp_options(protocol, url))
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
         raise ConfigError(_MISSING_EXPORTER) from None
     return OTLPSpanExporter(**_otlp_options(protocol, url))
@@ -335,17 +338,18 @@ def _metric_exporter(kind: str, protocol: str, endpoint: str | None, out: IO[str
     url = _otlp_endpoint(protocol, endpoint, "metrics")
     try:
         if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter as GrpcMetricExporter,
+            )
+
+            return GrpcMetricExporter(**_otlp_options(protocol, url))
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     except ImportError:
         raise ConfigError(_MISSING_EXPORTER) from None
     return OTLPMetricExporter(**_otlp_options(protocol, url))
 
 
-def _choice(value: str | None, allowed: tuple[str, ...], what: str) -> str | None:
-    if value is None:
-        return None
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
     value = value.strip().lower()
     if "," in value:  # "otlp,console": the first one we support
         value = next((v for v in value.split(",") if v.strip() in allowed), value).strip()

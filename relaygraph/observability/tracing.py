@@ -187,10 +187,15 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
                 _warn_once("recording an error", inner)
         raise
     finally:
-        for step, what in ((lambda: stats_token is not None and _run.reset(stats_token),
-                            "leaving the run"),
-                           (lambda: token is not None and otel_context.detach(token),
-                            "detaching the run span"),
+        def leave() -> None:
+            if stats_token is not None:
+                _run.reset(stats_token)
+
+        def detach() -> None:
+            if token is not None:
+                otel_context.detach(token)
+
+        for step, what in ((leave, "leaving the run"), (detach, "detaching the run span"),
                            (lambda: _finish_run(installed, span, stats, outcome),
                             "ending the run span")):
             try:

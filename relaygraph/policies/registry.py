@@ -41,11 +41,13 @@ def register_policy(cls: P) -> P:
     sweeps and ``serve`` (a class decorator)."""
     if not (isinstance(cls, type) and issubclass(cls, PolicyConfig)):
         raise ConfigError(f"register_policy takes a PolicyConfig subclass, not {cls!r}")
-    default = cls.model_fields["type"].default
-    if not isinstance(default, str) or not default:
+    klass: type[PolicyConfig] = cls
+    field = klass.model_fields.get("type")
+    if field is None or not isinstance(field.default, str) or not field.default:
         raise ConfigError(f"{cls.__qualname__} needs a default for its type, e.g. "
                           'type: Literal["my-policy"] = "my-policy"')
-    return POLICIES.register(cls)
+    POLICIES.register(cls)
+    return cls
 
 
 def policy_types() -> list[str]:

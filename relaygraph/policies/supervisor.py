@@ -255,7 +255,8 @@ def parse_verdict(text: str) -> Verdict:
                 continue
     word = re.search(r"\b(" + "|".join(ACTIONS) + r")\b", text, re.IGNORECASE)
     if word:
-        return Verdict(action=word.group(1).lower(), reason="keyword in judge output")  # type: ignore[arg-type]
+        return Verdict.model_validate({"action": word.group(1).lower(),
+                                       "reason": "keyword in judge output"})
     return Verdict(reason="unparsed judge output")
 
 

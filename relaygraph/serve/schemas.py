@@ -42,8 +42,8 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def validation_error(exc: ValidationError, prefix: str = "") -> APIError:
     """The first problem of a pydantic error as a 400 naming the parameter."""
     first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"])
-    param = f"{prefix}{param}" if param else prefix.rstrip(".") or None
+    loc = ".".join(str(p) for p in first["loc"])
+    param = f"{prefix}{loc}" if loc else prefix.rstrip(".") or None
     if first["type"] == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param,
                            "unrecognized_argument")

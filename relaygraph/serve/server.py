@@ -34,11 +34,11 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
     announce(f"serving {', '.join(registry.relays)} at http://{_host(host)}:{port}/v1 · "
              f"store {store.url} · API key {auth} · {settings.concurrency} runs at once, "
              f"{settings.max_queue} queued")
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            log_config=log_config, timeout_graceful_shutdown=5,
+    server_config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                   log_config=log_config, timeout_graceful_shutdown=5,
                             server_header=False, lifespan="on")
     try:
-        _server_class()(config).run()
+        _server_class()(server_config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a normal stop
         pass
 
@@ -78,7 +78,8 @@ class BackgroundServer:
         self.app = app
         self.host = host
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,
-                                lifespan="on", timeout_graceful_shutdown=graceful_timeout)
+                                lifespan="on",
+                                timeout_graceful_shutdown=int(graceful_timeout))
         self._server = _server_class()(config)
         self._thread = threading.Thread(target=self._server.run, name="relaygraph-serve",
                                         daemon=True)

@@ -21,7 +21,7 @@ from relaygraph.trajectory.store import TrajectoryStore
 
 
 def _seg(author: str, text: str, **kw: object) -> Segment:
-    return Segment(author=author, text=text, **kw)  # type: ignore[arg-type]
+    return Segment.model_validate({"author": author, "text": text, **kw})
 
 
 def _new(store: TrajectoryStore) -> str:

@@ -123,7 +123,7 @@ def save_model(model: Any, tokenizer: Any, path: Path) -> Path:
     try:
         from peft import PeftModel
     except ImportError:  # peft is optional
-        PeftModel = ()  # type: ignore[assignment]
+        PeftModel = ()
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     path.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ def to_rollout(result: RunResult, segments: Sequence[Segment], prompt_ids: list[
         own = seg.author == controller
         ids += seg.token_ids
         mask += [int(own)] * len(seg.token_ids)
-        logps += list(seg.logprobs or [None] * len(seg.token_ids)) if own else [None] * len(seg.token_ids)
+        logps += list(seg.logprobs) if own and seg.logprobs else [None] * len(seg.token_ids)
     served = len(ids) - sum(mask)
     ratio = served / len(ids) if ids else 0.0
     if result.finish_reason == "eos":
@@ -273,7 +273,7 @@ def _gather(correct: list[bool], ratios: list[float]) -> tuple[list[bool], list[
         return correct, ratios, 0
     from accelerate.utils import gather_object
 
-    return (gather_object(correct), gather_object(ratios),  # type: ignore[return-value]
+    return (gather_object(correct), gather_object(ratios),
             state.process_index * len(correct))
 
 

@@ -14,6 +14,7 @@ under retries and concurrent writers. Values are JSON; nothing is ever unpickled
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -69,7 +70,7 @@ class RedisStore:
     """
 
     def __init__(self, client: redis.Redis, namespace: str = "relaygraph", url: str = "") -> None:
-        self.client = client
+        self.client: Any = client  # redis-py's reply types are unions of every protocol's
         self.namespace = namespace
         self.url = redact_url(url) if url else ""
         self._append = client.register_script(_APPEND)
@@ -87,7 +88,7 @@ class RedisStore:
         retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries,
                       (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
         try:
-            client = redis.Redis.from_url(url, retry=retry, **kwargs)  # type: ignore[arg-type]
+            client = redis.Redis.from_url(url, retry=retry, **kwargs)
         except ValueError as exc:
             raise StoreUnavailableError(
                 f"invalid Redis URL {redact_url(url)!r}: {exc}; expected e.g. "
