@@ -61,10 +61,10 @@ class Registry(Generic[T]):
                 self._read_plugins()
             if name in self._lazy:
                 module, _, attr = self._lazy[name].partition(":")
-                cls = getattr(importlib.import_module(module), attr)
-                self._classes[name] = cls
-                del self._lazy[name]
-                return cls
+                cls = getattr(importlib.import_module(module), attr)  # may register itself
+                self._lazy.pop(name, None)
+                self._classes.setdefault(name, cls)
+                return self._classes[name]
         raise ConfigError(f"unknown {self.what} {name!r}; choose one of: {', '.join(self.names())}")
 
     def names(self) -> list[str]:

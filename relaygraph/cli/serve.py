@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from relaygraph.cli.common import ensure_pulled, err, friendly, traced
+from relaygraph.errors import ConfigError
 
 
 @friendly
@@ -26,8 +27,12 @@ def serve(
     trace_content: Annotated[bool, typer.Option("--trace-content", help="Record questions and generated text in spans (off by default).")] = False,
 ) -> None:
     """Serve relays as OpenAI-compatible models (/v1/chat/completions, /v1/completions, /v1/models)."""
-    from relaygraph.serve import ServeConfig, ServeSettings
-    from relaygraph.serve import serve as run_server
+    try:
+        from relaygraph.serve import ServeConfig, ServeSettings
+        from relaygraph.serve import serve as run_server
+    except ImportError as exc:
+        raise ConfigError(f"serving needs the serve extra ({exc.name} is missing): "
+                          "pip install 'relaygraph[serve]'") from None
 
     cfg = ServeConfig.load(config) if config is not None else ServeConfig.default()
     ensure_pulled(*cfg.local_models())
