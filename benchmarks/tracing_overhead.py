@@ -38,7 +38,7 @@ from opentelemetry import trace
 
 from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Generation
-from relaygraph.observability import configure, tracing
+from relaygraph.observability import configure, providers, tracing
 from relaygraph.testing.otlp_receiver import GrpcOtlpReceiver, OtlpReceiver
 
 ATTRS = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "controller",
@@ -153,7 +153,7 @@ def bench_turns(n: int, rounds: int) -> list[tuple[str, float, str]]:
     rows = [("tracing off (default)", per_op_us(run, n, rounds), "")]
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
-    with tracing.using(provider, MeterProvider(metric_readers=[InMemoryMetricReader()])):
+    with providers.using(provider, MeterProvider(metric_readers=[InMemoryMetricReader()])):
         rows.append(("SDK in memory (spans + metrics)", per_op_us(run, n, rounds), ""))
     with OtlpReceiver() as rx:
         telemetry = configure("otlp", endpoint=rx.url, quiet=True)
@@ -199,7 +199,7 @@ def bench_relay(runs: int, tiny_root: str | None) -> list[tuple[str, float, str]
             telemetry = configure("otlp", "otlp", endpoint=rx.url, quiet=True, install=False)
             for _ in range(runs):  # interleaved, so drifting machine load hits both alike
                 off.append(timed())
-                restore = tracing.use(telemetry.tracer_provider, telemetry.meter_provider)
+                restore = providers.use(telemetry.tracer_provider, telemetry.meter_provider)
                 on.append(timed())
                 restore()
             telemetry.shutdown()

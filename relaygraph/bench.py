@@ -120,7 +120,7 @@ def run_bench(small: Backend, large: Backend, store: TrajectoryStore, question: 
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from relaygraph.observability import tracing
+    from relaygraph.observability import providers
 
     provider = TracerProvider()
     spans = InMemorySpanExporter()
@@ -128,7 +128,7 @@ def run_bench(small: Backend, large: Backend, store: TrajectoryStore, question: 
     out: dict[str, Any] = {"controller": small.model_id, "expert": large.model_id,
                            "tokens": tokens, "interval": interval, "goals": GOALS}
     sizes: dict[int, int] = {}
-    with tracing.using(provider):
+    with providers.using(provider):
         runs = {}
         for mode in ("reuse", "naive"):
             progress(f"relay with {'KV-cache reuse' if mode == 'reuse' else 'no cache reuse (naive)'}")

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from relaygraph import Agent, CallTokenPolicy, Relay
-from relaygraph.observability import configure, tracing
+from relaygraph.observability import configure, providers
 from relaygraph.trajectory import RedisStore
 from tests import tiny_models as tiny
 from tests.servers import free_port
@@ -189,7 +189,7 @@ def test_your_own_providers_and_a_broken_processor_never_fail_a_run(backends, re
     exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
     good = TracerProvider()
     good.add_span_processor(SimpleSpanProcessor(exporter))
-    with tracing.using(good, MeterProvider(metric_readers=[reader])):
+    with providers.using(good, MeterProvider(metric_readers=[reader])):
         result = make_relay(backends, redis_store).run(tiny.QUESTION)
     names = [s.name for s in exporter.get_finished_spans()]
     assert names.count("invoke_workflow relaygraph") == 1 and len(names) == 7
@@ -201,7 +201,7 @@ def test_your_own_providers_and_a_broken_processor_never_fail_a_run(backends, re
 
     broken = TracerProvider()
     broken.add_span_processor(Broken(InMemorySpanExporter()))
-    with tracing.using(broken):
+    with providers.using(broken):
         again = make_relay(backends, redis_store).run(tiny.QUESTION)
     assert (again.answer, again.handoffs, again.tokens_by_agent) == (
         result.answer, result.handoffs, result.tokens_by_agent)
@@ -286,7 +286,7 @@ def test_cli_dead_collector_warns_in_one_line(backends, redis_server) -> None:
     assert len(warnings) == 1 and "traces not exported: nothing listens" in warnings[0]
     assert "Traceback" not in res.stderr
     assert elapsed < 5  # loading + run + a bounded shutdown (no exporter retries)
-    assert tracing._installed is tracing._GLOBAL  # the CLI put the providers back
+    assert providers._installed is providers.GLOBAL  # the CLI put the providers back
 
 
 def test_cli_run_exports_to_the_endpoint_from_the_environment(backends, redis_server,

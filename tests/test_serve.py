@@ -526,13 +526,13 @@ def test_each_request_is_one_trace_joined_to_the_callers(client) -> None:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from relaygraph.observability import tracing
+    from relaygraph.observability import providers
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    with tracing.using(provider):
+    with providers.using(provider):
         first = client.chat.completions.create(model="relay-call-token", messages=ASK)
         second = client.chat.completions.create(
             model="relay-call-token", messages=ASK,

@@ -7,14 +7,15 @@ from typing import Annotated
 
 import typer
 
+from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.cli.common import ensure_pulled, err, friendly
 from relaygraph.errors import ConfigError
 
 
 @friendly
 def bench(
-    controller: Annotated[str, typer.Option(help="Small model (catalog name, folder, .gguf or hub id).")] = "qwen2.5-coder-0.5b",
-    expert: Annotated[str, typer.Option(help="Large model.")] = "qwen2.5-coder-1.5b",
+    controller: Annotated[str, typer.Option(help="Small model (catalog name, folder, .gguf or hub id).")] = DEFAULT_CONTROLLER,
+    expert: Annotated[str, typer.Option(help="Large model.")] = DEFAULT_EXPERT,
     dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32.")] = "bfloat16",
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Build both architectures from their configs with random weights (only config and tokenizer files are needed; timings only — the text is noise).")] = False,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.cli.common import (
     ensure_pulled,
     err,
@@ -28,8 +29,8 @@ def run(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
     policy: Annotated[str | None, typer.Option(help=POLICY_HELP)] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Relay config file (.toml, .yaml, .json); options below override it.")] = None,
-    controller: Annotated[str | None, typer.Option(help="Controller model: catalog name, folder, .gguf or hub id (default qwen2.5-coder-0.5b).")] = None,
-    expert: Annotated[str | None, typer.Option(help="Expert model (default qwen2.5-coder-1.5b).")] = None,
+    controller: Annotated[str | None, typer.Option(help=f"Controller model: catalog name, folder, .gguf or hub id (default {DEFAULT_CONTROLLER}).")] = None,
+    expert: Annotated[str | None, typer.Option(help=f"Expert model (default {DEFAULT_EXPERT}).")] = None,
     controller_url: Annotated[str | None, typer.Option(help="Use the controller model served at this OpenAI-compatible URL (e.g. vllm serve: http://localhost:8000/v1); --controller is then the served model name.")] = None,
     expert_url: Annotated[str | None, typer.Option(help="The same for the expert.")] = None,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,

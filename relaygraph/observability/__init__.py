@@ -10,7 +10,7 @@ Viewers of stored trajectories live in :mod:`relaygraph.viewer`; an OTLP receive
 tests in :mod:`relaygraph.testing.otlp_receiver`.
 """
 
+from relaygraph.observability.providers import use, using
 from relaygraph.observability.telemetry import Telemetry, configure, tracing_requested
-from relaygraph.observability.tracing import use, using
 
 __all__ = ["Telemetry", "configure", "tracing_requested", "use", "using"]

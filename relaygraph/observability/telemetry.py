@@ -41,7 +41,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from relaygraph.errors import ConfigError
-from relaygraph.observability import tracing
+from relaygraph.observability import providers
 
 EXPORTERS = ("otlp", "console", "none")
 PROTOCOLS = ("http/protobuf", "grpc")
@@ -382,7 +382,7 @@ def configure(
     ``metric_readers`` are added as they are (e.g. an in-memory exporter in tests).
     ``quiet`` keeps the exporters' log messages off the terminal and reports them in
     :attr:`Telemetry.problems` at shutdown. ``install`` makes relaygraph use these providers
-    (:func:`relaygraph.observability.tracing.use`); ``set_global`` also makes them the
+    (:func:`relaygraph.observability.providers.use`); ``set_global`` also makes them the
     process-wide OpenTelemetry providers (possible once per process).
     """
     disabled = _env("OTEL_SDK_DISABLED") == "true"
@@ -398,7 +398,7 @@ def configure(
         raise ConfigError(f"the OTLP endpoint must be an http:// or https:// URL, not "
                           f"{redact_endpoint(endpoint)!r}")
     if capture_content is None:
-        capture_content = tracing.capture_content_from_env()
+        capture_content = providers.capture_content_from_env()
     telemetry = Telemetry(traces="none" if disabled else traces,
                           metrics="none" if disabled else metrics,
                           protocol=protocol, capture_content=capture_content,
@@ -460,7 +460,7 @@ def configure(
         if telemetry.meter_provider is not None:
             otel_metrics.set_meter_provider(telemetry.meter_provider)
     if install:
-        telemetry._restore = tracing.use(telemetry.tracer_provider, telemetry.meter_provider,
+        telemetry._restore = providers.use(telemetry.tracer_provider, telemetry.meter_provider,
                                          capture_content)
     atexit.register(telemetry.shutdown)  # a forgotten shutdown still flushes (bounded)
     return telemetry

@@ -26,8 +26,6 @@ Tracing never fails or blocks a run: every helper swallows its own errors (logge
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,92 +34,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 
 from relaygraph.agents.backend import provider_name
+from relaygraph.observability import providers
+from relaygraph.observability.genai import HANDOFF_KEYS, chat_span, turn_attributes
 from relaygraph.observability.instruments import Instruments
+from relaygraph.observability.providers import Installed, warn_once
 
 if TYPE_CHECKING:
     from relaygraph.agents.agent import Agent
     from relaygraph.agents.backend import Generation
 
-SCOPE = "relaygraph"
-CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-HANDOFF_KEYS = ("from", "to", "policy", "reason", "position", "requested_tokens", "confidence")
-_log = logging.getLogger(__name__)
-
-# The API's proxies: they follow the global providers once an application sets them.
-tracer = trace.get_tracer(SCOPE)
-
-
-# --- which providers relaygraph uses -------------------------------------------------------
-
-@dataclass
-class _Installed:
-    tracer: Any
-    instruments: Instruments
-    capture_content: bool | None
-
-
-_GLOBAL = _Installed(tracer, Instruments(metrics.get_meter(SCOPE)), None)
-_installed: _Installed = _GLOBAL
-_warned: set[str] = set()
-
-
-def use(tracer_provider: Any = None, meter_provider: Any = None,
-        capture_content: bool | None = None) -> Callable[[], None]:
-    """Send relaygraph's spans and metrics to these providers (None: the global ones).
-
-    Returns a function that restores what was installed before. The global OpenTelemetry
-    providers are left alone (they can be set only once per process), so tests and
-    applications can install and swap their own.
-    """
-    global _installed
-    before = _installed
-    tr = tracer_provider.get_tracer(SCOPE) if tracer_provider is not None else tracer
-    meter = (meter_provider.get_meter(SCOPE) if meter_provider is not None
-             else metrics.get_meter(SCOPE))
-    _installed = _Installed(tr, Instruments(meter) if meter_provider is not None
-                            else _GLOBAL.instruments, capture_content)
-
-    def restore() -> None:
-        global _installed
-        _installed = before
-
-    return restore
-
-
-@contextmanager
-def using(tracer_provider: Any = None, meter_provider: Any = None,
-          capture_content: bool | None = None) -> Iterator[None]:
-    """:func:`use` as a context manager."""
-    restore = use(tracer_provider, meter_provider, capture_content)
-    try:
-        yield
-    finally:
-        restore()
-
-
-def capture_content_from_env() -> bool:
-    """``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``, the standard GenAI opt-in."""
-    value = os.environ.get(CAPTURE_ENV, "").strip().lower()
-    return value in ("1", "true", "yes", "on", "span_only", "span_and_event", "event_only")
-
-
-def capture_content(installed: _Installed | None = None) -> bool:
-    """Whether message content goes into spans: as installed (:func:`use`), else the
-    environment's opt-in."""
-    installed = installed or _installed
-    if installed.capture_content is not None:
-        return installed.capture_content
-    return capture_content_from_env()
-
-
-def _warn_once(what: str, exc: BaseException) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        _log.warning("relaygraph tracing: %s failed (%s: %s); the run goes on", what,
-                     type(exc).__name__, exc)
 
 
 # --- per-run state -------------------------------------------------------------------------
@@ -150,7 +74,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
              question: str | None = None) -> Iterator[Any]:
     """The root span of a run (``invoke_workflow relaygraph``); totals are added at the end."""
     global last_trace_id
-    installed = _installed
+    installed = providers.installed()
     stats = RunStats(policy=policy_name)
     span = token = stats_token = None
     try:
@@ -162,7 +86,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
                 "relaygraph.policy": policy_name, "relaygraph.question.chars": question_chars}
             if trajectory_id:
                 attrs["relaygraph.trajectory.id"] = attrs["gen_ai.conversation.id"] = trajectory_id
-            if question is not None and capture_content(installed):
+            if question is not None and providers.capture_content(installed):
                 stats.question = question
                 attrs["gen_ai.input.messages"] = json.dumps(
                     [{"role": "user", "parts": [{"type": "text", "content": question}]}],
@@ -173,7 +97,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
         token = otel_context.attach(trace.set_span_in_context(span))
         stats_token = _run.set(stats)
     except Exception as exc:  # noqa: BLE001 - tracing never fails a run
-        _warn_once("starting the run span", exc)
+        warn_once("starting the run span", exc)
     outcome = "ok"
     try:
         yield span if span is not None else trace.INVALID_SPAN
@@ -184,7 +108,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}"))
             except Exception as inner:  # noqa: BLE001 - tracing never fails a run
-                _warn_once("recording an error", inner)
+                warn_once("recording an error", inner)
         raise
     finally:
         def leave() -> None:
@@ -201,7 +125,7 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
             try:
                 step()
             except Exception as exc:  # noqa: BLE001 - tracing never fails a run
-                _warn_once(what, exc)
+                warn_once(what, exc)
 
 
 def run_totals(totals: dict[str, Any]) -> None:
@@ -212,7 +136,7 @@ def run_totals(totals: dict[str, Any]) -> None:
         stats.totals = totals
 
 
-def _finish_run(installed: _Installed, span: Any, stats: RunStats, outcome: str) -> None:
+def _finish_run(installed: Installed, span: Any, stats: RunStats, outcome: str) -> None:
     attrs = {"relaygraph.policy": stats.policy}
     installed.instruments.runs.add(1, {**attrs, "relaygraph.run.outcome": outcome})
     totals = stats.totals or {}
@@ -249,7 +173,7 @@ class Turn:
                  "started", "started_ns", "first_text", "stats", "installed")
 
     def __init__(self, span: Any, agent: Agent, policy: str, trajectory_id: str, position: int,
-                 installed: _Installed, stats: RunStats | None) -> None:
+                 installed: Installed, stats: RunStats | None) -> None:
         self.span = span
         self.agent = agent
         self.policy = policy
@@ -279,7 +203,7 @@ class Turn:
 @contextmanager
 def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> Iterator[Turn]:
     """The ``invoke_agent {agent}`` span of one turn, current while the turn runs."""
-    installed = _installed
+    installed = providers.installed()
     turn: Turn | None = None
     token = None
     try:
@@ -304,7 +228,7 @@ def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> 
                     "relaygraph.handoff.to": agent.name, "relaygraph.policy": policy})
         token = otel_context.attach(trace.set_span_in_context(span))
     except Exception as exc:  # noqa: BLE001 - tracing never fails a run
-        _warn_once("starting a turn span", exc)
+        warn_once("starting a turn span", exc)
     if turn is None:
         turn = Turn(trace.INVALID_SPAN, agent, policy, trajectory_id, position, installed, None)
     try:
@@ -314,7 +238,7 @@ def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> 
             turn.span.record_exception(exc)
             turn.span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
         except Exception as inner:  # noqa: BLE001 - tracing never fails a run
-            _warn_once("recording an error", inner)
+            warn_once("recording an error", inner)
         raise
     finally:
         try:
@@ -322,7 +246,7 @@ def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> 
                 otel_context.detach(token)
             turn.span.end()
         except Exception as exc:  # noqa: BLE001 - tracing never fails a run
-            _warn_once("ending a turn span", exc)
+            warn_once("ending a turn span", exc)
 
 
 def record_turn(span: Any, generation: Generation, handoff: dict[str, Any]) -> None:
@@ -330,12 +254,12 @@ def record_turn(span: Any, generation: Generation, handoff: dict[str, Any]) -> N
     try:
         _record_turn(span, generation, handoff)
     except Exception as exc:  # noqa: BLE001 - tracing never fails a run
-        _warn_once("recording a turn", exc)
+        warn_once("recording a turn", exc)
 
 
 def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> None:
     if not isinstance(turn, Turn):  # a bare span from older callers
-        _set_turn_attributes(turn, generation, handoff)
+        turn_attributes(turn, generation, handoff)
         return
     span, installed = turn.span, turn.installed
     n_out = len(generation.token_ids)
@@ -345,10 +269,10 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
     model_attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": turn.provider,
                    "gen_ai.request.model": turn.model, "gen_ai.agent.name": turn.agent.name}
     if span.is_recording():
-        _set_turn_attributes(span, generation, handoff)
+        turn_attributes(span, generation, handoff)
         if isinstance(handoff.get("position"), int):
             span.set_attribute("relaygraph.segment.count", handoff["position"] - turn.position)
-        _chat_span(turn, generation, seconds, ttft)
+        chat_span(turn, generation, seconds, ttft)
         event = {f"relaygraph.handoff.{k}": handoff[k] for k in HANDOFF_KEYS
                  if handoff.get(k) is not None}
         event["relaygraph.trajectory.id"] = turn.trajectory_id
@@ -384,7 +308,7 @@ def record_review(handoff: dict[str, Any]) -> None:
     """A supervisor's review: a ``relaygraph.review`` event on the current span (the run's),
     with the handoff attributes; a switch to another agent counts as a handoff."""
     try:
-        inst = _installed.instruments
+        inst = providers.installed().instruments
         author = str(handoff.get("from") or "")
         _count_handoff(inst, handoff, author, str(handoff.get("policy") or ""))
         span = trace.get_current_span()
@@ -393,62 +317,4 @@ def record_review(handoff: dict[str, Any]) -> None:
                 f"relaygraph.handoff.{k}": handoff[k] for k in HANDOFF_KEYS
                 if handoff.get(k) is not None})
     except Exception as exc:  # noqa: BLE001 - tracing never fails a run
-        _warn_once("recording a review", exc)
-
-
-def _set_turn_attributes(span: Any, generation: Generation, handoff: dict[str, Any]) -> None:
-    n_in, prefilled = generation.prompt_tokens, generation.prefilled_tokens
-    attrs: dict[str, Any] = {
-        "gen_ai.usage.input_tokens": n_in, "gen_ai.usage.output_tokens": len(generation.token_ids),
-        "gen_ai.usage.cache_read.input_tokens": max(0, n_in - prefilled),
-        "relaygraph.usage.prefilled_tokens": prefilled,
-        "gen_ai.response.finish_reasons": [str(generation.finish_reason)],
-    }
-    for key in HANDOFF_KEYS:
-        value = handoff.get(key)
-        if value is not None:
-            attrs[f"relaygraph.handoff.{key}"] = value
-    span.set_attributes(attrs)
-
-
-def _chat_span(turn: Turn, generation: Generation, seconds: float, ttft: float | None) -> None:
-    """The generation as a child span, timed from the turn's start by the backend's clock."""
-    ctx = trace.set_span_in_context(turn.span)
-    end_ns = turn.started_ns + int(seconds * 1e9)
-    chat = turn.installed.tracer.start_span(f"chat {turn.model}", context=ctx,
-                                            start_time=turn.started_ns)
-    n_in, n_out = generation.prompt_tokens, len(generation.token_ids)
-    sampling = turn.agent.sampling
-    attrs: dict[str, Any] = {
-        "gen_ai.operation.name": "chat", "gen_ai.provider.name": turn.provider,
-        "gen_ai.request.model": turn.model, "gen_ai.response.model": turn.model,
-        "gen_ai.agent.name": turn.agent.name, "gen_ai.conversation.id": turn.trajectory_id,
-        "gen_ai.usage.input_tokens": n_in, "gen_ai.usage.output_tokens": n_out,
-        "gen_ai.usage.cache_read.input_tokens": max(0, n_in - generation.prefilled_tokens),
-        "gen_ai.response.finish_reasons": [str(generation.finish_reason)],
-        "openinference.span.kind": "LLM", "llm.model_name": turn.model,
-        "llm.token_count.prompt": n_in, "llm.token_count.completion": n_out,
-        "llm.token_count.total": n_in + n_out,
-    }
-    if sampling is not None:
-        attrs["gen_ai.request.temperature"] = float(sampling.temperature)
-        attrs["gen_ai.request.top_p"] = float(sampling.top_p)
-        if sampling.seed is not None:
-            attrs["gen_ai.request.seed"] = int(sampling.seed)
-    if ttft is not None:
-        attrs["gen_ai.response.time_to_first_chunk"] = ttft
-    if capture_content(turn.installed):
-        system = turn.agent.system_prompt
-        if system:
-            attrs["gen_ai.system_instructions"] = json.dumps(
-                [{"type": "text", "content": system}], ensure_ascii=False)
-        if turn.stats is not None and turn.stats.question is not None:
-            attrs["gen_ai.input.messages"] = json.dumps(
-                [{"role": "user", "parts": [{"type": "text", "content": turn.stats.question}]}],
-                ensure_ascii=False)
-        attrs["gen_ai.output.messages"] = json.dumps(
-            [{"role": "assistant", "parts": [{"type": "text", "content": generation.text}],
-              "finish_reason": str(generation.finish_reason)}], ensure_ascii=False)
-        attrs["output.value"] = generation.text
-    chat.set_attributes(attrs)
-    chat.end(end_time=end_ns)
+        warn_once("recording a review", exc)
