@@ -136,7 +136,7 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
                     "trajectory_id": tid, "question": task.question, "prefix": [],
                     "max_tokens": task.config.get("max_tokens", max_tokens), "cursor": done,
                     "turn": totals.turn, "budget": totals.budget,
-                    "finish_reason": totals.finish_reason, **totals.as_state()})
+                    "finish_reason": totals.finish_reason, **_state_of(totals)})
             given = given or list(itertools.takewhile(lambda s: s.meta.get("given"), stored))
         fresh: RelayState = {"trajectory_id": tid, "question": question,
                              "max_tokens": max_tokens, "generated": 0, "prefix": []}
@@ -154,7 +154,7 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
             store.append(tid, position, seg)
         return Command(goto=first, update={
             **fresh, "cursor": len(given), "turn": first, "budget": budget, "finish_reason": "",
-            **Totals(tokens_by_agent={n: 0 for n in names}).as_state()})
+            **_state_of(Totals(tokens_by_agent={n: 0 for n in names}))})
 
     return start
 
@@ -283,7 +283,7 @@ def _apply(decision: Decision, state: RelayState, store: SegmentCache, author: s
     totals = Totals.from_state(state)
     totals.add(step, cursor)
     update: RelayState = {"cursor": cursor, "turn": nxt, "budget": decision.budget,
-                          **totals.as_state()}  # type: ignore[typeddict-item]
+                          **_state_of(totals)}
     if nxt == FINISH:
         update["finish_reason"] = reason
     handoff = {"type": "handoff", "from": author, "to": nxt, "reason": reason,
@@ -324,6 +324,13 @@ class SegmentCache:
             self._known[tid] = known
             while len(self._known) > self.size:
                 self._known.popitem(last=False)
+
+
+def _state_of(totals: Totals) -> RelayState:
+    """The graph-state keys a run's totals fill."""
+    return {"tokens_by_agent": dict(totals.tokens_by_agent), "counters": dict(totals.counters),
+            "handoffs": totals.handoffs, "generated": totals.generated,
+            "handoff_records": list(totals.handoff_records)}
 
 
 def _given(segment: Segment) -> Segment:

@@ -428,7 +428,7 @@ def configure(
             exporter = _Guarded(_span_exporter(traces, protocol, endpoint, out),
                                 SpanExportResult.FAILURE, "traces")
             telemetry.exporters.append(exporter)
-            provider.add_span_processor(BatchSpanProcessor(exporter))  # type: ignore[arg-type]
+            provider.add_span_processor(BatchSpanProcessor(exporter))  # type: ignore[arg-type]  # _Guarded wraps a SpanExporter
             if traces == "otlp":
                 exporter.endpoint = telemetry.endpoint = redact_endpoint(
                     _otlp_endpoint(protocol, endpoint, "traces"))
@@ -445,7 +445,7 @@ def configure(
                                 MetricExportResult.FAILURE, "metrics")
             telemetry.exporters.append(exporter)
             readers.append(PeriodicExportingMetricReader(
-                exporter, export_interval_millis=metric_interval_s * 1000))  # type: ignore[arg-type]
+                exporter, export_interval_millis=metric_interval_s * 1000))  # type: ignore[arg-type]  # _Guarded wraps a MetricExporter
             if metrics == "otlp":
                 exporter.endpoint = redact_endpoint(_otlp_endpoint(protocol, endpoint, "metrics"))
                 telemetry.endpoint = telemetry.endpoint or exporter.endpoint

@@ -79,12 +79,6 @@ class Totals:
         if step.to == FINISH:
             self.finish_reason = step.reason
 
-    def as_state(self) -> dict[str, Any]:
-        """The graph-state keys these totals fill."""
-        return {"tokens_by_agent": dict(self.tokens_by_agent), "counters": dict(self.counters),
-                "handoffs": self.handoffs, "generated": self.generated,
-                "handoff_records": list(self.handoff_records)}
-
     @classmethod
     def from_state(cls, state: Any) -> Totals:
         return cls(tokens_by_agent=dict(state.get("tokens_by_agent") or {}),
