@@ -16,7 +16,7 @@ Pipeline, all through relaygraph.train and the real relay + trajectory store:
 3. GRPO, difficulty-aware reward, rollouts = relay runs with the expert's tokens masked
    (``relaygraph.train.grpo``);
 4. greedy evaluation on held-out questions: solo small, solo large, the controller before
-   (warm-up only) and after GRPO, after GRPO teacher-free (calls refused), and routers that
+   (warm-up only) and after GRPO, after GRPO teacher-free (the command banned at decode time), and routers that
    send whole questions to the large model: random at the trained controller's call ratio
    (expected accuracy from the solo runs, and one seeded draw) and perfect.
 
@@ -277,7 +277,7 @@ def main() -> None:
     kinds = {p.id: next(r["kind"] for r in test if r["question"] == p.question)
              for p in load_problems(work / "test.jsonl")}
     call_token = [{"name": "call-token", "type": "call-token"},
-                  {"name": "teacher-free", "type": "call-token", "max_calls": 0}]
+                  {"name": "teacher-free", "type": "call-token", "teacher_free": True}]
     after = sweep(work, f"after-{args.reward}-beta{args.beta:g}", trained_dir, large_dir,
                   call_token, [])
     before = sweep(work, "before", warm_dir, large_dir, call_token[:1], [])
@@ -291,7 +291,7 @@ def main() -> None:
         "solo large": large_r,
         "call-token, warm-up only (before GRPO)": row(before, "call-token", kinds),
         "call-token, after GRPO": row(after, "call-token", kinds),
-        "after GRPO, teacher-free (calls refused)": row(after, "teacher-free", kinds),
+        "after GRPO, teacher-free (command banned)": row(after, "teacher-free", kinds),
         "random router, same call ratio (expected)": {
             "accuracy": (1 - p) * small_r["accuracy"] + p * large_r["accuracy"],
             "call_ratio": ratio, "p": p},
@@ -325,7 +325,7 @@ def main() -> None:
           "model (derived from the solo runs by the eval harness); the expected random router "
           "is the mix of the two solo accuracies at the probability whose expected call ratio "
           "equals the trained controller's. Teacher-free = the trained controller with every "
-          "call refused (`--set max_calls=0`).\n")
+          "command banned at decode time (`--set teacher_free=true`, vLLM's bad_words semantics).\n")
     args.out.with_suffix(".md").write_text(md)
     print(md)
 

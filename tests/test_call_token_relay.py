@@ -174,3 +174,24 @@ def test_relay_graph_works_as_a_subgraph(backends, redis_store) -> None:
     assert final["answer"] == "7"
     assert redis_store.exists(final["trajectory_id"])
     assert "answer '7'" in final["report"]
+
+
+def test_teacher_free_bans_the_command_at_decode_time(backends, redis_store) -> None:
+    """The paper's teacher-free inference: the controller cannot write <call>/</call> at all
+    (banned while decoding), so it writes something else there and the expert never writes."""
+    from relaygraph.agents.backend import Prompt, StopRule
+
+    controller = backends[0]
+    prompt = Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT)
+    free = controller.generate(prompt, StopRule(max_tokens=24))
+    assert "Let me think.<call>" in free.text  # trained to call here
+    banned = controller.generate(prompt, StopRule(max_tokens=24, bad_words=("<call>", "</call>")))
+    # the same text up to the command; there another token is taken (however it is split:
+    # the tiny tokenizer writes ".<" "call" ">" as well as "<call>")
+    assert banned.text.startswith("Let me think")
+    assert "<call>" not in banned.text and "</call>" not in banned.text
+
+    result = make_relay(backends, redis_store, teacher_free=True).run(tiny.QUESTION)
+    assert result.tokens_by_agent["expert"] == 0 and result.call_ratio == 0.0
+    assert result.counters.get("calls", 0) == 0 and result.counters.get("refused_calls", 0) == 0
+    assert all("<call>" not in s.text for s in result.segments)

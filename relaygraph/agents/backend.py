@@ -34,12 +34,17 @@ class StopRule:
       kept in the output (finish reason ``stop``; only newly generated text is searched);
     - ``check``: called for every sampled token; returning True stops *before* that
       token, which is discarded (finish reason ``low_confidence``);
-    - end of sequence always stops (finish reason ``eos``; the EOS token is not returned).
+    - end of sequence always stops (finish reason ``eos``; the EOS token is not returned);
+    - ``bad_words``: strings the model may not write, banned at decode time. The
+      transformers backend bans them on the text (a token that would complete one is never
+      sampled, however the word is split into tokens); vLLM (in-process or served) applies
+      its ``bad_words`` (the word's own tokenizations, with and without a leading space).
     """
 
     max_tokens: int
     stop_strings: tuple[str, ...] = ()
     check: Callable[[TokenStep], bool] | None = None
+    bad_words: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,16 @@ def token_limit(prompt_tokens: int, rule: StopRule, max_context: int, model_id: 
     return min(rule.max_tokens, max_context - prompt_tokens)
 
 
+def completes_bad_word(seen: Sequence[int], token: int, words: Sequence[str],
+                       decode: Callable[[Sequence[int]], str]) -> bool:
+    """Whether ``token`` after ``seen`` would write one of ``words`` (checked on the text, so
+    however the word is split into tokens — ``".<" "call" ">"`` as well as ``"<call>"``)."""
+    window = list(seen[-max(len(w) for w in words):])  # a token holds at least one character
+    before = decode(window)
+    after = decode([*window, token])
+    return any(after.find(w, max(0, len(before) - len(w) + 1)) >= 0 for w in words)
+
+
 @dataclass(frozen=True)
 class Sample:
     """A token the model sampled, before the stop rule has seen it."""

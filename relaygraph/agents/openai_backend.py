@@ -206,6 +206,8 @@ class OpenAIBackend(TokenizerBackend):
         }
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        if rule.bad_words:
+            body["bad_words"] = list(rule.bad_words)  # vLLM's extension
         state = _Stream()
         samples = self._samples(body, state)
         try:

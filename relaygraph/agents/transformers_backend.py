@@ -21,7 +21,13 @@ from typing import Any, Literal
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.batching import Batcher
 from relaygraph.agents.catalog import resolve
-from relaygraph.agents.decoding import ContextTooLongError, Sample, follow, token_limit
+from relaygraph.agents.decoding import (
+    ContextTooLongError,
+    Sample,
+    completes_bad_word,
+    follow,
+    token_limit,
+)
 from relaygraph.agents.registry import AgentConfig
 from relaygraph.agents.rendering import Renderer, TokenizerBackend, eos_token_ids, tokenizer_fingerprint
 from relaygraph.errors import ConfigError, ModelNotFoundError
@@ -145,7 +151,8 @@ class TransformersBackend(TokenizerBackend):
         with self.batcher.session(), torch.inference_mode():
             cache, cached = self._take_cache(cache_key, ids)
             seen = ids[:cached]  # grows to exactly the tokens the cache holds
-            samples = self._samples(ids[cached:], cache, seen, sampling, generator)
+            samples = self._samples(ids[cached:], cache, seen, sampling, generator,
+                                    rule.bad_words)
             out = follow(samples, rule, self.decode, self.eos_ids, limit, on_text)
             samples.close()
             self._keep_cache(cache_key, seen, cache)
@@ -157,8 +164,10 @@ class TransformersBackend(TokenizerBackend):
         )
 
     def _samples(self, feed: list[int], cache: Any, seen: list[int], sampling: Sampling,
-                 generator: Any) -> Generator[Sample, None, None]:
-        """The decode loop: feed, sample, repeat — until the stop rule stops pulling."""
+                 generator: Any, bad_words: Sequence[str] = ()
+                 ) -> Generator[Sample, None, None]:
+        """The decode loop: feed, sample, repeat — until the stop rule stops pulling.
+        A token that would write one of ``bad_words`` is masked and another one sampled."""
         import torch
 
         while True:
@@ -166,6 +175,10 @@ class TransformersBackend(TokenizerBackend):
             seen += feed
             logp = torch.log_softmax(logits, dim=-1)
             token = _choose(logp, sampling, generator)
+            while bad_words and completes_bad_word(seen, token, bad_words, self.decode):
+                logits[token] = float("-inf")
+                logp = torch.log_softmax(logits, dim=-1)
+                token = _choose(logp, sampling, generator)
             yield Sample(token, float(logp[token]), functools.partial(_entropy, logp))
             feed = [token]
 

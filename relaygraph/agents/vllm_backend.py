@@ -102,7 +102,7 @@ class VLLMBackend(TokenizerBackend):
             seed=sampling.seed, logprobs=self.top_logprobs if rule.check is not None else 0,
             stop=list(rule.stop_strings), include_stop_str_in_output=True,
             stop_token_ids=sorted(self.eos_ids), skip_special_tokens=False,
-            output_kind=RequestOutputKind.DELTA)
+            bad_words=list(rule.bad_words) or None, output_kind=RequestOutputKind.DELTA)
 
     def generate(
         self,

@@ -74,13 +74,16 @@ class _CallPolicy(PolicyConfig):
     """The controller asks the expert for ``n`` tokens by writing ``<call>n</call>``.
 
     ``max_call_tokens`` caps one call; ``max_calls`` caps calls per run (later commands are
-    recorded as refused and the controller continues).
+    recorded as refused and the controller continues). ``teacher_free``: the paper's
+    teacher-free inference — the controller may not write the command at all (``<call>``
+    and ``</call>`` are banned at decode time), so the expert never writes.
     """
 
     controller: str = "controller"
     expert: str = "expert"
     max_call_tokens: int = Field(1024, ge=1)
     max_calls: int = Field(32, ge=0)
+    teacher_free: bool = False
 
     @model_validator(mode="after")
     def _two_agents(self) -> _CallPolicy:
@@ -105,6 +108,8 @@ class _CallPolicy(PolicyConfig):
         return view
 
     def stop_rule(self, agent: str, ctx: TurnContext) -> StopRule:
+        if agent == self.controller and self.teacher_free:
+            return StopRule(max_tokens=ctx.remaining, bad_words=(CALL_OPEN, CALL_CLOSE))
         if agent == self.controller:
             return StopRule(max_tokens=ctx.remaining, stop_strings=(CALL_CLOSE,))
         return StopRule(max_tokens=min(ctx.budget, ctx.remaining))
