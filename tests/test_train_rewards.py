@@ -75,10 +75,11 @@ def test_trl_reward_function_scores_each_group_of_a_batch() -> None:
 
     reward = GroupReward("difficulty-aware", num_generations=3)
     answers = ["7", "7", "7", "9", "9", "9"]
-    relay_answers = ["7", "7", "1", "9", "3", "3"]  # group 1 solvable alone, group 2 needs calls
+    relay_texts = [f"... so it is \\boxed{{{a}}}." for a in ["7", "7", "1", "9", "3", "3"]]
+    # group 1 is solvable alone, group 2 needs calls
     ratios = [0.0, 0.2, 0.0, 0.25, 0.0, 0.1]
     kwargs = dict(prompts=[""] * 6, completions=[""] * 6, answer=answers,
-                  relay_answer=relay_answers, call_ratio=ratios, finished=[True] * 6)
+                  relay_text=relay_texts, call_ratio=ratios, finished=[True] * 6)
     assert reward(**kwargs) == pytest.approx([1.5, 0.8, 0.0, 0.75, -1.0, 0.0])
     # an answer in a response the budget cut off does not count: the group needs calls now
     cut = {**kwargs, "finished": [False, True, True, True, True, True]}
@@ -89,3 +90,24 @@ def test_trl_reward_function_scores_each_group_of_a_batch() -> None:
     assert call_ratio_metric(**kwargs) == ratios and call_ratio_metric.__name__ == "call_ratio"
     with pytest.raises(ValueError, match="groups of 4"):
         GroupReward("difficulty-aware", 4)(**kwargs)
+
+
+@pytest.mark.parametrize(("text", "gold", "right"), [
+    ("the side is \\boxed{\\sqrt{2}}", "2", False),       # last number 2, but not the answer
+    ("the ratio is \\boxed{\\frac{3}{2}}", "2", False),
+    ("so \\boxed{2^{10}} ways", "10", False),
+    ("half: \\boxed{\\frac12}", "0.5", True),             # the same number written as LaTeX
+    ("She pays $1,234.", "#### 1234", True),                 # no box: the last number
+    ("We get \\boxed{72}.", "Natalia ... #### 72", True),   # a GSM8K solution as the gold
+])
+def test_training_grades_exactly_as_evaluation(text: str, gold: str, right: bool) -> None:
+    """One grader: rewards, the teacher-pass filter and evaluation agree on every answer."""
+    from relaygraph.eval.answers import gsm8k_gold
+    from relaygraph.eval.checking import check_math
+    from relaygraph.train.data import is_correct
+    from relaygraph.train.grpo import graded
+
+    assert is_correct(text, gold) is right
+    assert check_math(text, gsm8k_gold(gold)).correct is right
+    assert graded([gold], [text], [True]) == [right]
+    assert graded([gold], [text], [False]) == [False]  # cut off by the budget: never right

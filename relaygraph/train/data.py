@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from relaygraph.errors import ConfigError
-from relaygraph.eval.answers import gsm8k_gold, numeric_match
+from relaygraph.eval.answers import gsm8k_gold
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -66,10 +66,14 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def is_correct(answer: str, gold: str) -> bool:
-    """``answer`` (an extracted final answer) matches ``gold``: numerically, else as text."""
-    gold = gsm8k_gold(gold)
-    return numeric_match(answer, gold) or " ".join(answer.split()) == " ".join(gold.split())
+def is_correct(text: str, gold: str, complete: bool = True) -> bool:
+    """Whether the reasoning ``text`` answers ``gold`` — graded exactly as evaluation grades
+    (:func:`relaygraph.eval.checking.check_math`: math-verify on the last ``\\boxed{}``, else
+    the last number of a complete text), so the training signal and the reported accuracy
+    never disagree. ``gold`` may be a GSM8K solution ending in ``#### N``."""
+    from relaygraph.eval.checking import check_math
+
+    return check_math(text, gsm8k_gold(gold), complete).correct
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

@@ -58,7 +58,6 @@ def pass_rates(backend: Any, rows: Sequence[dict[str, Any]], settings: FilterSet
                on_result: Callable[[dict[str, Any]], None] = lambda _: None) -> list[dict[str, Any]]:
     """For each row, how many of ``k`` expert samples answer it correctly."""
     from relaygraph.agents.backend import Prompt, Sampling, StopRule
-    from relaygraph.trajectory.answers import extract_answer
 
     rule = StopRule(max_tokens=settings.max_tokens)
 
@@ -67,7 +66,7 @@ def pass_rates(backend: Any, rows: Sequence[dict[str, Any]], settings: FilterSet
         sampling = Sampling(settings.temperature, settings.top_p,
                             seed=settings.seed * 1_000_003 + rows[i].get("_index", i) * 1_009 + j)
         gen = backend.generate(Prompt(rows[i]["question"], settings.system_prompt), rule, sampling)
-        return is_correct(extract_answer(gen.text), rows[i]["answer"])
+        return is_correct(gen.text, rows[i]["answer"], complete=gen.finish_reason == "eos")
 
     results = []
     with ThreadPoolExecutor(settings.concurrency) as pool:

@@ -48,7 +48,7 @@ from relaygraph.train.data import (
     read_questions,
     save_model,
 )
-from relaygraph.trajectory.models import Segment, active
+from relaygraph.trajectory.models import Segment, active, reasoning_text
 
 Progress = Callable[[str], None]
 CONTROLLER, EXPERT = "controller", "expert"
@@ -121,6 +121,8 @@ class Rollout:
     call_ratio: float
     """Expert tokens served / response tokens."""
     answer: str
+    text: str
+    """The reasoning as the graders read it (what is shown: commands and rollbacks out)."""
     trajectory_id: str
     finished: bool
     """The run ended with EOS (not cut off by the budget)."""
@@ -155,7 +157,8 @@ def to_rollout(result: RunResult, segments: Sequence[Segment], prompt_ids: list[
         ids.append(eos_id)
         mask.append(int(author == controller))
         logps.append(None)
-    return Rollout(prompt_ids, ids, mask, logps, ratio, result.answer, result.trajectory_id,
+    return Rollout(prompt_ids, ids, mask, logps, ratio, result.answer,
+                   reasoning_text(active(segments)), result.trajectory_id,
                    result.finish_reason == "eos")
 
 
@@ -195,7 +198,7 @@ class RelayRollouts:
             "logprobs": [r.logprobs for r in rollouts],
             "env_mask": [r.env_mask for r in rollouts],
             "call_ratio": [r.call_ratio for r in rollouts],
-            "relay_answer": [r.answer for r in rollouts],
+            "relay_text": [r.text for r in rollouts],
             "finished": [r.finished for r in rollouts],
             "trajectory_id": [r.trajectory_id for r in rollouts],
         }
@@ -230,9 +233,9 @@ class GroupReward:
         self.__name__ = kind.replace("-", "_")
 
     def __call__(self, prompts: list[Any], completions: list[Any], answer: list[str],
-                 relay_answer: list[str], call_ratio: list[float], finished: list[bool],
+                 relay_text: list[str], call_ratio: list[float], finished: list[bool],
                  **_: Any) -> list[float]:
-        correct = graded(answer, relay_answer, finished)
+        correct = graded(answer, relay_text, finished)
         if self.kind == "simple":
             return [rewards.simple(c, r) for c, r in zip(correct, call_ratio, strict=True)]
         all_correct, all_ratios, offset = _gather(correct, list(call_ratio))
@@ -245,15 +248,16 @@ class GroupReward:
         return out[offset:offset + len(correct)]
 
 
-def graded(answer: list[str], relay_answer: list[str], finished: list[bool]) -> list[bool]:
-    """Right answer in a finished response."""
-    return [done and is_correct(a, g) for g, a, done in zip(answer, relay_answer, finished, strict=True)]
+def graded(answer: list[str], relay_text: list[str], finished: list[bool]) -> list[bool]:
+    """Right answer (graded as evaluation grades) in a finished response."""
+    return [done and is_correct(text, gold)
+            for gold, text, done in zip(answer, relay_text, finished, strict=True)]
 
 
 def accuracy(prompts: list[Any], completions: list[Any], answer: list[str],
-             relay_answer: list[str], finished: list[bool], **_: Any) -> list[float]:
+             relay_text: list[str], finished: list[bool], **_: Any) -> list[float]:
     """Logged with weight 0: is the relay's answer right (and finished)."""
-    return [float(c) for c in graded(answer, relay_answer, finished)]
+    return [float(c) for c in graded(answer, relay_text, finished)]
 
 
 def call_ratio_metric(prompts: list[Any], completions: list[Any], call_ratio: list[float],
