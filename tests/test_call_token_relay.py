@@ -195,3 +195,10 @@ def test_teacher_free_bans_the_command_at_decode_time(backends, redis_store) -> 
     assert result.tokens_by_agent["expert"] == 0 and result.call_ratio == 0.0
     assert result.counters.get("calls", 0) == 0 and result.counters.get("refused_calls", 0) == 0
     assert all("<call>" not in s.text for s in result.segments)
+
+
+def test_no_per_call_cap_leaves_only_the_budget(backends, redis_store) -> None:
+    capped = make_relay(backends, redis_store, max_tokens=64, max_call_tokens=2).run(tiny.QUESTION)
+    assert capped.handoff_records[0].requested_tokens == 2
+    free = make_relay(backends, redis_store, max_tokens=64, max_call_tokens=None).run(tiny.QUESTION)
+    assert free.handoff_records[0].requested_tokens == 3  # what the controller asked for

@@ -111,3 +111,18 @@ def test_training_grades_exactly_as_evaluation(text: str, gold: str, right: bool
     assert check_math(text, gsm8k_gold(gold)).correct is right
     assert graded([gold], [text], [True]) == [right]
     assert graded([gold], [text], [False]) == [False]  # cut off by the budget: never right
+
+
+def test_grpo_presets_set_lengths_and_turns_and_explicit_fields_win(tmp_path) -> None:
+    from relaygraph.train.grpo import GrpoSettings
+
+    base = {"controller": "c", "expert": "e", "data": str(tmp_path / "q.jsonl"),
+            "output_dir": str(tmp_path / "out")}
+    paper = GrpoSettings.model_validate({**base, "preset": "paper"})
+    assert (paper.max_tokens, paper.max_call_tokens, paper.max_calls) == (8192, None, 2)
+    assert (paper.num_generations, paper.learning_rate, paper.beta, paper.temperature) == \
+        (8, 1e-6, 0.01, 1.0)
+    cpu = GrpoSettings.model_validate(base)
+    assert (cpu.preset, cpu.max_tokens, cpu.max_call_tokens) == ("cpu", 512, 1024)
+    mine = GrpoSettings.model_validate({**base, "preset": "paper", "max_tokens": 1024})
+    assert mine.max_tokens == 1024 and mine.max_call_tokens is None

@@ -81,7 +81,8 @@ class _CallPolicy(PolicyConfig):
 
     controller: str = "controller"
     expert: str = "expert"
-    max_call_tokens: int = Field(1024, ge=1)
+    max_call_tokens: int | None = Field(1024, ge=1)
+    """Most tokens one call may ask for (None: only the run's remaining budget)."""
     max_calls: int = Field(32, ge=0)
     teacher_free: bool = False
 
@@ -138,7 +139,8 @@ class _CallPolicy(PolicyConfig):
         cut = split_tokens(agent, gen.token_ids, command.start)
         head = ([segment(agent, gen, gen.token_ids[:cut], gen.logprobs[:cut], finish_reason="call")]
                 if cut else [])
-        granted = min(command.n, self.max_call_tokens, left)
+        cap = left if self.max_call_tokens is None else min(left, self.max_call_tokens)
+        granted = min(command.n, cap)
         refused = "max_calls" if ctx.counters.get("calls", 0) >= self.max_calls else (
             "no_budget" if granted <= 0 else None)
         offset = command.start - len(agent.backend.decode(gen.token_ids[:cut]))

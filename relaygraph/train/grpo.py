@@ -56,9 +56,27 @@ TRAIN_NAMESPACE = "relaygraph-train"
 """Store namespace of training rollouts (kept apart from `relaygraph show`'s runs)."""
 
 
-class GrpoSettings(Strict):
-    """``relaygraph train grpo`` configuration (defaults: the paper's appendix E)."""
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"max_tokens": 512, "max_call_tokens": 1024, "max_calls": 32},
+    "paper": {"max_tokens": 8192, "max_call_tokens": None, "max_calls": 2},
+}
+"""Lengths and turn limits per preset (any field set explicitly wins):
 
+- ``paper``: RelayLLM's appendix E — responses up to 8192 tokens, no per-call cap but the
+  remaining budget, and the published training rollouts' 3 small-model turns (2 calls);
+- ``cpu`` (the default): sized for training on a few CPU cores — 512-token responses, calls
+  of at most 1024 tokens, no practical limit on calls.
+
+Both use the paper's optimisation settings (group size 8, 32 questions a step, AdamW at a
+constant learning rate of 1e-6 with weight decay 0.01, KL coefficient 0.01, sampling at
+temperature 1.0)."""
+
+
+class GrpoSettings(Strict):
+    """``relaygraph train grpo`` configuration: the paper's optimisation settings, lengths
+    from ``preset`` (see :data:`PRESETS`)."""
+
+    preset: Literal["cpu", "paper"] = "cpu"
     controller: str
     """The warmed-up small model (``relaygraph train warmup``'s ``model/`` folder)."""
     expert: str
@@ -76,7 +94,8 @@ class GrpoSettings(Strict):
     rollouts of the whole step still run together."""
     max_tokens: int = Field(512, ge=1)
     """Budget of one rollout's response, controller and expert tokens together."""
-    max_call_tokens: int = Field(1024, ge=1)
+    max_call_tokens: int | None = Field(1024, ge=1)
+    """Most tokens one call may ask for (None: only the remaining budget limits it)."""
     max_calls: int = Field(32, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -99,6 +118,14 @@ class GrpoSettings(Strict):
     lora: LoraSettings | None = None
     trl: dict[str, Any] = {}
     """Any other ``trl.GRPOConfig`` field, passed as it is (e.g. ``bf16 = true``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = PRESETS.get(str(data.get("preset", "cpu")), {})
+            data = {**preset, **data}
+        return data
 
     @model_validator(mode="after")
     def _passes(self) -> GrpoSettings:
@@ -167,7 +194,7 @@ class RelayRollouts:
     ``num_generations`` times itself), run concurrently so decode steps batch."""
 
     def __init__(self, expert: Agent, store: Any, max_tokens: int, temperature: float,
-                 top_p: float, system_prompt: str | None, max_call_tokens: int = 1024,
+                 top_p: float, system_prompt: str | None, max_call_tokens: int | None = 1024,
                  max_calls: int = 32) -> None:
         self.expert = expert
         self.store = store
