@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -117,3 +118,27 @@ def test_turns_are_traced_with_genai_attributes(tmp_path_factory, redis_store) -
     assert turns[0].attributes["relaygraph.trajectory.id"] == result.trajectory_id
     assert turns[2].attributes["relaygraph.usage.prefilled_tokens"] < turns[2].attributes[
         "gen_ai.usage.input_tokens"]
+
+
+def test_chat_template_options_reach_the_template(tmp_path) -> None:
+    """An agent's ``chat_template_kwargs`` (e.g. Qwen3's ``enable_thinking``) are passed to its
+    model's chat template."""
+    from relaygraph.agents.registry import BackendPool, parse_agent_config
+
+    model_dir = tiny.build_random_model(tmp_path / "templated")
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                "{% if enable_thinking is defined and not enable_thinking %}<think></think>"
+                "{% endif %}<|assistant|>")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    (model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    pool = BackendPool()
+    plain = pool.agent("a", parse_agent_config({"model": str(model_dir), "dtype": "float32"}))
+    quiet = pool.agent("b", parse_agent_config({
+        "model": str(model_dir), "dtype": "float32",
+        "chat_template_kwargs": {"enable_thinking": False}}))
+    assert plain.backend is quiet.backend  # same weights, different rendering
+    render = plain.backend.render
+    without = plain.backend.decode(render(plain.prompt("Q?", [])))
+    with_flag = quiet.backend.decode(render(quiet.prompt("Q?", [])))
+    assert "<think></think>" not in without and with_flag.endswith("<think></think><|assistant|>")

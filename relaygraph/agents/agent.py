@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from relaygraph.agents.backend import Backend, Prompt, Sampling
 from relaygraph.trajectory.models import Segment
@@ -17,13 +18,16 @@ class Agent:
     """A model taking part in a relay.
 
     ``name`` identifies it in the trajectory and the graph (it becomes a node name);
-    ``system_prompt`` is rendered with the backend's own chat template.
+    ``system_prompt`` is rendered with the backend's own chat template, which also gets
+    ``template_kwargs`` (e.g. ``{"enable_thinking": False}``).
     """
 
     name: str
     backend: Backend
     system_prompt: str | None = MATH_SYSTEM_PROMPT
     sampling: Sampling = field(default_factory=Sampling)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def prompt(self, question: str, view: Sequence[Segment]) -> Prompt:
-        return Prompt(question=question, system_prompt=self.system_prompt, continuation=tuple(view))
+        return Prompt(question=question, system_prompt=self.system_prompt,
+                      continuation=tuple(view), template_kwargs=self.template_kwargs)

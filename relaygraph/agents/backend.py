@@ -7,7 +7,7 @@ continue, :class:`Generation` is what came back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -64,6 +64,9 @@ class Prompt:
     question: str
     system_prompt: str | None = None
     continuation: Sequence[Segment] = ()
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Passed to the chat template, e.g. ``{"enable_thinking": False}`` for Qwen3's
+    non-thinking mode."""
 
 
 @dataclass

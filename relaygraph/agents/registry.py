@@ -35,6 +35,9 @@ class AgentConfig(BaseModel):
     model: str
     """Catalog name, local folder, ``.gguf`` file or hub id (or a server's model name)."""
     system_prompt: str | None = MATH_SYSTEM_PROMPT
+    chat_template_kwargs: dict[str, Any] = {}
+    """Passed to the model's chat template, e.g. ``{enable_thinking = false}`` renders Qwen3
+    in non-thinking mode (as the RelayLLM paper ran it)."""
     temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
@@ -156,7 +159,8 @@ class BackendPool:
         """Agent ``name`` on the shared backend of ``cfg``; ``seed`` overrides the sampling
         seed (one per sample)."""
         sampling = cfg.sampling if seed is None else Sampling(cfg.temperature, cfg.top_p, seed)
-        return Agent(name, self.backend(cfg), cfg.system_prompt, sampling)
+        return Agent(name, self.backend(cfg), cfg.system_prompt, sampling,
+                     dict(cfg.chat_template_kwargs))
 
     def agents(self, configs: Mapping[str, AgentConfig], names: Sequence[str]) -> dict[str, Agent]:
         return {name: self.agent(name, configs[name]) for name in names}

@@ -95,7 +95,8 @@ class Renderer:
             messages.insert(0, {"role": "system", "content": prompt.system_prompt})
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=True,
+                                                      **prompt.template_kwargs)
         return "".join(f"{m['role'].title()}: {m['content']}\n" for m in messages) + "Assistant: "
 
     def render(self, prompt: Prompt) -> list[int]:

@@ -15,12 +15,12 @@ graph whose state has those keys.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -200,7 +200,7 @@ def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, retries: int,
 
             def attempt(who: Agent) -> tuple[Agent, Generation]:
                 # the backup writes the failed agent's turn: same view, rule and cache slot
-                proxy = Agent(agent.name, who.backend, who.system_prompt, who.sampling)
+                proxy = dataclasses.replace(who, name=agent.name)
                 return proxy, _generate(
                     proxy, proxy.prompt(ctx.question, view), rule, retries,
                     on_text=span.wrap_stream(
@@ -221,7 +221,7 @@ def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, retries: int,
                 proxy, generation = attempt(writer_agent)
             decision = policy.route(proxy, generation, ctx)
             if writer_agent is not agent:
-                decision = replace(decision, counters={**decision.counters, "fallback_turns": 1},
+                decision = dataclasses.replace(decision, counters={**decision.counters, "fallback_turns": 1},
                                    segments=[s.model_copy(update={
                                        "author": writer_agent.name,
                                        "meta": {**s.meta, "fallback_for": agent.name}})
