@@ -155,13 +155,14 @@ def test_bad_sweep_config_names_the_field(tmp_path: Path) -> None:
 def test_relay_experiment_cuts_and_hands_over(data, models, redis_server, redis_store, tmp_path) -> None:
     out = tmp_path / "relay"
     invoke("relay", str(data), "--models", ",".join(models), "--dtype", "float32", "--max-tokens", "16",
-           "--thresholds", "-0.5", "--fractions", "0.5", "--out", str(out), "--redis", redis_server.url)
+           "--thresholds", "-0.5", "--fractions", "0.5", "--budgets", "1", "--out", str(out),
+           "--redis", redis_server.url)
     result = load(out)
     names = list(result["models"])
     assert [r["model"] for r in result["solo"]] == names
     solos = {(r["model"], r["problem"]): r for r in result["items"]["solo"]}
     hybrids = result["items"]["hybrids"]
-    assert len(hybrids) == 2 * 2 * 3  # (initiator, continuer) pairs x cuts x problems
+    assert len(hybrids) == 2 * 3 * 3  # (initiator, continuer) pairs x cuts x problems
     for h in hybrids:
         source = solos[h["initiator"], h["problem"]]
         chain = written_chain(redis_store, source["trajectory_id"], h["initiator"])
@@ -172,6 +173,10 @@ def test_relay_experiment_cuts_and_hands_over(data, models, redis_server, redis_
                 assert segments[0].meta.get("given") and segments[0].author == h["initiator"]
                 assert segments[0].token_ids == chain.token_ids[:h["cut_tokens"]]
             assert {s.author for s in segments if not s.meta.get("given")} <= {h["continuer"]}
+        elif h["cut"] == "surprisal>1":  # where the accumulated surprisal first exceeds 1
+            total = [-sum(chain.logprobs[:i + 1]) for i in range(len(chain))]
+            expected = next((i for i, t in enumerate(total) if t > 1), None)
+            assert (None if h["uncut"] else h["cut_tokens"]) == expected
         elif h["uncut"]:  # no token below the threshold: the initiator's own chain
             assert all(lp >= -0.5 for lp in chain.logprobs)
             assert h["correct"] == source["correct"]

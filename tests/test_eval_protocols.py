@@ -16,6 +16,7 @@ from relaygraph.eval.relay_experiment import (
     prm_summary,
     split_steps,
     stage,
+    surprisal_cut,
     threshold_cut,
 )
 from relaygraph.eval.twins import distractor, is_spoiler, recoverable, steer_tokens, unsolved
@@ -132,6 +133,21 @@ def test_a_threshold_cut_goes_before_the_first_token_below_it() -> None:
     assert [stage(x) for x in (0.1, 0.4, 0.7)] == ["early", "mid", "late"]
 
 
+def test_a_surprisal_budget_cut_goes_where_the_accumulated_surprisal_exceeds_it() -> None:
+    """The article's rule: "lower thresholds result in earlier truncations" — true of a budget
+    on the chain's accumulated surprisal, the opposite of the per-token threshold above."""
+    logprobs = [-0.1, -0.2, -2.5, -0.1, -4.0, -0.3]   # accumulated: 0.1 0.3 2.8 2.9 6.9 7.2
+    assert surprisal_cut(logprobs, 2.0) == 2           # keeps tokens 0..1, drops token 2
+    assert surprisal_cut(logprobs, 5.0) == 4           # a higher budget cuts later
+    assert surprisal_cut(logprobs, 0.2) == 1           # a lower one earlier
+    assert surprisal_cut(logprobs, 10.0) is None       # never exceeded: no cut
+    assert surprisal_cut(logprobs, 0.2, warmup=3) == 3
+    cuts = [surprisal_cut(logprobs, b) for b in (0.2, 2.0, 5.0)]
+    assert cuts == sorted(cuts)  # monotone in the budget
+    thresholds = [threshold_cut(logprobs, t) for t in (-0.15, -2.0, -3.0)]
+    assert thresholds == sorted(thresholds)  # per token: lower (more negative) cuts later
+
+
 # ---------------------------------------------------------------------- process reward model
 
 QUESTION = "What is 2 + 5?"
@@ -175,7 +191,7 @@ def test_the_relay_experiment_scores_every_chain_with_the_prm(judge, backends, r
     results = FileResults(tmp_path)
     result = run_relay_experiment(models, [Problem(id="0", question=tiny.QUESTION, answer="7")],
                                   redis_store, results, ModelPool(), max_tokens=16,
-                                  thresholds=[], fractions=[0.5], prm=judge)
+                                  thresholds=[], fractions=[0.5], budgets=[], prm=judge)
     results.close()
     chains = result["items"]["solo"] + result["items"]["hybrids"]
     assert len(chains) == 4 and all(0 < s < 1 for c in chains for s in c["prm"]["steps"])

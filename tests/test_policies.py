@@ -153,6 +153,25 @@ def test_truncate_by_threshold_then_continuer_finishes(pair, redis_store) -> Non
     assert result.handoff_records[0].reason == "truncate"
 
 
+def test_truncate_by_a_surprisal_budget_agrees_with_the_eval_cut(pair, redis_store) -> None:
+    """rule="surprisal": cut where the accumulated surprisal first exceeds the budget — the
+    same position the reasoning-relay experiment computes from a stored chain."""
+    from relaygraph.eval.relay_experiment import surprisal_cut
+
+    ids, lps = solo_tokens(pair[0], tiny.NOCALL_QUESTION)
+    total = -sum(lps)
+    assert total > 0.05, "the hand-made case needs some surprisal"
+    budget = total / 2
+    k = surprisal_cut(lps, budget)
+    assert k is not None and 0 < k < len(ids)
+    policy = TruncatePolicy(threshold=budget, rule="surprisal")
+    result = Relay(agents(pair), policy, redis_store).run(tiny.NOCALL_QUESTION)
+    segs = redis_store.read(result.trajectory_id)
+    assert segs[0].token_ids == ids[:k] and segs[1].author == "expert"
+    with pytest.raises(ValueError, match="budget in nats"):
+        TruncatePolicy(threshold=-1.0, rule="surprisal")
+
+
 def test_truncate_by_token_count(pair, redis_store) -> None:
     result = Relay(agents(pair), TruncatePolicy(cut_tokens=3), redis_store).run(tiny.QUESTION)
     segs = redis_store.read(result.trajectory_id)

@@ -39,6 +39,10 @@ QField = Annotated[str | None, typer.Option(help="Dataset field holding the ques
 AField = Annotated[str | None, typer.Option(help="Dataset field holding the answer (default: found by name).")]
 
 
+def _cuts(text: str, what: str) -> list[float]:
+    return [] if text.strip().lower() == "none" else floats(text, what) or []
+
+
 def _command(func: F) -> F:
     """A subcommand with the CLI's one-line errors."""
     return app.command()(friendly(func))
@@ -154,7 +158,8 @@ def sweep(
 def relay(
     dataset: Dataset,
     models: Annotated[str, typer.Option(help="Models taking part, comma-separated; every ordered pair is an (initiator, continuer).")] = f"{SMALL},{LARGE}",
-    thresholds: Annotated[str, typer.Option(help="Log-prob thresholds: cut before the first token below (closer to 0 cuts earlier).")] = "-0.5,-1.5,-3",
+    budgets: Annotated[str, typer.Option(help="Surprisal budgets in nats: cut where the chain's accumulated surprisal first exceeds one (lower cuts earlier; the article's rule). 'none' for no such cuts.")] = "5,15,40",
+    thresholds: Annotated[str, typer.Option(help="Per-token log-prob thresholds: cut before the first token below one (closer to 0 cuts earlier). 'none' for no such cuts.")] = "-0.5,-1.5,-3",
     fractions: Annotated[str, typer.Option(help="Cuts at these shares of the initiator's chain, for comparison.")] = "0.2,0.4,0.6,0.8",
     warmup: Annotated[int, typer.Option(min=0, help="Tokens before threshold cuts are allowed.")] = 0,
     self_pairs: Annotated[bool, typer.Option(help="Also let a model continue its own chain.")] = False,
@@ -179,9 +184,10 @@ def relay(
     with _session(out, redis, shared, lease, names + ([prm] if prm else [])) as (store, results, pool):
         judge = JudgePRM(pool.backend_for(prm, dtype)) if prm else None
         result = run_relay_experiment(
-            configs, problems, store, results, pool, max_tokens, floats(thresholds, "--thresholds") or [],
-            floats(fractions, "--fractions") or [], warmup, self_pairs, judge, concurrency,
-            _progress(quiet), pool.flag)
+            configs, problems, store, results, pool, max_tokens,
+            _cuts(thresholds, "--thresholds"), _cuts(fractions, "--fractions"), warmup,
+            _cuts(budgets, "--budgets"), self_pairs, judge, concurrency, _progress(quiet),
+            pool.flag)
     result["dataset"] = dataset
     markdown = relay_markdown(result)
     write_outputs(result, out, markdown)

@@ -10,11 +10,16 @@ process reward model (PRM) scores the steps.
 Here:
 
 - the initiator's solution is its greedy solo run (the solo baselines come for free);
-- a **threshold cut** ``τ`` goes before the first token whose log-prob is below ``τ``
-  (that token is discarded and the continuer writes from there — exactly
-  :class:`~relaygraph.policies.TruncatePolicy`, replayed from the stored chain instead of
-  regenerated, which greedy decoding makes identical); a τ closer to 0 cuts earlier. A
-  chain with no such token is not cut: the hybrid is the initiator's own solution.
+- a **surprisal-budget cut** ``B`` (nats) goes before the token at which the chain's
+  accumulated surprisal (minus the sum of its log-probs) first exceeds ``B``: a lower budget
+  cuts earlier — the article's "lower thresholds result in earlier truncations" describes
+  this rule;
+- a **per-token threshold cut** ``τ`` goes before the first token whose log-prob is below
+  ``τ``; here a τ closer to 0 (a *higher* threshold) cuts earlier. Both are exactly
+  :class:`~relaygraph.policies.TruncatePolicy` (``rule="surprisal"`` / ``"token"``),
+  replayed from the stored chain instead of regenerated, which greedy decoding makes
+  identical; the token at the cut is discarded and the continuer writes from there. A chain
+  with no such token is not cut: the hybrid is the initiator's own solution.
   Each cut's position (share of the chain) is recorded and binned early (< 1/3), mid
   (< 2/3) or late;
 - **fraction cuts** at 0.2 .. 0.8 of the chain's tokens, for comparison;
@@ -27,10 +32,11 @@ Here:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from relaygraph.agents.backend import Prompt
@@ -45,6 +51,7 @@ from relaygraph.eval.runner import Job, Progress, Record, Results, fingerprint, 
 from relaygraph.trajectory.store import TrajectoryStore
 
 THRESHOLDS = (-0.5, -1.5, -3.0)
+BUDGETS = (5.0, 15.0, 40.0)
 FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 
 
@@ -54,6 +61,17 @@ def threshold_cut(logprobs: Sequence[float], threshold: float, warmup: int = 0) 
     """Tokens kept before the first token (from ``warmup`` on) with log-prob below
     ``threshold``; None when no token is below it (no cut)."""
     return next((i for i, lp in enumerate(logprobs) if i >= warmup and lp < threshold), None)
+
+
+def surprisal_cut(logprobs: Sequence[float], budget: float, warmup: int = 0) -> int | None:
+    """Tokens kept before the token (from ``warmup`` on) at which the accumulated surprisal
+    ``-sum(logprobs[:i + 1])`` first exceeds ``budget``; None when it never does."""
+    total = 0.0
+    for i, lp in enumerate(logprobs):
+        total -= lp
+        if i >= warmup and total > budget:
+            return i
+    return None
 
 
 def fraction_cut(length: int, fraction: float) -> int:
@@ -129,6 +147,7 @@ def run_relay_experiment(models: dict[str, AgentConfig], problems: Sequence[Prob
                          store: TrajectoryStore, results: Results, pool: ModelPool,
                          max_tokens: int = 512, thresholds: Sequence[float] = THRESHOLDS,
                          fractions: Sequence[float] = FRACTIONS, warmup: int = 0,
+                         budgets: Sequence[float] = BUDGETS,
                          self_pairs: bool = False, prm: ProcessRewardModel | None = None,
                          concurrency: int = 1, progress: Progress | None = None,
                          flag: CancelScope | None = None) -> dict[str, Any]:
@@ -142,24 +161,22 @@ def run_relay_experiment(models: dict[str, AgentConfig], problems: Sequence[Prob
     solo = run_jobs(solo_jobs, results, concurrency, flag=flag, progress=progress)
     solos = {(r["model"], r["problem"]): r for r in solo.records.values()}
     chains = {key: written_chain(store, r["trajectory_id"], key[0]) for key, r in solos.items()}
-    cuts: list[tuple[str, float | None, float | None]] = [
-        (f"logprob<{t:g}", t, None) for t in thresholds]
-    cuts += [(f"{f:.0%}", None, f) for f in fractions]
+    cuts: list[tuple[str, Callable[[Chain], int | None]]] = [
+        (f"surprisal>{b:g}", functools.partial(_by_logprobs, surprisal_cut, b, warmup))
+        for b in budgets]
+    cuts += [(f"logprob<{t:g}", functools.partial(_by_logprobs, threshold_cut, t, warmup))
+             for t in thresholds]
+    cuts += [(f"{f:.0%}", functools.partial(_by_length, f)) for f in fractions]
     pairs = [(a, b) for a, b in itertools.product(greedy, greedy) if self_pairs or a != b]
     jobs: list[Job] = []
     uncut: list[Record] = []
-    for (initiator, continuer), (cut, threshold, fraction), problem in itertools.product(
+    for (initiator, continuer), (cut, cut_at), problem in itertools.product(
             pairs, cuts, problems):
         source = solos.get((initiator, problem.id))
         if source is None:
             continue
         chain = chains[initiator, problem.id]
-        k: int | None
-        if fraction is not None:
-            k = fraction_cut(len(chain), fraction)
-        else:
-            assert threshold is not None  # each cut is a fraction or a threshold
-            k = threshold_cut(chain.logprobs, threshold, warmup)
+        k = cut_at(chain)
         info = {"initiator": initiator, "continuer": continuer, "cut": cut,
                 "cut_tokens": k, "chain_tokens": len(chain),
                 "position": None if k is None or not len(chain) else k / len(chain)}
@@ -175,7 +192,8 @@ def run_relay_experiment(models: dict[str, AgentConfig], problems: Sequence[Prob
     hybrids = list(runs.records.values()) + uncut
     return {
         "kind": "relay", "models": {n: c.model for n, c in models.items()},
-        "max_tokens": max_tokens, "thresholds": list(thresholds), "fractions": list(fractions),
+        "max_tokens": max_tokens, "budgets": list(budgets), "thresholds": list(thresholds),
+        "fractions": list(fractions),
         "warmup": warmup, "problems": len(problems),
         "solo": _solo_rows(greedy, solo.records.values()),
         "hybrids": _hybrid_rows(pairs, cuts, hybrids, solos),
@@ -223,11 +241,20 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _hybrid_rows(pairs: list[tuple[str, str]], cuts: list[tuple[str, Any, Any]],
+def _by_logprobs(rule: Callable[[Sequence[float], float, int], int | None], value: float,
+                 warmup: int, chain: Chain) -> int | None:
+    return rule(chain.logprobs, value, warmup)
+
+
+def _by_length(fraction: float, chain: Chain) -> int:
+    return fraction_cut(len(chain), fraction)
+
+
+def _hybrid_rows(pairs: list[tuple[str, str]], cuts: list[tuple[str, Any]],
                  hybrids: list[Record],
                  solos: dict[tuple[str, str], Record]) -> list[dict[str, Any]]:
     rows = []
-    for (initiator, continuer), (cut, _, _) in itertools.product(pairs, cuts):
+    for (initiator, continuer), (cut, _) in itertools.product(pairs, cuts):
         items = [r for r in hybrids
                  if (r["initiator"], r["continuer"], r["cut"]) == (initiator, continuer, cut)]
         cut_items = [r for r in items if not r["uncut"]]
@@ -279,5 +306,7 @@ def relay_markdown(result: dict[str, Any]) -> str:
         rows.append(row)
     return (f"Reasoning relay on {result['problems']} problems (max_tokens "
             f"{result['max_tokens']}, greedy).\n\n{solo}\n\n"
-            f"{markdown_table(headers, rows)}\n\n- threshold cuts go before the first token "
-            "with log-prob below the threshold; an uncut chain counts as the initiator's own")
+            f"{markdown_table(headers, rows)}\n\n- surprisal>B cuts go before the token where the "
+            "accumulated surprisal first exceeds B nats (lower B: earlier); logprob<t cuts go "
+            "before the first token with log-prob below t (higher t: earlier); an uncut chain "
+            "counts as the initiator's own")

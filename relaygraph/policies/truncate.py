@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Generation, StopRule
+from relaygraph.agents.backend import Generation, StopRule, TokenStep
 from relaygraph.policies.base import (
     Decision,
     Metric,
@@ -22,14 +22,20 @@ from relaygraph.policies.base import (
 class TruncatePolicy(PolicyConfig):
     """The initiator writes until it is cut; the continuer finishes the chain.
 
-    The cut comes at the first token (after ``warmup``) whose ``metric`` crosses
-    ``threshold`` — that token is discarded — or after ``cut_tokens`` tokens.
+    The cut (the token there is discarded) comes, after ``warmup`` tokens,
+    - ``rule="token"``: at the first token whose ``metric`` crosses ``threshold`` (a
+      log-prob below it; a threshold closer to 0 cuts earlier);
+    - ``rule="surprisal"``: where the chain's accumulated surprisal (minus the sum of its
+      log-probs) first exceeds ``threshold`` nats — a lower threshold cuts earlier, as the
+      reasoning-relay article describes its cuts;
+    or after ``cut_tokens`` tokens.
     """
 
     type: Literal["truncate"] = "truncate"
     initiator: str = "controller"
     continuer: str = "expert"
     threshold: float | None = Field(None, allow_inf_nan=False)
+    rule: Literal["token", "surprisal"] = "token"
     metric: Metric = "logprob"
     cut_tokens: int | None = Field(None, ge=0)
     warmup: int = Field(0, ge=0)
@@ -38,6 +44,8 @@ class TruncatePolicy(PolicyConfig):
     def _one_cut(self) -> TruncatePolicy:
         if (self.threshold is None) == (self.cut_tokens is None):
             raise ValueError("truncate: give exactly one of threshold and cut_tokens")
+        if self.rule == "surprisal" and (self.threshold or 0) <= 0:
+            raise ValueError("truncate: a surprisal threshold is a budget in nats (> 0)")
         return self
 
     def agent_names(self) -> list[str]:
@@ -55,6 +63,14 @@ class TruncatePolicy(PolicyConfig):
         if agent == self.continuer or threshold is None:
             return StopRule(max_tokens=budget)
         metric, warmup = self.metric, self.warmup
+        if self.rule == "surprisal":
+            spent = [0.0]  # accumulated over this generation (the initiator writes one turn)
+
+            def over_budget(step: TokenStep) -> bool:
+                spent[0] -= step.logprob
+                return step.position >= warmup and spent[0] > threshold
+
+            return StopRule(max_tokens=budget, check=over_budget)
         return StopRule(max_tokens=budget, check=lambda s: (
             s.position >= warmup and unconfident(score(s, metric), threshold, metric)))
 
