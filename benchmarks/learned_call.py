@@ -185,8 +185,9 @@ def row(result: dict[str, Any], policy: str, kinds: dict[str, str]) -> dict[str,
 
 def matched_p(solo_small: dict[str, Any], solo_large: dict[str, Any], ratio: float) -> float:
     """The routing probability whose expected call ratio (large tokens / all tokens) is ``ratio``."""
-    s, g = solo_small["tokens_per_problem"], solo_large["tokens_per_problem"]
-    return ratio * s / (g * (1 - ratio) + ratio * s) if ratio < 1 else 1.0
+    from relaygraph.eval.metrics import random_router_p
+
+    return random_router_p(solo_small["tokens_per_problem"], solo_large["tokens_per_problem"], ratio)
 
 
 def table(res: dict) -> str:

@@ -79,6 +79,29 @@ def test_expected_random_router_weights_calls_by_each_models_length() -> None:
     assert (c, a) == (pytest.approx(0.75), pytest.approx(0.4))
 
 
+def test_the_random_router_recovers_half_the_gap_only_for_equally_long_answers() -> None:
+    """APGR is over the *token* call ratio: 0.5 for the random router when both models
+    write as many tokens, not otherwise (the docstring's claim, pinned)."""
+    def router_apgr(small_tokens: float, large_tokens: float) -> float:
+        expected = metrics.random_router_expected(0.2, 0.6, small_tokens, large_tokens, steps=200)
+        return metrics.apgr(metrics.curve(expected[1:-1], 0.2, 0.6), 0.2, 0.6)
+
+    assert router_apgr(100, 100) == pytest.approx(0.5, abs=1e-3)
+    assert router_apgr(100, 300) < 0.45   # a verbose large model: calls cost more tokens
+    assert router_apgr(300, 100) > 0.55
+
+
+@pytest.mark.parametrize(("small_tokens", "large_tokens"), [(100, 300), (300, 100), (120, 120)])
+def test_the_matched_random_router_has_the_policys_call_ratio(small_tokens, large_tokens) -> None:
+    """random_router_p inverts the expected call ratio (the learned-call benchmark compares a
+    trained controller with the random router at its call ratio this way)."""
+    for ratio in (0.0, 0.079, 0.35, 0.9):
+        p = metrics.random_router_p(small_tokens, large_tokens, ratio)
+        spent = p * large_tokens + (1 - p) * small_tokens
+        assert p * large_tokens / spent == pytest.approx(ratio)
+    assert metrics.random_router_p(small_tokens, large_tokens, 1.0) == 1.0
+
+
 # ---------------------------------------------------------------------- sweep definitions
 
 def sweep(**fields) -> SweepConfig:

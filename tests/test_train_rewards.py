@@ -126,3 +126,13 @@ def test_grpo_presets_set_lengths_and_turns_and_explicit_fields_win(tmp_path) ->
     assert (cpu.preset, cpu.max_tokens, cpu.max_call_tokens) == ("cpu", 512, 1024)
     mine = GrpoSettings.model_validate({**base, "preset": "paper", "max_tokens": 1024})
     assert mine.max_tokens == 1024 and mine.max_call_tokens is None
+
+
+def test_the_teacher_pass_filter_keeps_exactly_half_and_above() -> None:
+    """The paper keeps questions the large model solves in >= 50% of its samples."""
+    from relaygraph.train.filtering import FilterSettings, keep
+
+    assert FilterSettings.model_fields["min_pass_rate"].default == 0.5
+    assert keep(5 / 10) and keep(1.0) and keep(1 / 2)
+    assert not keep(4 / 10) and not keep(0.0) and not keep(0.4999)
+    assert keep(0.6, min_pass_rate=0.6) and not keep(0.5, min_pass_rate=0.6)

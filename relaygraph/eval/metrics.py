@@ -12,8 +12,12 @@ Definitions (RelayLLM paper, section 3.2 and Table 1; RouteLLM, Ong et al. 2024,
 - **AUC**: the area under that curve over call ratio 0..1.
 - **PGR** (performance gap recovered) of a point = ``(acc - acc_small) / (acc_large -
   acc_small)``; **APGR** = the average PGR over call ratios 0..1, i.e. ``(AUC - acc_small)
-  / (acc_large - acc_small)``: 0.5 for the random-router line, 1.0 for a policy that
-  reaches the large model's accuracy at no cost.
+  / (acc_large - acc_small)``: 1.0 for a policy that reaches the large model's accuracy at
+  no cost. The random router scores 0.5 only when both models write equally long answers:
+  the axis is the *token* call ratio, and a router that sends share p of the queries to a
+  large model writing L tokens (the small one S) spends ``p*L / (p*L + (1-p)*S)`` of its
+  tokens there (:func:`random_router_expected`) — its APGR is above 0.5 when L < S, below
+  when L > S.
 - **call ratio for x% of the gap** (RouteLLM's CPT(x%)): the smallest call ratio at which
   the curve reaches ``acc_small + x * (acc_large - acc_small)``.
 
@@ -97,6 +101,16 @@ def family_summary(points: Iterable[Point], small: float, large: float) -> dict[
     return {"curve": [list(p) for p in line], "auc": auc(line), "apgr": apgr(line, small, large),
             "call_ratio_50": call_ratio_for_gap(line, small, large, 0.5),
             "call_ratio_80": call_ratio_for_gap(line, small, large, 0.8)}
+
+
+def random_router_p(small_tokens: float, large_tokens: float, call_ratio: float) -> float:
+    """The routing probability whose expected call ratio is ``call_ratio`` (the inverse of
+    the mapping in :func:`random_router_expected`), for comparing a policy with the random
+    router at the same cost."""
+    if call_ratio >= 1:
+        return 1.0
+    denominator = large_tokens * (1 - call_ratio) + call_ratio * small_tokens
+    return call_ratio * small_tokens / denominator if denominator else call_ratio
 
 
 def random_router_expected(small_acc: float, large_acc: float, small_tokens: float,
