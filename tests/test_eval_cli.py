@@ -129,6 +129,29 @@ vary = {{ interval = [4, 8] }}
     assert four["call_ratio"] == pytest.approx(four["tokens_by_agent"]["large"] / sum(four["tokens_by_agent"].values()))
 
 
+def test_sweep_with_samples_reports_avg_at_k(data, models, redis_server, redis_store, tmp_path) -> None:
+    """--samples k: every problem runs k times, sampled with seeds 0..k-1; accuracy is the mean
+    over all k x problems runs (avg@k), and each run's seed is in its stored config."""
+    out = tmp_path / "avg"
+    invoke("sweep", str(data), "--small", models[0], "--large", models[1], "--dtype", "float32",
+           "--max-tokens", "12", "--policies", "none", "--p", "0.5", "--samples", "3",
+           "--temperature", "1.5", "--limit", "2", "--out", str(out), "--redis", redis_server.url)
+    result = load(out)
+    runs = result["items"]["solo-small"]
+    assert sorted(runs) == ["0#0", "0#1", "0#2", "1#0", "1#1", "1#2"]
+    small = next(p for p in result["policies"] if p["name"] == "solo-small")
+    assert small["n"] == 6
+    assert small["accuracy"] == pytest.approx(sum(r["correct"] for r in runs.values()) / 6)
+    for pid, record in runs.items():
+        config = redis_store.load(record["trajectory_id"]).task.config["relay"]
+        agent = next(iter(config["agents"].values()))
+        assert (agent["seed"], agent["temperature"]) == (int(pid.split("#")[1]), 1.5)
+    texts = {r["_text"] if "_text" in r else r["answer"] for pid, r in runs.items()
+             if pid.startswith("0#")}
+    assert len(texts) > 1  # sampled at a high temperature, the runs differ
+    assert any("avg@3" in note for note in result["notes"])
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["sweep"], "give a dataset"),
     (["sweep", "DATA", "--policies", "teleport"], "--policies: unknown"),

@@ -101,6 +101,8 @@ def sweep(
     out: Out = Path("eval-results/sweep"), concurrency: Concurrency = 1,
     redis: Redis = None, shared: Shared = None, lease: Lease = 1800.0,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32 for both models.")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Runs per problem: 1 is greedy pass@1 (default); k > 1 samples every agent (seeds 0..k-1) and reports avg@k.")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="Sampling temperature when --samples > 1 (default 0.6).")] = None,
     question_field: QField = None, answer_field: AField = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -112,7 +114,8 @@ def sweep(
 
     overrides = {"dataset": dataset, "limit": limit, "seed": seed, "max_tokens": max_tokens,
                  "question_field": question_field, "answer_field": answer_field,
-                 "random_router_p": floats(p, "--p")}
+                 "random_router_p": floats(p, "--p"), "samples": samples,
+                 "temperature": temperature}
     if config is not None:
         cfg = SweepConfig.load(config, **overrides)
     elif dataset is None:

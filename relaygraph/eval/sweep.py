@@ -98,6 +98,12 @@ class SweepConfig(BaseModel):
     random_router_p: list[float] = [0.1, 0.25, 0.5, 0.75, 0.9]
     router_seed: int = 0
     perfect_router: bool = True
+    samples: int = Field(1, ge=1)
+    """k: runs per problem. 1 is greedy pass@1 (RelayLLM's main tables); k > 1 samples every
+    agent at ``temperature`` with seeds 0..k-1 and reports avg@k (the mean accuracy over the
+    k runs, as the paper does for AIME with k = 32)."""
+    temperature: float = Field(0.6, gt=0, allow_inf_nan=False)
+    """Sampling temperature of every agent when ``samples > 1``."""
 
     @field_validator("agents", mode="before")
     @classmethod
@@ -193,12 +199,13 @@ def run_sweep(sweep: SweepConfig, store: TrajectoryStore, results: Results,
               progress: Progress | None = None, flag: CancelScope | None = None) -> dict[str, Any]:
     """Run the sweep (finished items are reused) and return the full results object."""
     started = time.perf_counter()
-    problems = load_problems(sweep.dataset, sweep.limit, sweep.seed, sweep.question_field,
-                             sweep.answer_field)
+    problems = with_samples(load_problems(sweep.dataset, sweep.limit, sweep.seed,
+                                          sweep.question_field, sweep.answer_field), sweep.samples)
     plans = plan(sweep)
     flag = flag or CancelScope()
     pool = pool or ModelPool(flag)
-    jobs = [job for p in plans for job in _jobs(p, problems, pool, store, sweep.large)]
+    jobs = [job for p in plans
+            for job in _jobs(p, problems, pool, store, sweep.large, sweep.temperature)]
     outcome = run_jobs(jobs, results, concurrency, flag=flag, progress=progress)
     items: dict[str, dict[str, Record]] = {p.name: {} for p in plans}
     for record in outcome.records.values():
@@ -210,24 +217,45 @@ def run_sweep(sweep: SweepConfig, store: TrajectoryStore, results: Results,
     return result
 
 
+def with_samples(problems: list[Problem], samples: int) -> list[Problem]:
+    """The runs of a sweep: each problem once, or ``samples`` times as ``ID#0`` .. ``ID#k-1``
+    (``meta["sample"]`` is the sampling seed); accuracy over them is avg@k."""
+    if samples == 1:
+        return problems
+    return [p.model_copy(update={"id": f"{p.id}#{i}", "meta": {**p.meta, "sample": i}})
+            for p in problems for i in range(samples)]
+
+
+def sampled(config: RelayConfig, sample: int | None, temperature: float) -> RelayConfig:
+    """``config`` with every agent sampling at ``temperature`` with seed ``sample`` (None:
+    the config as it is, greedy)."""
+    if sample is None:
+        return config
+    agents = {n: a.model_copy(update={"temperature": temperature, "seed": sample})
+              for n, a in config.agents.items()}
+    return config.model_copy(update={"agents": agents})
+
+
 def _jobs(plan_: PolicyPlan, problems: list[Problem], pool: ModelPool,
-          store: TrajectoryStore, large: str) -> list[Job]:
-    config = plan_.config
-    relay_cell: list[Any] = []
+          store: TrajectoryStore, large: str, temperature: float = 0.6) -> list[Job]:
+    relays: dict[int | None, Any] = {}
     lock = threading.Lock()
 
-    def relay() -> Any:  # built on first use: a finished sweep loads no model
+    def relay(sample: int | None) -> Any:  # built on first use: a finished sweep loads no model
         with lock:
-            if not relay_cell:
-                relay_cell.append(pool.relay(config, store))
-            return relay_cell[0]
+            if sample not in relays:
+                relays[sample] = pool.relay(sampled(plan_.config, sample, temperature), store)
+            return relays[sample]
 
-    spec = config.model_dump(mode="json", exclude={"redis"})
     jobs = []
     for problem in problems:
-        def run(tid: str, problem: Problem = problem) -> Record:
+        sample = problem.meta.get("sample")
+        spec = sampled(plan_.config, sample, temperature).model_dump(mode="json",
+                                                                      exclude={"redis"})
+
+        def run(tid: str, problem: Problem = problem, sample: int | None = sample) -> Record:
             resumed = store.exists(tid)
-            result = relay().run(problem.question, trajectory_id=tid)
+            result = relay(sample).run(problem.question, trajectory_id=tid)
             return {"policy": plan_.name, "problem": problem.id, "answer": result.answer,
                     "_text": reasoning_text(active(store.read(tid))),
                     "tokens_by_agent": result.tokens_by_agent,
@@ -306,9 +334,13 @@ def assemble(sweep: SweepConfig, problems: list[Problem], plans: list[PolicyPlan
         expected = metrics.random_router_expected(acc_small, acc_large, small_t, large_t)
         families["random-router (expected)"] = {
             "policies": [], **metrics.family_summary(expected[1:-1], acc_small, acc_large)}
+    decoding = ("decoding is greedy (pass@1)" if sweep.samples == 1 else
+                f"every problem is run {sweep.samples} times, sampled at temperature "
+                f"{sweep.temperature:g} with seeds 0..{sweep.samples - 1}: accuracy is avg@"
+                f"{sweep.samples}; routers are derived per run")
     notes = [DERIVED_NOTE,
              f"call ratio = {sweep.large} tokens / all generated tokens, pooled over problems",
-             "decoding is greedy; a supervisor's scoring passes are not generated tokens"]
+             f"{decoding}; a supervisor's scoring passes are not generated tokens"]
     if acc_small is not None and acc_large is not None and acc_large <= acc_small:
         notes.append("the large model is not more accurate than the small one here: "
                      "gap-relative numbers (APGR, call ratio for 50%/80%) are n/a")
