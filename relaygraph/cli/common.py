@@ -15,7 +15,14 @@ from rich.console import Console
 
 from relaygraph.errors import ConfigError, RelayGraphError
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+"""Diagnostics. No markup is interpreted in anything printed (user input, model text, paths):
+colour comes from ``style=`` only."""
+
+
+def console() -> Console:
+    """Standard output, with no markup interpreted."""
+    return Console(highlight=False, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -28,8 +35,8 @@ def friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except RelayGraphError as exc:
-            err.print("[red]error:[/red] ", end="")
-            err.print(str(exc), markup=False)
+            err.print("error:", style="red", end=" ")
+            err.print(str(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -40,7 +47,7 @@ def friendly(func: F) -> F:
 
 def say(line: str) -> None:
     """A progress line on stderr (dim)."""
-    err.print(line, style="dim", markup=False)
+    err.print(line, style="dim")
 
 
 def ensure_pulled(*models: str | None) -> None:
@@ -144,8 +151,8 @@ def traced(func: F) -> F:
 
             if not telemetry.shutdown():
                 for problem in telemetry.problems:
-                    err.print("[yellow]warning:[/yellow] ", end="")
-                    err.print(f"{problem}; the run itself is unaffected", markup=False)
+                    err.print("warning:", style="yellow", end=" ")
+                    err.print(f"{problem}; the run itself is unaffected")
             if telemetry.traces == "otlp" and tracing.last_trace_id and not any(
                     p.startswith("traces") for p in telemetry.problems):
                 say(f"trace {tracing.last_trace_id} sent to {telemetry.endpoint}")

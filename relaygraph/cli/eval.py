@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markdown import Markdown
 
 from relaygraph.agents.catalog import DEFAULT_CONTROLLER as SMALL
 from relaygraph.agents.catalog import DEFAULT_EXPERT as LARGE
-from relaygraph.cli.common import ensure_pulled, err, floats, friendly, say
+from relaygraph.cli.common import console, ensure_pulled, err, floats, friendly, say
 from relaygraph.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Evaluate policies and model pairs on a dataset.")
@@ -79,9 +78,9 @@ def _progress(quiet: bool) -> Any:
 
 
 def _show(markdown: str, out: Path, extra: str = "") -> None:
-    console = Console(highlight=False)
-    if console.is_terminal:
-        console.print(Markdown(markdown))
+    out_console = console()
+    if out_console.is_terminal:
+        out_console.print(Markdown(markdown))
     else:  # piped: the Markdown itself
         print(markdown)
     err.print(f"results in {out}/ (results.json, table.md{extra})")

@@ -20,7 +20,7 @@ def models_pull(
     from relaygraph.agents import catalog
 
     for name in names or [catalog.DEFAULT_CONTROLLER, catalog.DEFAULT_EXPERT]:
-        catalog.pull(name, progress=lambda msg: err.print(msg, markup=False))
+        catalog.pull(name, progress=err.print)
 
 
 @app.command("list")

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.cli.common import (
+    console,
     ensure_pulled,
     err,
     friendly,
@@ -63,12 +63,12 @@ def run(
     ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
     with err.status("loading models…"):
         relay = Relay.from_config(cfg, store)
-    out = Console(highlight=False)
+    out = console()
     if as_json:
         result = relay.run(question)
         print(result.model_dump_json(indent=2, by_alias=True))
         return
-    from relaygraph.viewer.terminal import LivePrinter, Styles
+    from relaygraph.viewer.terminal import LivePrinter, Styles, printable
 
     styles = Styles([a.name for a in relay.agents])
     out.print(styles.legend())
@@ -78,11 +78,12 @@ def run(
     tokens = ", ".join(f"{k} {v}" for k, v in result.tokens_by_agent.items())
     total = sum(result.tokens_by_agent.values())
     out.print("answer: ", style="bold", end="")
-    out.print(result.answer or "(none)", markup=False)
-    out.print(f"call ratio {result.call_ratio:.1%} · tokens {tokens} · handoffs {result.handoffs} "
-              f"· {result.finish_reason} · {result.seconds:.1f}s ({total / result.seconds:.1f} tok/s)")
+    out.print(printable(result.answer) or "(none)")
+    out.print(printable(f"call ratio {result.call_ratio:.1%} · tokens {tokens} · handoffs "
+                        f"{result.handoffs} · {result.finish_reason} · {result.seconds:.1f}s "
+                        f"({total / result.seconds:.1f} tok/s)"))
     out.print(f"trajectory {result.trajectory_id} — `relaygraph show {result.trajectory_id}`",
-              style="dim", markup=False)
+              style="dim")
 
 
 @friendly
@@ -109,6 +110,8 @@ def resume(
     if as_json:
         print(result.model_dump_json(indent=2, by_alias=True))
     else:
-        Console(highlight=False).print(f"answer: {result.answer or '(none)'} · status "
-                                       f"{store.status(trajectory_id)} · {len(result.segments)} segments",
-                                       markup=False)
+        from relaygraph.viewer.terminal import printable
+
+        console().print(printable(f"answer: {result.answer or '(none)'} · status "
+                                  f"{store.status(trajectory_id)} · {len(result.segments)} "
+                                  "segments"))

@@ -37,9 +37,10 @@ def serve(
     cfg = ServeConfig.load(config) if config is not None else ServeConfig.default()
     ensure_pulled(*cfg.local_models())
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[yellow]warning:[/yellow] listening on {host} without an API key; set "
+        err.print("warning:", style="yellow", end=" ")
+        err.print(f"listening on {host} without an API key; set "
                   "RELAYGRAPH_API_KEY to require one")
     settings = ServeSettings(api_key=api_key or None, concurrency=concurrency,
                              max_queue=max_queue, queue_timeout=queue_timeout,
                              max_request_bytes=max_request_bytes)
-    run_server(cfg, host, port, redis, settings, announce=lambda line: err.print(line, markup=False))
+    run_server(cfg, host, port, redis, settings, announce=err.print)

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from relaygraph.cli.common import friendly
+from relaygraph.cli.common import console, friendly
 from relaygraph.errors import ConfigError
 
 
@@ -24,7 +23,7 @@ def show(
     from relaygraph.trajectory import check_trajectory_id, open_store
 
     store = open_store(redis)
-    out = Console(highlight=False)
+    out = console()
     if trajectory_id is None:
         for tid in store.list_ids(limit):
             out.print(tid)
