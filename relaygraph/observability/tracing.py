@@ -231,6 +231,13 @@ def _finish_run(installed: _Installed, span: Any, stats: RunStats, outcome: str)
             "relaygraph.agents": names,
             "relaygraph.usage.output_tokens_by_agent": [tokens[n] for n in names],
         })
+        cost_by_agent = totals.get("cost_by_agent")
+        if isinstance(cost_by_agent, dict):  # agents with a price: the run's money
+            priced = list(cost_by_agent)
+            span.set_attributes({"relaygraph.cost": float(totals.get("cost") or 0.0),
+                                 "relaygraph.cost.agents": priced,
+                                 "relaygraph.cost.by_agent": [float(cost_by_agent[n])
+                                                              for n in priced]})
         if stats.question is not None:  # content capture was on when the run started
             text = "".join(stats.texts)
             span.set_attribute("gen_ai.output.messages", json.dumps(
@@ -338,7 +345,7 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
         _set_turn_attributes(turn, generation, handoff)
         return
     span, installed = turn.span, turn.installed
-    n_out = len(generation.token_ids)
+    n_out = generation.n_tokens
     n_in = generation.prompt_tokens
     seconds = float(generation.seconds or 0.0)
     ttft = turn.first_text - turn.started if turn.first_text is not None else None
@@ -346,6 +353,8 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
                    "gen_ai.request.model": turn.model, "gen_ai.agent.name": turn.agent.name}
     if span.is_recording():
         _set_turn_attributes(span, generation, handoff)
+        if turn.agent.price is not None:  # the same arithmetic as the run's totals
+            span.set_attribute("relaygraph.usage.cost", turn.agent.price.cost(n_in, n_out))
         if isinstance(handoff.get("position"), int):
             span.set_attribute("relaygraph.segment.count", handoff["position"] - turn.position)
         _chat_span(turn, generation, seconds, ttft)
@@ -399,7 +408,7 @@ def record_review(handoff: dict[str, Any]) -> None:
 def _set_turn_attributes(span: Any, generation: Generation, handoff: dict[str, Any]) -> None:
     n_in, prefilled = generation.prompt_tokens, generation.prefilled_tokens
     attrs: dict[str, Any] = {
-        "gen_ai.usage.input_tokens": n_in, "gen_ai.usage.output_tokens": len(generation.token_ids),
+        "gen_ai.usage.input_tokens": n_in, "gen_ai.usage.output_tokens": generation.n_tokens,
         "gen_ai.usage.cache_read.input_tokens": max(0, n_in - prefilled),
         "relaygraph.usage.prefilled_tokens": prefilled,
         "gen_ai.response.finish_reasons": [str(generation.finish_reason)],
@@ -417,7 +426,7 @@ def _chat_span(turn: Turn, generation: Generation, seconds: float, ttft: float |
     end_ns = turn.started_ns + int(seconds * 1e9)
     chat = turn.installed.tracer.start_span(f"chat {turn.model}", context=ctx,
                                             start_time=turn.started_ns)
-    n_in, n_out = generation.prompt_tokens, len(generation.token_ids)
+    n_in, n_out = generation.prompt_tokens, generation.n_tokens
     sampling = turn.agent.sampling
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": turn.provider,
