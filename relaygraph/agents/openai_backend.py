@@ -63,12 +63,12 @@ def split_url(base_url: str) -> tuple[str, tuple[str, str] | None]:
     that is not http(s). The returned URL ends without ``/v1`` and is safe to show."""
     parts = urlsplit(base_url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"base_url {_redact(base_url)!r} is not an http(s) URL; give the "
+        raise ConfigError(f"base_url {redact_base_url(base_url)!r} is not an http(s) URL; give the "
                           "server's address, e.g. http://localhost:8000/v1")
     try:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
-        raise ConfigError(f"base_url {_redact(base_url)!r} has an invalid port") from None
+        raise ConfigError(f"base_url {redact_base_url(base_url)!r} has an invalid port") from None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     path = parts.path.rstrip("/")
     if path.endswith("/v1"):
@@ -77,7 +77,7 @@ def split_url(base_url: str) -> tuple[str, tuple[str, str] | None]:
     return urlunsplit((parts.scheme, host + port, path, "", "")), auth
 
 
-def _redact(url: str) -> str:
+def redact_base_url(url: str) -> str:
     """``url`` without user, password or query (for messages)."""
     try:
         parts = urlsplit(url)
@@ -369,4 +369,4 @@ class OpenAIServerConfig(AgentConfig):
                              api_key=api_key)
 
     def describe(self) -> str:
-        return f"{self.model} (served at {_redact(self.base_url)})"
+        return f"{self.model} (served at {redact_base_url(self.base_url)})"

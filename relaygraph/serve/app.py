@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relaygraph.errors import Cancelled, ConfigError, RelayGraphError, StoreUnavailableError
 from relaygraph.policies.base import SUPERVISOR
+from relaygraph.serve import agentic
 from relaygraph.serve.registry import Registry, ServedRelay
 from relaygraph.serve.runner import (
     DONE,
@@ -48,12 +49,14 @@ from relaygraph.serve.schemas import (
     ModelList,
     RelayInfo,
     RelayUsage,
+    ResponseFormat,
+    ToolSpec,
     Usage,
     bad_request,
     openai_finish_reason,
     validation_error,
 )
-from relaygraph.trajectory.models import active, new_trajectory_id
+from relaygraph.trajectory.models import Segment, active, new_trajectory_id
 
 log = logging.getLogger("relaygraph.serve")
 TRAJECTORY_HEADER = "X-Relaygraph-Trajectory-Id"
@@ -76,6 +79,44 @@ class ServeSettings:
 
 
 @dataclass
+class _Ask:
+    """What a request asks beyond a question (see :mod:`relaygraph.serve.agentic`)."""
+
+    stops: list[str]
+    prefix: str = ""
+    """A final assistant message the relay continues (``continue_final_message``)."""
+    tools: list[ToolSpec] | None = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+
+    @property
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def json(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    @property
+    def buffered(self) -> bool:
+        """Content is known only at the end (tool calls or an object to build)."""
+        return self.calls_tools or self.json
+
+
+@dataclass
+class _Answer:
+    """A finished run and the content the request gets."""
+
+    result: Any
+    content: str | None
+    stop_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    formatted: agentic.Formatted | None = None
+
+
+@dataclass
 class _Run:
     """One request's run, and what is needed to answer it."""
 
@@ -88,6 +129,7 @@ class _Run:
     include_usage: bool
     created: int
     scheduler: Scheduler
+    ask: _Ask
 
 
 def create_app(registry: Registry, settings: ServeSettings | None = None) -> FastAPI:
@@ -163,8 +205,10 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
         if error := req.unsupported():
             raise error
         entry = registry.get(req.model)
-        question, system = _chat_question(req)
-        return await _serve(request, entry, req, question, system, "chat")
+        question, system, prefix = _chat_question(req)
+        ask = _Ask(req.stops, prefix, req.tools, req.tool_choice, req.response_format,
+                   bool(req.logprobs))
+        return await _serve(request, entry, req, question, system, "chat", ask)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -176,13 +220,14 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
         question = req.question()
         if not question.strip():
             raise bad_request("The prompt is empty", "prompt", "invalid_value")
-        return await _serve(request, entry, req, question, None, "completion")
+        return await _serve(request, entry, req, question, None, "completion", _Ask(req.stops))
 
     async def _serve(request: Request, entry: ServedRelay, req: Any, question: str,
-                     system: str | None, kind: str) -> Response:
+                     system: str | None, kind: str, ask: _Ask) -> Response:
+        tools = agentic.tools_prompt(ask.tools or [], ask.tool_choice) if ask.calls_tools else None
         relay = entry.variant(max_tokens=req.budget, temperature=req.temperature,
                               top_p=req.top_p, seed=req.seed, system=system,
-                              policy=req.relaygraph.policy)
+                              policy=req.relaygraph.policy, tools=tools)
         prompt_tokens, room = await asyncio.to_thread(entry.prompt_tokens, relay, question)
         if room is not None and room < 1:
             raise APIError(400, f"The prompt ({prompt_tokens} tokens) does not fit the "
@@ -194,10 +239,11 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
         parent = _trace_parent(request)
         store = entry.store
 
-        def work() -> tuple[Any, str]:
-            result = run_relay(relay, handle, question, tid, parent)
-            segments = active(store.read(tid))
-            return result, "".join(s.text for s in segments if s.kind in ("text", "call"))
+        def work() -> _Answer:
+            given = [Segment(author="caller", text=ask.prefix)] if ask.prefix else []
+            result = run_relay(relay, handle, question, tid, parent, given)
+            segments = [s for s in active(store.read(tid)) if not s.meta.get("given")]
+            return _answer(entry, relay, ask, question, result, segments)
 
         try:
             scheduler.submit(handle, work)
@@ -210,7 +256,7 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
             raise APIError(503, "The server is shutting down", "server_error",
                            code="shutting_down") from None
         run = _Run(entry, handle, tid, prompt_tokens, req.model, kind, req.include_usage,
-                   int(time.time()), scheduler)
+                   int(time.time()), scheduler, ask)
         watcher = asyncio.create_task(_watch_disconnect(request, run))
         try:
             await _wait_for_worker(handle, watcher, settings.queue_timeout)
@@ -238,11 +284,11 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
         if not handle.future.done():  # the client left: the run stops at its next token
             return Response(status_code=499)
         try:
-            result, content = _outcome(run)
+            answer = _outcome(run)
         except APIError as error:
             _log_run(run, None, f"error {error.code}")
             raise
-        return JSONResponse(_response(run, result, content), headers=headers)
+        return JSONResponse(_response(run, answer), headers=headers)
 
     return app
 
@@ -277,37 +323,81 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise validation_error(exc) from None
 
 
-def _chat_question(req: ChatCompletionRequest) -> tuple[str, str | None]:
-    """The question (the last user message; earlier turns become a transcript before it) and
-    the system text (system and developer messages, joined)."""
+def _chat_question(req: ChatCompletionRequest) -> tuple[str, str | None, str]:
+    """The question (the last user message; earlier turns, tool calls and tool results
+    become a transcript before it), the system text (system and developer messages,
+    joined) and, with ``continue_final_message``, the final assistant message the relay
+    continues."""
     system: list[str] = []
     turns: list[tuple[str, str, int]] = []
-    for i, message in enumerate(req.messages):
+    messages = list(req.messages)
+    prefix = ""
+    if req.continue_final_message:
+        if messages[-1].role != "assistant":
+            raise bad_request("continue_final_message needs the last message to be an "
+                              "assistant message (the text to continue)", "messages",
+                              "invalid_value")
+        prefix = messages.pop().text(f"messages.{len(messages)}")
+    for i, message in enumerate(messages):
         where = f"messages.{i}"
-        if message.role in ("tool", "function"):
-            raise bad_request(f"'{message.role}' messages are not supported: a relay has no "
-                              "tools", f"{where}.role", "unsupported_message")
         extra = message.model_extra or {}
-        if extra.get("tool_calls") or extra.get("function_call"):
-            raise bad_request("Tool calls are not supported: a relay has no tools",
-                              f"{where}.tool_calls", "unsupported_message")
+        if message.role == "function" or extra.get("function_call"):
+            raise bad_request("Legacy function messages are not supported; use tools",
+                              f"{where}.role", "unsupported_message")
         text = message.text(where)
         if message.role in ("system", "developer"):
             if text.strip():
                 system.append(text)
-        else:
-            turns.append((message.role, text, i))
-    if not turns or turns[-1][0] != "user":
-        raise bad_request("The last message must be a user message: it is the question the "
-                          "relay answers", "messages", "invalid_value")
+            continue
+        calls = extra.get("tool_calls") or []
+        if calls:
+            if message.role != "assistant" or not isinstance(calls, list):
+                raise bad_request("tool_calls belong on assistant messages", f"{where}.tool_calls",
+                                  "invalid_value")
+            shown = [text] if text.strip() else []
+            for j, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                    raise bad_request("a tool call needs function.name", f"{where}.tool_calls.{j}",
+                                      "invalid_value")
+                shown.append(agentic.tool_call_text(function["name"], function.get("arguments", {})))
+            text = "\n".join(shown)
+        turns.append((message.role, text, i))
+    if not turns or turns[-1][0] not in ("user", "tool"):
+        raise bad_request("The last message must be a user message (the question the relay "
+                          "answers) or a tool result", "messages", "invalid_value")
     _, question, index = turns[-1]
     if not question.strip():
         raise bad_request("The question (the last user message) is empty",
                           f"messages.{index}.content", "invalid_value")
-    if len(turns) > 1:
-        transcript = "\n".join(f"{role.title()}: {text}" for role, text, _ in turns)
-        question = transcript
-    return question, ("\n\n".join(system) if system else None)
+    if len(turns) > 1 or turns[-1][0] == "tool":
+        question = "\n".join(f"{role.title()}: {text}" for role, text, _ in turns)
+    return question, ("\n\n".join(system) if system else None), prefix
+
+
+def _answer(entry: ServedRelay, relay: Any, ask: _Ask, question: str, result: Any,
+            segments: list[Segment]) -> _Answer:
+    """The content of a finished run as the request asked for it (on the worker thread)."""
+    text = "".join(s.text for s in segments if s.kind in ("text", "call"))
+    content, stop_reason = agentic.cut_at_stop(text, ask.stops)
+    answer = _Answer(result, content, stop_reason)
+    if ask.logprobs:
+        agents = {a.name: a for a in relay.agents}
+        answer.logprobs = agentic.token_logprobs(segments, agents, len(content))
+    if ask.calls_tools:
+        answer.content, calls = agentic.parse_tool_calls(content, ask.tools or [])
+        if calls:
+            answer.tool_calls = calls
+        elif ask.tool_choice not in (None, "auto"):
+            raise APIError(422, "tool_choice asks for a tool call, but the relay's final text "
+                           "has no <tool_call> block of a given tool; the trajectory is kept",
+                           "invalid_request_error", "tool_choice", "tool_call_failed")
+    if ask.json and not answer.tool_calls:
+        assert ask.response_format is not None
+        agent = entry.format_agent(relay)
+        answer.formatted = agentic.format_response(ask.response_format, question, content, agent)
+        answer.content = answer.formatted.content
+    return answer
 
 
 def _trace_parent(request: Request) -> Any:
@@ -345,17 +435,20 @@ async def _wait_for_worker(handle: RunHandle, watcher: asyncio.Task, timeout: fl
                        headers={"Retry-After": "5"})
 
 
-def _outcome(run: _Run) -> tuple[Any, str]:
-    """The run's (result, content), or the APIError that answers its failure."""
+def _outcome(run: _Run) -> _Answer:
+    """The run's answer, or the APIError that answers its failure."""
     future = run.handle.future
     assert future is not None
     if future.cancelled():
         raise APIError(503, "The server is shutting down; the request was not run",
                        "server_error", code="shutting_down")
     exc = future.exception()
+    if isinstance(exc, APIError):
+        raise exc
     if exc is not None:
         raise _run_error(exc, run)
-    return future.result()
+    answer: _Answer = future.result()
+    return answer
 
 
 def _run_error(exc: BaseException, run: _Run) -> APIError:
@@ -382,12 +475,21 @@ def _card(entry: ServedRelay) -> ModelCard:
     return ModelCard(id=entry.name, created=entry.created, relaygraph=entry.describe())
 
 
-def _usage(run: _Run, result: Any) -> Usage:
-    completion = sum(result.tokens_by_agent.values())
-    return Usage(prompt_tokens=run.prompt_tokens, completion_tokens=completion,
-                 total_tokens=run.prompt_tokens + completion,
-                 relaygraph=RelayUsage(tokens_by_agent=result.tokens_by_agent,
-                                       call_ratio=result.call_ratio, handoffs=result.handoffs))
+def _usage(run: _Run, answer: _Answer) -> Usage:
+    result = answer.result
+    formatted = answer.formatted
+    completion = sum(result.tokens_by_agent.values()) + (formatted.tokens if formatted else 0)
+    prompt = run.prompt_tokens or sum(result.input_tokens_by_agent.values())
+    usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
+                  total_tokens=prompt + completion,
+                  relaygraph=RelayUsage(tokens_by_agent=result.tokens_by_agent,
+                                        input_tokens_by_agent=result.input_tokens_by_agent,
+                                        call_ratio=result.call_ratio, handoffs=result.handoffs,
+                                        cost=result.cost, cost_by_agent=result.cost_by_agent))
+    if formatted is not None and formatted.tokens:
+        usage.relaygraph.format = {"how": formatted.how, "tokens": formatted.tokens,
+                                   "input_tokens": formatted.input_tokens}
+    return usage
 
 
 def _info(result: Any) -> RelayInfo:
@@ -398,18 +500,32 @@ def _info(result: Any) -> RelayInfo:
                      counters=result.counters, seconds=result.seconds)
 
 
-def _response(run: _Run, result: Any, content: str) -> dict[str, Any]:
-    finish = openai_finish_reason(result.finish_reason)
+def _finish(answer: _Answer) -> str:
+    if answer.tool_calls:
+        return "tool_calls"
+    if answer.stop_reason is not None:
+        return "stop"
+    return openai_finish_reason(answer.result.finish_reason)
+
+
+def _response(run: _Run, answer: _Answer) -> dict[str, Any]:
+    result = answer.result
+    finish = _finish(answer)
     _log_run(run, result, "ok")
     if run.kind == "chat":
+        logprobs = {"content": answer.logprobs, "refusal": None} \
+            if answer.logprobs is not None else None
+        message = ChatMessageOut(content=answer.content, tool_calls=answer.tool_calls)
         return ChatCompletion(
             id=f"chatcmpl-{run.trajectory_id}", created=run.created, model=run.model,
-            choices=[ChatChoice(message=ChatMessageOut(content=content), finish_reason=finish)],
-            usage=_usage(run, result), relaygraph=_info(result)).model_dump()
+            choices=[ChatChoice(message=message, finish_reason=finish, logprobs=logprobs,
+                                stop_reason=answer.stop_reason)],
+            usage=_usage(run, answer), relaygraph=_info(result)).model_dump()
     return Completion(
         id=f"cmpl-{run.trajectory_id}", created=run.created, model=run.model,
-        choices=[CompletionChoice(text=content, finish_reason=finish)],
-        usage=_usage(run, result), relaygraph=_info(result)).model_dump()
+        choices=[CompletionChoice(text=answer.content or "", finish_reason=finish,
+                                  stop_reason=answer.stop_reason)],
+        usage=_usage(run, answer), relaygraph=_info(result)).model_dump()
 
 
 def _log_run(run: _Run, result: Any, outcome: str) -> None:
@@ -423,23 +539,31 @@ def _sse_data(payload: Any) -> str:
 
 
 def _chunk(run: _Run, piece: str | None = None, finish: str | None = None,
-           relaygraph: dict[str, Any] | None = None, role: bool = False) -> dict[str, Any]:
+           relaygraph: dict[str, Any] | None = None, role: bool = False,
+           tool_calls: list[dict[str, Any]] | None = None,
+           stop_reason: str | None = None) -> dict[str, Any]:
     if run.kind == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if piece is not None:
             delta["content"] = piece
+        if tool_calls is not None:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
                                   "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = stop_reason
         chunk = {"id": f"chatcmpl-{run.trajectory_id}", "object": "chat.completion.chunk",
                  "created": run.created, "model": run.model, "system_fingerprint": None,
                  "choices": [choice]}
     else:
+        choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = stop_reason
         chunk = {"id": f"cmpl-{run.trajectory_id}", "object": "text_completion",
                  "created": run.created, "model": run.model, "system_fingerprint": None,
-                 "choices": [{"index": 0, "text": piece or "", "logprobs": None,
-                              "finish_reason": finish}]}
+                 "choices": [choice]}
     if relaygraph is not None:
         chunk["relaygraph"] = relaygraph
     return chunk
@@ -448,9 +572,16 @@ def _chunk(run: _Run, piece: str | None = None, finish: str | None = None,
 async def _sse(run: _Run, watcher: asyncio.Task) -> AsyncIterator[str]:
     """The run's events as OpenAI stream chunks: one per token (``relaygraph.agent`` says
     who wrote it), handoffs and reviews as chunks with an empty delta and a
-    ``relaygraph.event``, then the finish chunk, the usage chunk if asked, ``[DONE]``."""
+    ``relaygraph.event``, then the finish chunk, the usage chunk if asked, ``[DONE]``.
+
+    With stop sequences, text that could be the start of one is held back until it is
+    known not to be, and nothing after the first one is sent. With tools or a JSON
+    response format the content is sent once, at the end (it is known only then)."""
     handle = run.handle
+    ask = run.ask
     assert handle.events is not None
+    keep = agentic.held_back(ask.stops)
+    text, sent, stopped = "", 0, False
     try:
         yield _sse_data(_chunk(run, "", role=True,
                                relaygraph={"trajectory_id": run.trajectory_id}))
@@ -459,25 +590,41 @@ async def _sse(run: _Run, watcher: asyncio.Task) -> AsyncIterator[str]:
             if event is DONE:
                 break
             if event.get("type") == "token" and event.get("agent") != SUPERVISOR:
-                yield _sse_data(_chunk(run, event["text"],
-                                       relaygraph={"agent": event["agent"]}))
+                if ask.buffered or stopped:
+                    continue
+                text += event["text"]
+                cut, stop = agentic.cut_at_stop(text, ask.stops)
+                upto = len(cut) if stop is not None else len(text) - keep
+                stopped = stop is not None
+                if upto > sent:
+                    yield _sse_data(_chunk(run, text[sent:upto],
+                                           relaygraph={"agent": event["agent"]}))
+                    sent = upto
             elif event.get("type") == "token":  # a supervisor's steer: guidance, not content
                 yield _sse_data(_chunk(run, relaygraph={"event": {"type": "steer",
                                                                   "text": event["text"]}}))
             else:
                 yield _sse_data(_chunk(run, relaygraph={"event": event}))
         try:
-            result, _ = _outcome(run)
+            answer = _outcome(run)
         except APIError as error:
             _log_run(run, None, f"error {error.code}")
             yield _sse_data(error.body())
             return
-        finish = openai_finish_reason(result.finish_reason)
-        yield _sse_data(_chunk(run, finish=finish, relaygraph=_info(result).model_dump()))
+        result = answer.result
+        if ask.buffered:
+            if answer.content:
+                yield _sse_data(_chunk(run, answer.content))
+            if answer.tool_calls:
+                yield _sse_data(_chunk(run, tool_calls=answer.tool_calls))
+        elif not stopped and len(text) > sent:
+            yield _sse_data(_chunk(run, text[sent:]))
+        yield _sse_data(_chunk(run, finish=_finish(answer), stop_reason=answer.stop_reason,
+                               relaygraph=_info(result).model_dump()))
         if run.include_usage:
             usage = _chunk(run)
             usage["choices"] = []
-            usage["usage"] = _usage(run, result).model_dump()
+            usage["usage"] = _usage(run, answer).model_dump()
             yield _sse_data(usage)
         _log_run(run, result, "ok (stream)")
         yield "data: [DONE]\n\n"
