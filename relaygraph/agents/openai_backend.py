@@ -126,6 +126,11 @@ class OpenAIBackend(TokenizerBackend):
         if self.model_id not in cards:
             raise ConfigError(f"the server at {self.server} does not serve {self.model_id!r} "
                               f"(it serves: {', '.join(sorted(cards)) or 'nothing'})")
+        owner = cards[self.model_id].get("owned_by")
+        if isinstance(owner, str) and owner and owner.lower() != "vllm":
+            raise ConfigError(f"the server at {self.server} is not vLLM (its models are owned by "
+                              f"{owner!r}), so it lacks the completions extensions backend "
+                              f"\"openai\" needs; use backend = \"chat\" for this agent")
         return cards[self.model_id]
 
     def _load_tokenizer(self, tokenizer: str | None, root: str | None) -> tuple[str, Any]:
@@ -141,7 +146,7 @@ class OpenAIBackend(TokenizerBackend):
                     pass
         raise ConfigError(f"cannot load a tokenizer for the served model {self.model_id!r}; "
                           "pass tokenizer= (a catalog name, folder, .gguf or hub id with the "
-                          "server's tokenizer)")
+                          "server's tokenizer), or use backend = \"chat\", which needs none")
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -240,6 +245,11 @@ class OpenAIBackend(TokenizerBackend):
         state.started = True
         try:
             with self._client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code == 400:  # e.g. "Invalid value for 'prompt.str'"
+                    error = self._status_error(response)
+                    raise ConfigError(f"{error}; a server without vLLM's completions extensions "
+                                      "(token-id prompts, return_token_ids) cannot run backend "
+                                      "\"openai\": use backend = \"chat\" for this agent")
                 if response.status_code != 200:
                     raise self._status_error(response)
                 for line in response.iter_lines():
@@ -288,9 +298,10 @@ class OpenAIBackend(TokenizerBackend):
             token_ids = [_token_id(t) for t in logprobs.get("tokens") or []]
         if len(token_logprobs) != len(token_ids):
             if choice.get("text") or token_ids:
-                raise ServerResponseError(
+                raise ConfigError(
                     f"the model server at {self.server} did not return token ids with "
-                    "log-probs; relaygraph needs vLLM's completions API (return_token_ids)")
+                    "log-probs: it lacks vLLM's completions extensions (return_token_ids); "
+                    "use backend = \"chat\" for this agent")
             return []
         return [Sample(int(tid), float(lp if lp is not None else float("-inf")),
                        _entropy_of(tops[i] if i < len(tops) else None))
