@@ -157,12 +157,21 @@ def single_property(schema: Mapping[str, Any] | None, answer: str) -> Any:
     return None
 
 
+def describe_schema(schema: Mapping[str, Any] | None) -> str:
+    """A short, stable description of an object schema: its keys and their types (the
+    same whatever titles or strictness flags a client library adds)."""
+    properties = (schema or {}).get("properties") or {}
+    if not properties:
+        return "a JSON object"
+    keys = ", ".join(f'"{name}" ({spec.get("type", "any") if isinstance(spec, dict) else "any"})'
+                     for name, spec in properties.items())
+    return f"a JSON object with the keys {keys}"
+
+
 def format_question(question: str, reasoning: str, schema: Mapping[str, Any] | None) -> str:
     """The user turn of a formatting turn."""
-    wanted = ("a JSON object matching this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
-              if schema is not None else "a JSON object")
     return (f"Question: {question}\n\nAnswer and reasoning:\n{reasoning}\n\n"
-            f"Write the answer as {wanted}")
+            f"Write the answer as {describe_schema(schema)}.")
 
 
 @dataclass
