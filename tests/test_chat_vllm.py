@@ -95,12 +95,12 @@ def test_instruct_is_a_user_turn_with_the_reasoning(vllm_server, local, full) ->
     assert g.text == ours.text and g.extra["continuation"] == "instruct"
 
 
-def test_stop_strings_and_budget(chat, full) -> None:
+def test_stop_strings_and_budget(chat, local, full) -> None:
     prompt = Prompt(QUESTION, MATH_SYSTEM_PROMPT)
     stop = full.text[len(full.text) // 2:][:6]
     g = chat.generate(prompt, StopRule(40, (stop,)))
-    assert g.finish_reason == "stop" and g.text.endswith(stop) and full.text.startswith(g.text)
-    assert stop not in g.text[:-1]
+    assert g.finish_reason == "stop" and stop in g.text and full.text.startswith(g.text)
+    assert stop not in local.decode(local.encode(g.text)[:-1])  # stopped at the first match
     g = chat.generate(prompt, StopRule(5))
     assert g.finish_reason == "budget" and g.n_tokens == 5
     assert full.text.startswith(g.text)

@@ -123,8 +123,7 @@ def test_bind_tools_returns_openai_tool_calls(server) -> None:
     message = chat_model(server, "relay-tools").bind_tools([get_weather]).invoke(WEATHER_Q)
     assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", {"city": "Paris"})]
     assert message.response_metadata["finish_reason"] == "tool_calls"
-    handoffs = message.response_metadata.get("relaygraph") or {}
-    assert handoffs == {} or handoffs.get("handoffs", 1) >= 1
+    assert not message.content  # the text before the call block (none here)
 
 
 def test_langgraph_react_agent_completes_a_one_tool_task(server) -> None:
