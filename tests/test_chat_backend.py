@@ -311,3 +311,60 @@ def test_every_example_config_parses(monkeypatch) -> None:
         cfg = RelayConfig.load(path)
         assert cfg.agents, path
 
+
+
+# --- money in traces; serve's stop and logprobs ---------------------------------------------
+
+def test_traces_report_the_cost_the_run_reports(backends, expert, store) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from relaygraph.observability import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    relay = Relay([Agent("controller", backends[0], price=Price(input=1.0, output=4.0)),
+                   Agent("expert", expert, price=Price(input=3.0, output=15.0))],
+                  CallTokenPolicy(), store, max_tokens=64)
+    with tracing.using(provider):
+        result = relay.run(tiny.QUESTION)
+    spans = exporter.get_finished_spans()
+    run = next(s for s in spans if s.name == "invoke_workflow relaygraph"  # not the served one's
+               and s.attributes["relaygraph.policy"] == "call-token")
+    assert run.attributes["relaygraph.cost"] == pytest.approx(result.cost)
+    by_agent = dict(zip(run.attributes["relaygraph.cost.agents"],
+                        run.attributes["relaygraph.cost.by_agent"], strict=True))
+    assert by_agent == pytest.approx(result.cost_by_agent)
+    turns = [s for s in spans if s.name.startswith("invoke_agent")
+             and s.context.trace_id == run.context.trace_id]
+    assert sum(s.attributes["relaygraph.usage.cost"] for s in turns) == pytest.approx(result.cost)
+
+
+def test_served_stop_sequences_streamed_and_not(inner) -> None:
+    client = OpenAI(base_url=inner.url + "/v1", api_key=KEY, max_retries=0)
+    ask = [{"role": "user", "content": tiny.QUESTION}]
+    done = client.chat.completions.create(model="relay-expert", messages=ask, stop=[" five", "."])
+    choice = done.choices[0]
+    assert choice.message.content == "Let me think"  # the earliest stop in the merged text
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == "."
+    chunks = list(client.chat.completions.create(model="relay-expert", messages=ask,
+                                                 stop=["two plus"], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Let me think. "
+    last = [c for c in chunks if c.choices and c.choices[0].finish_reason][0].choices[0]
+    assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == "two plus"
+
+
+def test_served_logprobs_come_from_the_stored_segments(inner, store) -> None:
+    client = OpenAI(base_url=inner.url + "/v1", api_key=KEY, max_retries=0)
+    done = client.chat.completions.create(
+        model="relay-pair", messages=[{"role": "user", "content": tiny.QUESTION}], logprobs=True)
+    content = done.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == done.choices[0].message.content
+    segments = store.read(done.model_extra["relaygraph"]["trajectory_id"])
+    stored = [lp for s in segments for lp in s.logprobs or ()]
+    assert [t.logprob for t in content] == pytest.approx(stored)
+    authors = [t.model_extra["relaygraph_agent"] for t in content]
+    assert authors.count("expert") == tiny.CALL_N
