@@ -49,6 +49,11 @@ class RunResult(BaseModel):
     finish_reason: str
     segments: list[SegmentSummary]
     tokens_by_agent: dict[str, int]
+    input_tokens_by_agent: dict[str, int] = {}
+    """Prompt tokens each agent's generations read (what a hosted model bills as input)."""
+    cost: float | None = None
+    """What the run cost, from the agents' prices per million tokens (None: no prices set)."""
+    cost_by_agent: dict[str, float] | None = None
     call_ratio: float
     """Tokens written by agents other than the policy's primary / all generated tokens."""
     handoffs: int
@@ -146,6 +151,8 @@ class Relay:
             segments=[SegmentSummary(author=s.author, kind=s.kind, text=s.text,
                                      n_tokens=s.n_tokens) for s in segments],
             tokens_by_agent=final.get("tokens_by_agent", {}),
+            input_tokens_by_agent=final.get("input_tokens_by_agent", {}),
+            cost=final.get("cost"), cost_by_agent=final.get("cost_by_agent"),
             call_ratio=final.get("call_ratio", 0.0), handoffs=final.get("handoffs", 0),
             handoff_records=[HandoffRecord.model_validate(h)
                              for h in final.get("handoff_records", ())],

@@ -63,12 +63,12 @@ def split_url(base_url: str) -> tuple[str, tuple[str, str] | None]:
     that is not http(s). The returned URL ends without ``/v1`` and is safe to show."""
     parts = urlsplit(base_url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"base_url {_redact(base_url)!r} is not an http(s) URL; give the "
+        raise ConfigError(f"base_url {redact_base_url(base_url)!r} is not an http(s) URL; give the "
                           "server's address, e.g. http://localhost:8000/v1")
     try:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
-        raise ConfigError(f"base_url {_redact(base_url)!r} has an invalid port") from None
+        raise ConfigError(f"base_url {redact_base_url(base_url)!r} has an invalid port") from None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     path = parts.path.rstrip("/")
     if path.endswith("/v1"):
@@ -77,7 +77,7 @@ def split_url(base_url: str) -> tuple[str, tuple[str, str] | None]:
     return urlunsplit((parts.scheme, host + port, path, "", "")), auth
 
 
-def _redact(url: str) -> str:
+def redact_base_url(url: str) -> str:
     """``url`` without user, password or query (for messages)."""
     try:
         parts = urlsplit(url)
@@ -126,6 +126,11 @@ class OpenAIBackend(TokenizerBackend):
         if self.model_id not in cards:
             raise ConfigError(f"the server at {self.server} does not serve {self.model_id!r} "
                               f"(it serves: {', '.join(sorted(cards)) or 'nothing'})")
+        owner = cards[self.model_id].get("owned_by")
+        if isinstance(owner, str) and owner and owner.lower() != "vllm":
+            raise ConfigError(f"the server at {self.server} is not vLLM (its models are owned by "
+                              f"{owner!r}), so it lacks the completions extensions backend "
+                              f"\"openai\" needs; use backend = \"chat\" for this agent")
         return cards[self.model_id]
 
     def _load_tokenizer(self, tokenizer: str | None, root: str | None) -> tuple[str, Any]:
@@ -141,7 +146,7 @@ class OpenAIBackend(TokenizerBackend):
                     pass
         raise ConfigError(f"cannot load a tokenizer for the served model {self.model_id!r}; "
                           "pass tokenizer= (a catalog name, folder, .gguf or hub id with the "
-                          "server's tokenizer)")
+                          "server's tokenizer), or use backend = \"chat\", which needs none")
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -242,6 +247,11 @@ class OpenAIBackend(TokenizerBackend):
         state.started = True
         try:
             with self._client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code == 400:  # e.g. "Invalid value for 'prompt.str'"
+                    error = self._status_error(response)
+                    raise ConfigError(f"{error}; a server without vLLM's completions extensions "
+                                      "(token-id prompts, return_token_ids) cannot run backend "
+                                      "\"openai\": use backend = \"chat\" for this agent")
                 if response.status_code != 200:
                     raise self._status_error(response)
                 for line in response.iter_lines():
@@ -290,9 +300,10 @@ class OpenAIBackend(TokenizerBackend):
             token_ids = [_token_id(t) for t in logprobs.get("tokens") or []]
         if len(token_logprobs) != len(token_ids):
             if choice.get("text") or token_ids:
-                raise ServerResponseError(
+                raise ConfigError(
                     f"the model server at {self.server} did not return token ids with "
-                    "log-probs; relaygraph needs vLLM's completions API (return_token_ids)")
+                    "log-probs: it lacks vLLM's completions extensions (return_token_ids); "
+                    "use backend = \"chat\" for this agent")
             return []
         return [Sample(int(tid), float(lp if lp is not None else float("-inf")),
                        _entropy_of(tops[i] if i < len(tops) else None))
@@ -371,4 +382,4 @@ class OpenAIServerConfig(AgentConfig):
                              api_key=api_key)
 
     def describe(self) -> str:
-        return f"{self.model} (served at {_redact(self.base_url)})"
+        return f"{self.model} (served at {redact_base_url(self.base_url)})"

@@ -29,13 +29,14 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Generation, Prompt, StopRule
+from relaygraph.agents.backend import Generation, Prompt, StopRule, capabilities
 from relaygraph.errors import BackendError, ConfigError, RelayGraphError
 from relaygraph.graphs.state import RelayInput, RelayOutput, RelayState
 from relaygraph.observability import tracing
 from relaygraph.policies.base import SUPERVISOR, Decision, Policy, SupervisedPolicy, TurnContext
 from relaygraph.trajectory.answers import extract_answer
 from relaygraph.trajectory.models import (
+    Price,
     Segment,
     StepRecord,
     Task,
@@ -88,6 +89,7 @@ def build_graph(
     if unknown := sorted({*fallbacks, *fallbacks.values()} - set(by_name)):
         raise ConfigError(f"fallbacks name unknown agents {unknown}")
     backups = {name: by_name[backup] for name, backup in fallbacks.items()}
+    check_needs(policy, by_name, backups)
     seen = SegmentCache(store)
 
     supervised = isinstance(policy, SupervisedPolicy)
@@ -100,10 +102,34 @@ def build_graph(
                        destinations=targets)
     if isinstance(policy, SupervisedPolicy):
         graph.add_node(SUPERVISOR, _supervisor_node(policy, seen), destinations=targets)
-    graph.add_node(FINISH, _finish_node(policy, store))
+    prices = {a.name: a.price for a in agents if a.price is not None}
+    graph.add_node(FINISH, _finish_node(policy, store, prices))
     graph.add_edge(START, "start")
     graph.add_edge(FINISH, END)
     return graph.compile(checkpointer=checkpointer, name=f"relaygraph:{policy.name}")
+
+
+def check_needs(policy: Policy, agents: dict[str, Agent], backups: dict[str, Agent]) -> None:
+    """A ConfigError, before anything runs, when an agent's backend lacks what the policy
+    needs of it (log-probs for a confidence check, token ids for a command split)."""
+    needs = getattr(policy, "needs", None)
+    if needs is None:
+        return
+    for name in policy.agent_names():
+        wanted = needs(name)
+        for agent in (agents[name], *((backups[name],) if name in backups else ())):
+            has = capabilities(agent.backend)
+            model = agent.backend.model_id
+            if wanted.logprobs and not has.logprobs:
+                raise ConfigError(
+                    f"policy {policy.name!r} checks the log-probs of agent {name!r}'s tokens, but "
+                    f"{model} gives none (its server returns no log-probs); use a server that "
+                    "does, or a policy without confidence checks (e.g. fixed-interval)")
+            if wanted.token_ids and not has.token_ids:
+                raise ConfigError(
+                    f"policy {policy.name!r} needs agent {name!r}'s token ids, but {model} has "
+                    "no local tokenizer; set tokenizer = \"...\" in its config, or give this "
+                    "role to a local model")
 
 
 def context(state: RelayState) -> TurnContext:
@@ -144,6 +170,7 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
         task = Task(
             question=question, policy=policy.name, primary=policy.primary,
             agents={n: agents[n].backend.model_id for n in names},
+            prices={n: price for n in names if (price := agents[n].price) is not None},
             config={"max_tokens": max_tokens,
                     "system_prompts": {n: agents[n].system_prompt for n in names},
                     **task_config},
@@ -154,7 +181,8 @@ def _start_node(policy: Policy, agents: dict[str, Agent], store: TrajectoryStore
             store.append(tid, position, seg)
         return Command(goto=first, update={
             **fresh, "cursor": len(given), "turn": first, "budget": budget, "finish_reason": "",
-            **_state_of(Totals(tokens_by_agent={n: 0 for n in names}))})
+            **_state_of(Totals(tokens_by_agent={n: 0 for n in names},
+                               input_tokens_by_agent={n: 0 for n in names}))})
 
     return start
 
@@ -168,7 +196,7 @@ def _generate(agent: Agent, prompt: Prompt, rule: StopRule, retries: int,
         try:
             generation = agent.backend.generate(prompt, rule, agent.sampling, on_text=on_text,
                                                 cache_key=cache_key)
-            if generation.token_ids or generation.finish_reason in ("eos", "stop", "low_confidence") \
+            if generation.n_tokens or generation.finish_reason in ("eos", "stop", "low_confidence") \
                     or rule.max_tokens == 0:
                 return generation
             error = "empty completion"
@@ -227,7 +255,7 @@ def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, retries: int,
                                        "meta": {**s.meta, "fallback_for": agent.name}})
                                        for s in decision.segments])
             update, handoff = _apply(decision, state, store, writer_agent.name,
-                                     len(generation.token_ids), policy.name)
+                                     generation.n_tokens, policy.name, generation.prompt_tokens)
             tracing.record_turn(span, generation, handoff)
         if handoff["moved"] or handoff["to"] == FINISH:
             writer(handoff)
@@ -259,7 +287,8 @@ def _supervisor_node(policy: SupervisedPolicy, store: SegmentCache) -> Node:
 
 
 def _apply(decision: Decision, state: RelayState, store: SegmentCache, author: str,
-           n_tokens: int, policy_name: str) -> tuple[RelayState, dict[str, Any]]:
+           n_tokens: int, policy_name: str,
+           input_tokens: int = 0) -> tuple[RelayState, dict[str, Any]]:
     """Append the decision's segments at the cursor with the step's record; the state
     update and the handoff event."""
     tid, cursor = state["trajectory_id"], state["cursor"]
@@ -267,7 +296,8 @@ def _apply(decision: Decision, state: RelayState, store: SegmentCache, author: s
     nxt = decision.next if decision.next and not over else FINISH
     # a policy that wanted to go on was stopped by the run's budget
     reason = "budget" if decision.next and nxt == FINISH else decision.reason
-    step = StepRecord(author=author, tokens=n_tokens, to=nxt, budget=decision.budget,
+    step = StepRecord(author=author, tokens=n_tokens, input_tokens=input_tokens, to=nxt,
+                      budget=decision.budget,
                       reason=reason, counters=dict(decision.counters),
                       moved=nxt not in (FINISH, SUPERVISOR, author),
                       confidence=decision.confidence)
@@ -328,9 +358,10 @@ class SegmentCache:
 
 def _state_of(totals: Totals) -> RelayState:
     """The graph-state keys a run's totals fill."""
-    return {"tokens_by_agent": dict(totals.tokens_by_agent), "counters": dict(totals.counters),
-            "handoffs": totals.handoffs, "generated": totals.generated,
-            "handoff_records": list(totals.handoff_records)}
+    return {"tokens_by_agent": dict(totals.tokens_by_agent),
+            "input_tokens_by_agent": dict(totals.input_tokens_by_agent),
+            "counters": dict(totals.counters), "handoffs": totals.handoffs,
+            "generated": totals.generated, "handoff_records": list(totals.handoff_records)}
 
 
 def _given(segment: Segment) -> Segment:
@@ -338,14 +369,15 @@ def _given(segment: Segment) -> Segment:
     return segment.model_copy(update={"meta": {**segment.meta, "given": True}})
 
 
-def _finish_node(policy: Policy, store: TrajectoryStore) -> Node:
+def _finish_node(policy: Policy, store: TrajectoryStore, prices: dict[str, Price]) -> Node:
     def finish(state: RelayState) -> dict[str, Any]:
         tid = state["trajectory_id"]
         text = reasoning_text(active(store.read(tid)))  # rolled-back steps are not the answer
         answer = extract_answer(text)
-        call_ratio = Totals.from_state(state).call_ratio(policy.primary)
+        totals = Totals.from_state(state)
         store.set_status(tid, "finished", finish_reason=state.get("finish_reason") or "",
                          answer=answer)
-        return {"answer": answer, "call_ratio": call_ratio}
+        return {"answer": answer, "call_ratio": totals.call_ratio(policy.primary),
+                "cost_by_agent": totals.cost_by_agent(prices), "cost": totals.cost(prices)}
 
     return finish

@@ -27,6 +27,11 @@ class RelayOutput(TypedDict, total=False):
     finish_reason: str
     call_ratio: float
     tokens_by_agent: dict[str, int]
+    input_tokens_by_agent: dict[str, int]
+    """Prompt tokens each agent's generations read (billed input of hosted models)."""
+    cost_by_agent: dict[str, float] | None
+    """Money each priced agent's tokens cost (None: no agent has a price)."""
+    cost: float | None
     handoffs: int
     handoff_records: list[dict[str, Any]]
     """Each handoff: ``from``, ``to``, ``reason``, ``position``, ``requested_tokens``,

@@ -155,6 +155,13 @@ def _finish_run(installed: Installed, span: Any, stats: RunStats, outcome: str) 
             "relaygraph.agents": names,
             "relaygraph.usage.output_tokens_by_agent": [tokens[n] for n in names],
         })
+        cost_by_agent = totals.get("cost_by_agent")
+        if isinstance(cost_by_agent, dict):  # agents with a price: the run's money
+            priced = list(cost_by_agent)
+            span.set_attributes({"relaygraph.cost": float(totals.get("cost") or 0.0),
+                                 "relaygraph.cost.agents": priced,
+                                 "relaygraph.cost.by_agent": [float(cost_by_agent[n])
+                                                              for n in priced]})
         if stats.question is not None:  # content capture was on when the run started
             text = "".join(stats.texts)
             span.set_attribute("gen_ai.output.messages", json.dumps(
@@ -262,7 +269,7 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
         turn_attributes(turn, generation, handoff)
         return
     span, installed = turn.span, turn.installed
-    n_out = len(generation.token_ids)
+    n_out = generation.n_tokens
     n_in = generation.prompt_tokens
     seconds = float(generation.seconds or 0.0)
     ttft = turn.first_text - turn.started if turn.first_text is not None else None
@@ -270,6 +277,8 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
                    "gen_ai.request.model": turn.model, "gen_ai.agent.name": turn.agent.name}
     if span.is_recording():
         turn_attributes(span, generation, handoff)
+        if turn.agent.price is not None:  # the same arithmetic as the run's totals
+            span.set_attribute("relaygraph.usage.cost", turn.agent.price.cost(n_in, n_out))
         if isinstance(handoff.get("position"), int):
             span.set_attribute("relaygraph.segment.count", handoff["position"] - turn.position)
         chat_span(turn, generation, seconds, ttft)

@@ -33,10 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Backend, Prompt, Sampling
+from relaygraph.agents.backend import Backend, Prompt, Sampling, capabilities
 from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.agents.registry import AgentConfig, BackendPool
 from relaygraph.config import RelayConfig, read_config_file, validate
@@ -63,6 +63,23 @@ class ServedRelayConfig(RelayConfig):
     system prompt (the relay's prompt stays first: it may carry a protocol, such as the
     call tool's instructions), ``override`` the agents' system prompts with it, or
     ``reject`` the request with a 400."""
+    format_agent: str | None = None
+    """The agent that writes the formatting turn of a ``response_format`` request when the
+    relay's text is not the object already (default: the policy's last agent, e.g. the
+    expert)."""
+
+    @model_validator(mode="after")
+    def _format_agent_exists(self) -> ServedRelayConfig:
+        if self.format_agent is not None and self.format_agent not in self.agents:
+            raise ValueError(f"format_agent {self.format_agent!r} is not in [agents] "
+                             f"(have: {sorted(self.agents)})")
+        return self
+
+    def needed_agents(self) -> list[str]:
+        names = super().needed_agents()
+        if self.format_agent is not None and self.format_agent not in names:
+            names.append(self.format_agent)
+        return names
 
     @field_validator("redis")
     @classmethod
@@ -141,6 +158,8 @@ class Variant:
     system: str | None = None
     policy: str = "{}"
     """JSON of the policy overrides (sorted keys)."""
+    tools: str | None = None
+    """Tool instructions appended to every agent's system prompt."""
 
 
 class ServedRelay:
@@ -161,6 +180,12 @@ class ServedRelay:
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
+    def format_agent(self, relay: Relay) -> Agent | None:
+        """The agent (with the request's sampling) that writes formatting turns."""
+        name = self.config.format_agent or relay.policy.agent_names()[-1]
+        by_name = {a.name: a for a in relay.agents}
+        return by_name.get(name) or self.agents.get(name)
+
     def describe(self) -> dict[str, Any]:
         return {"policy": self.config.policy.type, "description": self.config.description,
                 "agents": {n: a.backend.model_id for n, a in self.agents.items()},
@@ -169,7 +194,7 @@ class ServedRelay:
 
     def variant(self, max_tokens: int | None = None, temperature: float | None = None,
                 top_p: float | None = None, seed: int | None = None, system: str | None = None,
-                policy: dict[str, Any] | None = None) -> Relay:
+                policy: dict[str, Any] | None = None, tools: str | None = None) -> Relay:
         """The relay with a request's changes (built once per distinct change, cached);
         bad values are a 400 naming the parameter."""
         if max_tokens is not None and max_tokens > self.config.max_tokens:
@@ -181,7 +206,7 @@ class ServedRelay:
                               "messages", "unsupported_system_message")
         try:
             key = Variant(max_tokens, temperature, top_p, seed, system,
-                          json.dumps(policy or {}, sort_keys=True))
+                          json.dumps(policy or {}, sort_keys=True), tools)
         except (TypeError, ValueError):
             raise bad_request("relaygraph.policy must be a JSON object of policy fields",
                               "relaygraph.policy", "invalid_value") from None
@@ -213,6 +238,8 @@ class ServedRelay:
             if key.system is not None:
                 prompt = (key.system if self.config.system_message == "override" or not prompt
                           else f"{prompt}\n\n{key.system}")
+            if key.tools is not None:
+                prompt = f"{prompt}\n\n{key.tools}" if prompt else key.tools
             agents[n] = dataclasses.replace(
                 base, system_prompt=prompt,
                 sampling=_sampling(base.sampling, key.temperature, key.top_p, key.seed))
@@ -245,10 +272,9 @@ class ServedRelay:
         counted = 0
         room: int | None = None
         for agent in relay.agents:
-            render = getattr(agent.backend, "render", None)
-            if render is None:
+            if not capabilities(agent.backend).token_ids:  # a chat API renders its own prompt
                 continue
-            n = len(render(Prompt(question, agent.system_prompt)))
+            n = len(agent.backend.render(Prompt(question, agent.system_prompt)))
             if agent.name == relay.policy.primary:
                 counted = n
             limit = getattr(agent.backend, "max_context", None)

@@ -171,7 +171,7 @@ class Scheduler:
 
 
 def run_relay(relay: Any, handle: RunHandle, question: str, trajectory_id: str,
-              parent_context: Any = None) -> Any:
+              parent_context: Any = None, prefix: Any = ()) -> Any:
     """The work of one request (on a worker thread): ``relay.run`` under the request's
     control and trace context; a cancelled run's trajectory is marked ``cancelled``."""
     from opentelemetry import context as otel_context
@@ -181,7 +181,8 @@ def run_relay(relay: Any, handle: RunHandle, question: str, trajectory_id: str,
     otel_token = otel_context.attach(parent_context) if parent_context is not None else None
     try:
         control.check()  # cancelled while queued: nothing is written
-        return relay.run(question, trajectory_id=trajectory_id, on_event=handle.emit)
+        return relay.run(question, trajectory_id=trajectory_id, on_event=handle.emit,
+                         prefix=prefix)
     except Cancelled as exc:
         _mark_cancelled(relay.store, trajectory_id, exc.reason)
         raise

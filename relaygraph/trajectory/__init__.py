@@ -6,6 +6,7 @@ import os
 
 from relaygraph.trajectory.models import (
     FinishReason,
+    Price,
     Segment,
     SegmentKind,
     Task,
@@ -27,6 +28,6 @@ def open_store(url: str | None = None, namespace: str = "relaygraph", retries: i
     return RedisStore.from_url(url, namespace, retries=retries)
 
 
-__all__ = ["FinishReason", "RedisStore", "Segment", "SegmentKind", "Task", "Trajectory",
+__all__ = ["FinishReason", "Price", "RedisStore", "Segment", "SegmentKind", "Task", "Trajectory",
            "TrajectoryStore", "check_trajectory_id", "new_trajectory_id", "open_store",
            "redact_url"]

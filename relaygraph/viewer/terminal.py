@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from relaygraph.trajectory.models import Segment, Trajectory, retracted
-from relaygraph.viewer.summary import Handoff, HandoffTracker, Summary, summarize
+from relaygraph.viewer.summary import Handoff, HandoffTracker, Summary, format_cost, summarize
 
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red")
 _SHOWN = {"\n", "\t"}
@@ -114,7 +114,9 @@ def footer(trajectory: Trajectory, totals: Summary, status: str, console: Consol
         f"status {status}" + (f" ({totals.finish_reason})" if totals.finish_reason else "")
         + f" · {totals.segments} segments · policy {trajectory.task.policy} · "
         f"tokens {tokens} · call ratio {totals.call_ratio:.1%} · handoffs {totals.handoffs}"
+        + (f" · cost {format_cost(totals.cost)}" if totals.cost is not None else "")
         + (f" · {totals.retracted} rolled back" if totals.retracted else "")), style="dim"))
+
 
 
 def render_trajectory(trajectory: Trajectory, console: Console, status: str | None = None) -> None:
