@@ -6,6 +6,11 @@
 field picks the relay, the last user message is the question, and the response carries
 the trajectory id (``relaygraph.trajectory_id`` and the ``X-Relaygraph-Trajectory-Id``
 header) for ``relaygraph show``.
+
+Trajectories belong to the store, not to a process, so replicas on one store behave as one
+server: ``GET /v1/trajectories/{id}`` shows any trajectory, ``POST .../cancel`` stops it
+wherever it runs (the replica running it sees the request at its next heartbeat), and
+``POST .../resume`` continues an interrupted one on this replica.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from relaygraph.errors import Cancelled, ConfigError, RelayGraphError, StoreUnavailableError
+from relaygraph.errors import (
+    Cancelled,
+    ConfigError,
+    RelayGraphError,
+    StoreUnavailableError,
+    TrajectoryNotFoundError,
+)
 from relaygraph.policies.base import SUPERVISOR
 from relaygraph.serve.registry import Registry, ServedRelay
 from relaygraph.serve.runner import (
@@ -53,7 +64,10 @@ from relaygraph.serve.schemas import (
     openai_finish_reason,
     validation_error,
 )
-from relaygraph.trajectory.models import active, new_trajectory_id
+from relaygraph.trajectory.models import active, check_trajectory_id, new_trajectory_id
+from relaygraph.trajectory.store import SharedStore
+from relaygraph.trajectory.totals import tally
+from relaygraph.viewer.summary import summarize
 
 log = logging.getLogger("relaygraph.serve")
 TRAJECTORY_HEADER = "X-Relaygraph-Trajectory-Id"
@@ -73,6 +87,9 @@ class ServeSettings:
     """Seconds a request may wait for a worker before it gets a 503 (0: no limit)."""
     max_request_bytes: int = 1 << 20
     """Largest request body; larger ones get a 413."""
+    heartbeat: float = 1.0
+    """Seconds between heartbeats: this server marks the trajectories it runs as held (and
+    refreshes their TTL) and picks up cancellations requested through other replicas."""
 
 
 @dataclass
@@ -97,9 +114,19 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
     settings = settings or ServeSettings()
     scheduler = Scheduler(settings.concurrency, settings.max_queue)
 
+    async def keeper() -> None:
+        while True:
+            await asyncio.sleep(settings.heartbeat)
+            try:
+                await asyncio.to_thread(scheduler.keepalive, registry.store)
+            except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat retries
+                log.warning("heartbeat failed (%s); retrying", type(exc).__name__)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        beating = asyncio.create_task(keeper())
         yield
+        beating.cancel()
         await asyncio.to_thread(scheduler.shutdown)
 
     app = FastAPI(title="relaygraph", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -178,19 +205,77 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
             raise bad_request("The prompt is empty", "prompt", "invalid_value")
         return await _serve(request, entry, req, question, None, "completion")
 
+    def shared_store() -> SharedStore:
+        if not isinstance(registry.store, SharedStore):
+            raise APIError(501, "this server's trajectory store cannot be shared by replicas",
+                           "server_error", code="not_supported")
+        return registry.store
+
+    @app.get("/v1/trajectories/{trajectory_id}")
+    async def show_trajectory(trajectory_id: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        return await asyncio.to_thread(_trajectory_view, shared_store(), _tid(trajectory_id))
+
+    @app.post("/v1/trajectories/{trajectory_id}/cancel")
+    async def cancel_trajectory(trajectory_id: str, request: Request) -> JSONResponse:
+        authorize(request)
+        tid = _tid(trajectory_id)
+        body = await _read_json(request, settings.max_request_bytes, optional=True)
+        reason = body.get("reason", "cancelled through the API")
+        if not isinstance(reason, str) or not 0 < len(reason) <= 200:
+            raise bad_request("reason must be a string of 1-200 characters", "reason",
+                              "invalid_value")
+        store = shared_store()
+        local = scheduler.handles().get(tid)
+        if local is not None:
+            local.cancel(reason)
+            return JSONResponse({"id": tid, "status": "cancelling"}, status_code=202)
+        status = await asyncio.to_thread(_store_call, store.request_cancel, tid, reason)
+        if status != "running":
+            raise APIError(409, f"trajectory {tid} is {status}, not running: nothing to "
+                           "cancel", code="not_running")
+        if await asyncio.to_thread(_store_call, store.held, tid):
+            return JSONResponse({"id": tid, "status": "cancelling"}, status_code=202)
+        # nobody runs it (its server died): it is cancelled as it stands
+        await asyncio.to_thread(_store_call, store.set_status, tid, "cancelled",
+                                cancel_reason=reason)
+        return JSONResponse({"id": tid, "status": "cancelled"})
+
+    @app.post("/v1/trajectories/{trajectory_id}/resume")
+    async def resume_trajectory(trajectory_id: str, request: Request) -> Response:
+        authorize(request)
+        tid = _tid(trajectory_id)
+        store = shared_store()
+        task = (await asyncio.to_thread(_store_call, store.load, tid)).task
+        relay = registry.for_trajectory(task.config, tid)
+        entry = registry.get(task.config["serve"]["model"])
+        status = await asyncio.to_thread(_store_call, store.claim, tid)
+        if status is None or tid in scheduler.handles():
+            raise APIError(409, f"trajectory {tid} is running on a replica now; cancel it "
+                           "first or wait for it to end", code="running_elsewhere")
+        if status != "finished":
+            done = await _serve(request, entry, _Resume(model=entry.name), task.question, None,
+                                "resume", relay, tid)
+            if done.status_code == 499:
+                return done
+        return JSONResponse(await asyncio.to_thread(_trajectory_view, store, tid),
+                            headers={TRAJECTORY_HEADER: tid})
+
     async def _serve(request: Request, entry: ServedRelay, req: Any, question: str,
-                     system: str | None, kind: str) -> Response:
-        relay = entry.variant(max_tokens=req.budget, temperature=req.temperature,
-                              top_p=req.top_p, seed=req.seed, system=system,
-                              policy=req.relaygraph.policy)
+                     system: str | None, kind: str, relay: Any = None,
+                     trajectory_id: str | None = None) -> Response:
+        if relay is None:
+            relay = entry.variant(max_tokens=req.budget, temperature=req.temperature,
+                                  top_p=req.top_p, seed=req.seed, system=system,
+                                  policy=req.relaygraph.policy)
         prompt_tokens, room = await asyncio.to_thread(entry.prompt_tokens, relay, question)
         if room is not None and room < 1:
             raise APIError(400, f"The prompt ({prompt_tokens} tokens) does not fit the "
                            "context window of this relay's models; shorten it",
                            param="messages" if kind == "chat" else "prompt",
                            code="context_length_exceeded")
-        tid = new_trajectory_id()
-        handle = RunHandle(asyncio.get_running_loop(), stream=req.stream)
+        tid = trajectory_id or new_trajectory_id()
+        handle = RunHandle(asyncio.get_running_loop(), stream=req.stream, trajectory_id=tid)
         parent = _trace_parent(request)
         store = entry.store
 
@@ -242,14 +327,74 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
         except APIError as error:
             _log_run(run, None, f"error {error.code}")
             raise
+        if kind == "resume":
+            _log_run(run, result, "ok")
+            return Response(status_code=204, headers=headers)
         return JSONResponse(_response(run, result, content), headers=headers)
 
     return app
 
 
+@dataclass
+class _Resume:
+    """What :func:`create_app`'s ``_serve`` reads of a request, for a resumed run."""
+
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _tid(trajectory_id: str) -> str:
+    try:
+        return check_trajectory_id(trajectory_id)
+    except ConfigError as exc:
+        raise bad_request(str(exc), None, "invalid_trajectory_id") from None
+
+
+def _store_call(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """``func(*args)`` on the store, its failures as API errors (404 unknown id, 503 store)."""
+    import redis
+
+    try:
+        return func(*args, **kwargs)
+    except TrajectoryNotFoundError as exc:
+        raise APIError(404, str(exc), code="trajectory_not_found") from None
+    except StoreUnavailableError as exc:
+        raise APIError(503, str(exc), "server_error", code="store_unavailable") from None
+    except redis.RedisError as exc:
+        raise APIError(503, f"the trajectory store failed ({type(exc).__name__}); retry "
+                       "shortly", "server_error", code="store_unavailable") from None
+
+
+def _trajectory_view(store: SharedStore, trajectory_id: str) -> dict[str, Any]:
+    """A stored trajectory as JSON: status, its text, segments and the numbers its step
+    records add up to (the same fold as ``relaygraph show``)."""
+    trajectory = _store_call(store.load, trajectory_id)
+    info = _store_call(store.info, trajectory_id)
+    task = trajectory.task
+    summary = summarize(trajectory)  # the numbers `relaygraph show` prints
+    totals, _ = tally(trajectory.segments, list(task.agents))
+    served = task.config.get("serve") if isinstance(task.config.get("serve"), dict) else {}
+    kept = active(trajectory.segments)
+    return {
+        "id": trajectory_id, "object": "relaygraph.trajectory", "status": trajectory.status,
+        "model": served.get("model"), "question": task.question,
+        "created_at": task.created_at, "policy": task.policy, "agents": task.agents,
+        "answer": summary.answer, "finish_reason": summary.finish_reason or None,
+        "cancel_reason": info.get("cancel_reason"), "error": info.get("error"),
+        "held": bool(_store_call(store.held, trajectory_id)),
+        "content": "".join(s.text for s in kept if s.kind in ("text", "call")),
+        "segments": [{"author": s.author, "kind": s.kind, "text": s.text,
+                      "n_tokens": s.n_tokens} for s in trajectory.segments],
+        "usage": {"tokens_by_agent": summary.tokens_by_agent,
+                  "call_ratio": summary.call_ratio, "handoffs": summary.handoffs},
+        "handoff_records": totals.handoff_records,
+    }
+
+
 # --- request helpers -------------------------------------------------------------------------
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+async def _read_json(request: Request, limit: int, optional: bool = False) -> dict[str, Any]:
     too_large = APIError(413, f"The request body is larger than this server's limit of {limit} "
                          "bytes", code="request_too_large")
     length = request.headers.get("content-length")
@@ -260,6 +405,8 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         body += chunk
         if len(body) > limit:
             raise too_large
+    if optional and not body.strip():
+        return {}
     try:
         data = json.loads(body)
     except ValueError:
