@@ -132,7 +132,7 @@ class Relay:
                     elif mode == "values" and isinstance(chunk, dict):
                         final = chunk
                 tracing.run_totals(final)
-            except redis.RedisError as exc:
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
                 raise StoreUnavailableError(
                     f"lost the trajectory store ({type(exc).__name__}: {exc}); what was written "
                     f"is kept — once the server is back, run `relaygraph resume {tid}`"

@@ -113,11 +113,11 @@ class RedisClusterServers:
     """A real Redis Cluster on loopback: ``size`` ``redis-server --cluster-enabled yes``
     nodes, slots spread by ``redis-cli --cluster create`` (no replicas)."""
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    def __init__(self, workdir: Path, size: int = 3, extra: tuple[str, ...] = ()) -> None:
         require_redis_server("redis-cli", "redis-tools")
         self.nodes = [RedisServer(workdir / f"node{i}", extra=(
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", "2000")) for i in range(size)]
+            "--cluster-node-timeout", "2000", *extra)) for i in range(size)]
         for node in self.nodes:
             node.port = free_cluster_port()
 
@@ -130,6 +130,13 @@ class RedisClusterServers:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> RedisClusterServers:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # no node outlives a failed start
+            raise
+
+    def _start(self) -> RedisClusterServers:
         for node in self.nodes:
             node.workdir.mkdir(parents=True, exist_ok=True)
             node.start()
@@ -177,6 +184,13 @@ class SentinelServers:
         return f"redis+sentinel://{auth}{hosts}/{self.SERVICE}/0"
 
     def start(self) -> SentinelServers:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # no server outlives a failed start
+            raise
+
+    def _start(self) -> SentinelServers:
         for server in (self.primary, self.replica):
             server.workdir.mkdir(parents=True, exist_ok=True)
             server.start()

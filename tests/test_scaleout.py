@@ -73,6 +73,7 @@ def test_cli_run_on_one_cluster_node_then_show_and_resume_through_others(tiny_pa
     assert "7" in shown.stdout and "controller" in shown.stdout
     store = RedisStore.from_url(node[1])
     assert 0 < store.client.ttl(f"relaygraph:{{{tid}}}:meta") <= 3600  # --ttl reached the store
+    assert "store" not in store.load(tid).task.config["relay"]  # where it ran is not recorded
 
     # a run that dies mid-step on the cluster, resumed from another node by the CLI
     cfg = RelayConfig.from_options(str(controller), str(expert), "call-token", max_tokens=40,
@@ -141,6 +142,13 @@ def test_store_config_table_and_the_redis_key(tmp_path) -> None:
     overridden = cfg.with_store(None, "exp-8", "none")
     assert (overridden.store.namespace, overridden.store.ttl, overridden.store.url) == (
         "exp-8", None, cfg.store.url)
+
+
+def test_the_scaleout_example_config_is_valid() -> None:
+    cfg = ServeConfig.load(ROOT / "examples" / "scaleout" / "serve.toml")
+    assert (cfg.store.namespace, cfg.store.ttl) == ("prod", 7 * 86400)
+    agents = cfg.relays["relay-call-token"].agents
+    assert {a.backend for a in agents.values()} == {"openai"}
 
 
 # --- replicas in one process: two apps, one store, one set of models --------------------------

@@ -361,7 +361,7 @@ def _store_call(func: Any, *args: Any, **kwargs: Any) -> Any:
         raise APIError(404, str(exc), code="trajectory_not_found") from None
     except StoreUnavailableError as exc:
         raise APIError(503, str(exc), "server_error", code="store_unavailable") from None
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise APIError(503, f"the trajectory store failed ({type(exc).__name__}); retry "
                        "shortly", "server_error", code="store_unavailable") from None
 

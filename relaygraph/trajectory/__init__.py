@@ -17,7 +17,7 @@ from relaygraph.trajectory.models import (
 )
 from relaygraph.trajectory.redis_store import PruneReport, RedisStore
 from relaygraph.trajectory.settings import StoreConfig, parse_duration
-from relaygraph.trajectory.store import TrajectoryStore
+from relaygraph.trajectory.store import SharedStore, TrajectoryStore
 
 
 def open_store(url: str | None = None, namespace: str = "relaygraph", retries: int = 8,
@@ -37,6 +37,6 @@ def open_store(url: str | None = None, namespace: str = "relaygraph", retries: i
     return RedisStore.from_url(url, namespace, retries=retries, ttl=ttl)
 
 
-__all__ = ["FinishReason", "PruneReport", "RedisStore", "Segment", "SegmentKind", "StoreConfig",
-           "Task", "Trajectory", "TrajectoryStore", "check_namespace", "check_trajectory_id",
+__all__ = ["FinishReason", "PruneReport", "RedisStore", "Segment", "SegmentKind", "SharedStore",
+           "StoreConfig", "Task", "Trajectory", "TrajectoryStore", "check_namespace", "check_trajectory_id",
            "new_trajectory_id", "open_store", "parse_duration", "redact_url"]

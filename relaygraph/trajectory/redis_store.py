@@ -299,7 +299,7 @@ class RedisStore:
         """The newest ``limit`` trajectories; index entries of expired ones are dropped."""
         found: list[str] = []
         start = 0
-        while len(found) < limit:
+        while 0 < limit and len(found) < limit:
             page = [_text(i) for i in self.client.zrevrange(self._index_key, start,
                                                             start + limit - len(found) - 1)]
             if not page:
