@@ -68,15 +68,19 @@ class Relay:
     def __init__(self, agents: Sequence[Agent], policy: Policy,
                  store: TrajectoryStore | None = None, max_tokens: int = 512,
                  config: RelayConfig | None = None, retries: int = 2,
-                 fallbacks: dict[str, str] | None = None) -> None:
+                 fallbacks: dict[str, str] | None = None,
+                 record: dict[str, Any] | None = None) -> None:
         from relaygraph.graphs.relay import build_graph
 
         self.agents = list(agents)
         self.policy = policy
         self.store = store if store is not None else open_store()
         self.max_tokens = max_tokens
-        # a relay built from a config records it, so `relaygraph resume` can rebuild it
-        recorded = {"relay": config.model_dump(mode="json", exclude={"redis"})} if config else {}
+        # a relay built from a config records it, so `relaygraph resume` can rebuild it;
+        # ``record``: more facts for the task's config (a server records its relay's name)
+        recorded: dict[str, Any] = (
+            {"relay": config.model_dump(mode="json", exclude={"store"})} if config else {})
+        recorded.update(record or {})
         self.graph = build_graph(self.agents, policy, self.store, max_tokens=max_tokens,
                                  task_config=recorded, retries=retries, fallbacks=fallbacks)
 
@@ -85,14 +89,14 @@ class Relay:
                     pool: BackendPool | None = None) -> Relay:
         """Load the agents a config's policy uses (each model once, or from ``pool``) and
         compile the relay; ``config`` may be a file path. ``store`` defaults to the config's
-        Redis, else ``$REDIS_URL``, else the embedded server."""
+        ``[store]`` (URL, namespace, TTL), else ``$REDIS_URL``, else the embedded server."""
         if not isinstance(config, RelayConfig):
             config = RelayConfig.load(config)
         pool = pool or BackendPool()
         agents = pool.agents(config.agents, config.needed_agents())
         policy = config.policy.build(agents)
         return cls(list(agents.values()), policy,
-                   store if store is not None else open_store(config.redis), config.max_tokens,
+                   store if store is not None else config.store.open(), config.max_tokens,
                    config=config, fallbacks=config.fallbacks)
 
     @classmethod
@@ -133,7 +137,7 @@ class Relay:
                     elif mode == "values" and isinstance(chunk, dict):
                         final = chunk
                 tracing.run_totals(final)
-            except redis.RedisError as exc:
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
                 raise StoreUnavailableError(
                     f"lost the trajectory store ({type(exc).__name__}: {exc}); what was written "
                     f"is kept — once the server is back, run `relaygraph resume {tid}`"

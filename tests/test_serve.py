@@ -8,7 +8,6 @@ thread (or the CLI in a subprocess), a real Redis server, real transformers back
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ import openai
 import pytest
 from openai import OpenAI
 
-from relaygraph.agents.backend import Sampling
 from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.errors import ConfigError
 from relaygraph.serve import (
@@ -38,6 +36,7 @@ from relaygraph.serve import (
 from relaygraph.trajectory import RedisStore
 from tests import tiny_models as tiny
 from tests.servers import RedisServer, free_port
+from tests.slow_backend import SlowBackend
 
 ASK = [{"role": "user", "content": tiny.QUESTION}]
 
@@ -54,30 +53,6 @@ def tiny_config(tiny_pair: tuple[Path, Path], **overrides: Any) -> ServeConfig:
         "relay-strict": {"agents": agents, "max_tokens": 64, "system_message": "reject"},
     }
     return ServeConfig.parse({"relays": relays, **overrides})
-
-
-class SlowBackend:
-    """A real backend that sleeps ``delay`` seconds per token (and counts its tokens), so a
-    request is still running when a test disconnects or fills the queue."""
-
-    def __init__(self, inner: TransformersBackend, delay: float) -> None:
-        self.inner = inner
-        self.delay = delay
-        self.checked = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def generate(self, prompt, rule, sampling=Sampling(), on_text=None, cache_key=None):
-        inner_check = rule.check
-
-        def check(step):
-            self.checked += 1
-            time.sleep(self.delay)
-            return inner_check(step) if inner_check is not None else False
-
-        return self.inner.generate(prompt, dataclasses.replace(rule, check=check), sampling,
-                                   on_text, cache_key)
 
 
 def slow_registry(tiny_pair, store, controller_delay=0.01, expert_delay=0.3) -> Registry:

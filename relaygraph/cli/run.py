@@ -9,10 +9,14 @@ import typer
 
 from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.cli.common import (
+    Namespace,
+    Redis,
+    Ttl,
     console,
     ensure_pulled,
     err,
     friendly,
+    open_cli_store,
     parse_set_options,
     relay_config,
     traced,
@@ -33,7 +37,9 @@ def run(
     expert: Annotated[str | None, typer.Option(help=f"Expert model (default {DEFAULT_EXPERT}).")] = None,
     controller_url: Annotated[str | None, typer.Option(help="Use the controller model served at this OpenAI-compatible URL (e.g. vllm serve: http://localhost:8000/v1); --controller is then the served model name.")] = None,
     expert_url: Annotated[str | None, typer.Option(help="The same for the expert.")] = None,
-    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    ttl: Ttl = None,
     max_tokens: Annotated[int | None, typer.Option(help="Budget of generated tokens, all models together (default 512).")] = None,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32")] = None,
     max_call_tokens: Annotated[int | None, typer.Option(help="call-token: most tokens one call may ask for.")] = None,
@@ -55,11 +61,10 @@ def run(
              "supervisor": supervisor}
     options = {k: v for k, v in flags.items() if v is not None} | parse_set_options(set_ or [])
     cfg = relay_config(config, policy, controller, expert, redis, max_tokens, dtype, options,
-                        {"controller": controller_url, "expert": expert_url})
+                       {"controller": controller_url, "expert": expert_url}, namespace, ttl)
     from relaygraph.relay import Relay
-    from relaygraph.trajectory import open_store
 
-    store = open_store(cfg.redis)
+    store = cfg.store.open()
     ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
     with err.status("loading models…"):
         relay = Relay.from_config(cfg, store)
@@ -89,16 +94,21 @@ def run(
 @friendly
 def resume(
     trajectory_id: Annotated[str, typer.Argument(help="Id of the interrupted run.")],
-    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    redis: Redis = None,
+    namespace: Namespace = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Continue an interrupted run from its last completed step (same models and policy)."""
     from relaygraph.config import RelayConfig
     from relaygraph.relay import Relay
-    from relaygraph.trajectory import check_trajectory_id, open_store
+    from relaygraph.trajectory import check_trajectory_id
 
-    store = open_store(redis)
+    store = open_cli_store(redis, namespace)
     task = store.load(check_trajectory_id(trajectory_id)).task
+    if "serve" in task.config and "relay" not in task.config:
+        raise ConfigError(f"trajectory {trajectory_id} was served by relaygraph serve (relay "
+                          f"{task.config['serve'].get('model')!r}); resume it through any "
+                          f"replica: POST /v1/trajectories/{trajectory_id}/resume")
     if "relay" not in task.config:
         raise ConfigError(f"trajectory {trajectory_id} was not started from a config (a Relay "
                           "built in Python); resume it in Python with Relay.resume(id)")

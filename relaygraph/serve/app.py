@@ -6,6 +6,11 @@
 field picks the relay, the last user message is the question, and the response carries
 the trajectory id (``relaygraph.trajectory_id`` and the ``X-Relaygraph-Trajectory-Id``
 header) for ``relaygraph show``.
+
+Trajectories belong to the store, not to a process, so replicas on one store behave as one
+server: ``GET /v1/trajectories/{id}`` shows any trajectory, ``POST .../cancel`` stops it
+wherever it runs (the replica running it sees the request at its next heartbeat), and
+``POST .../resume`` continues an interrupted one on this replica.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from relaygraph.serve.schemas import (
     ModelList,
     bad_request,
 )
+from relaygraph.serve.trajectories import Resume, check_id, store_call, trajectory_view
 from relaygraph.trajectory.models import Segment, active, new_trajectory_id
+from relaygraph.trajectory.store import SharedStore
 
 log = logging.getLogger("relaygraph.serve")
 TRAJECTORY_HEADER = "X-Relaygraph-Trajectory-Id"
@@ -60,6 +67,9 @@ class ServeSettings:
     """Seconds a request may wait for a worker before it gets a 503 (0: no limit)."""
     max_request_bytes: int = 1 << 20
     """Largest request body; larger ones get a 413."""
+    heartbeat: float = 1.0
+    """Seconds between heartbeats: this server marks the trajectories it runs as held (and
+    refreshes their TTL) and picks up cancellations requested through other replicas."""
 
 
 def create_app(registry: Registry, settings: ServeSettings | None = None) -> FastAPI:
@@ -69,9 +79,19 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
     settings = settings or ServeSettings()
     scheduler = Scheduler(settings.concurrency, settings.max_queue)
 
+    async def keeper() -> None:
+        while True:
+            await asyncio.sleep(settings.heartbeat)
+            try:
+                await asyncio.to_thread(scheduler.keepalive, registry.store)
+            except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat retries
+                log.warning("heartbeat failed (%s); retrying", type(exc).__name__)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        beating = asyncio.create_task(keeper())
         yield
+        beating.cancel()
         await asyncio.to_thread(scheduler.shutdown)
 
     app = FastAPI(title="relaygraph", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -152,20 +172,80 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
             raise bad_request("The prompt is empty", "prompt", "invalid_value")
         return await _serve(request, entry, req, question, None, "completion", Ask(req.stops))
 
+    def shared_store() -> SharedStore:
+        if not isinstance(registry.store, SharedStore):
+            raise APIError(501, "this server's trajectory store cannot be shared by replicas",
+                           "server_error", code="not_supported")
+        return registry.store
+
+    @app.get("/v1/trajectories/{trajectory_id}")
+    async def show_trajectory(trajectory_id: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        return await asyncio.to_thread(trajectory_view, shared_store(),
+                                       check_id(trajectory_id))
+
+    @app.post("/v1/trajectories/{trajectory_id}/cancel")
+    async def cancel_trajectory(trajectory_id: str, request: Request) -> JSONResponse:
+        authorize(request)
+        tid = check_id(trajectory_id)
+        body = await read_json(request, settings.max_request_bytes, optional=True)
+        reason = body.get("reason", "cancelled through the API")
+        if not isinstance(reason, str) or not 0 < len(reason) <= 200:
+            raise bad_request("reason must be a string of 1-200 characters", "reason",
+                              "invalid_value")
+        store = shared_store()
+        local = scheduler.handles().get(tid)
+        if local is not None:
+            local.cancel(reason)
+            return JSONResponse({"id": tid, "status": "cancelling"}, status_code=202)
+        status = await asyncio.to_thread(store_call, store.request_cancel, tid, reason)
+        if status != "running":
+            raise APIError(409, f"trajectory {tid} is {status}, not running: nothing to "
+                           "cancel", code="not_running")
+        if await asyncio.to_thread(store_call, store.held, tid):
+            return JSONResponse({"id": tid, "status": "cancelling"}, status_code=202)
+        # nobody runs it (its server died): it is cancelled as it stands
+        await asyncio.to_thread(store_call, store.set_status, tid, "cancelled",
+                                cancel_reason=reason)
+        return JSONResponse({"id": tid, "status": "cancelled"})
+
+    @app.post("/v1/trajectories/{trajectory_id}/resume")
+    async def resume_trajectory(trajectory_id: str, request: Request) -> Response:
+        authorize(request)
+        tid = check_id(trajectory_id)
+        store = shared_store()
+        task = (await asyncio.to_thread(store_call, store.load, tid)).task
+        relay = registry.for_trajectory(task.config, tid)
+        entry = registry.get(task.config["serve"]["model"])
+        status = await asyncio.to_thread(store_call, store.claim, tid)
+        if status is None or tid in scheduler.handles():
+            raise APIError(409, f"trajectory {tid} is running on a replica now; cancel it "
+                           "first or wait for it to end", code="running_elsewhere")
+        if status != "finished":
+            done = await _serve(request, entry, Resume(model=entry.name), task.question, None,
+                                "resume", Ask([]), relay, tid)
+            if done.status_code == 499:
+                return done
+        return JSONResponse(await asyncio.to_thread(trajectory_view, store, tid),
+                            headers={TRAJECTORY_HEADER: tid})
+
     async def _serve(request: Request, entry: ServedRelay, req: Any, question: str,
-                     system: str | None, kind: str, ask: Ask) -> Response:
-        tools = agentic.tools_prompt(ask.tools or [], ask.tool_choice) if ask.calls_tools else None
-        relay = entry.variant(max_tokens=req.budget, temperature=req.temperature,
-                              top_p=req.top_p, seed=req.seed, system=system,
-                              policy=req.relaygraph.policy, tools=tools)
+                     system: str | None, kind: str, ask: Ask, relay: Any = None,
+                     trajectory_id: str | None = None) -> Response:
+        if relay is None:
+            tools = (agentic.tools_prompt(ask.tools or [], ask.tool_choice) if ask.calls_tools
+                     else None)
+            relay = entry.variant(max_tokens=req.budget, temperature=req.temperature,
+                                  top_p=req.top_p, seed=req.seed, system=system,
+                                  policy=req.relaygraph.policy, tools=tools)
         prompt_tokens, room = await asyncio.to_thread(entry.prompt_tokens, relay, question)
         if room is not None and room < 1:
             raise APIError(400, f"The prompt ({prompt_tokens} tokens) does not fit the "
                            "context window of this relay's models; shorten it",
                            param="messages" if kind == "chat" else "prompt",
                            code="context_length_exceeded")
-        tid = new_trajectory_id()
-        handle = RunHandle(asyncio.get_running_loop(), stream=req.stream)
+        tid = trajectory_id or new_trajectory_id()
+        handle = RunHandle(asyncio.get_running_loop(), stream=req.stream, trajectory_id=tid)
         parent = trace_parent(request)
         store = entry.store
 
@@ -218,6 +298,9 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
         except APIError as error:
             log_run(run, None, f"error {error.code}")
             raise
+        if kind == "resume":
+            log_run(run, answer.result, "ok")
+            return Response(status_code=204, headers=headers)
         return JSONResponse(response(run, answer), headers=headers)
 
     return app

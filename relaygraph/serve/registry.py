@@ -4,6 +4,7 @@ A serve config names several relays; each is a :class:`~relaygraph.config.RelayC
 (agents, policy, max_tokens) plus two serving keys::
 
     redis = "redis://localhost:6379/0"        # optional (else --redis, $REDIS_URL, embedded)
+    # or a [store] table: url, namespace, ttl (see relaygraph.config)
 
     [relays.relay-call-token]
     description = "0.5B controller, calls the 1.5B expert"
@@ -45,6 +46,7 @@ from relaygraph.policies.base import PolicyConfig
 from relaygraph.policies.registry import trusted_fields
 from relaygraph.serve.runner import cancellable
 from relaygraph.serve.schemas import APIError, bad_request, validation_error
+from relaygraph.trajectory.settings import StoreConfig, fold_redis_key
 
 if TYPE_CHECKING:
     from relaygraph.relay import Relay
@@ -81,20 +83,29 @@ class ServedRelayConfig(RelayConfig):
             names.append(self.format_agent)
         return names
 
-    @field_validator("redis")
+    @model_validator(mode="before")
     @classmethod
-    def _no_redis(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError("a served relay has no store of its own; set redis at the top "
-                             "level of the serve config (or pass --redis)")
-        return value
+    def _redis_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ({"redis", "store"} & set(data)):
+            raise ValueError("a served relay has no store of its own; set redis (or a [store] "
+                             "table) at the top level of the serve config (or pass --redis)")
+        return data
 
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     relays: dict[str, ServedRelayConfig] = Field(min_length=1)
-    redis: str | None = None
+    store: StoreConfig = StoreConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_key(cls, data: Any) -> Any:
+        return fold_redis_key(data)
+
+    @property
+    def redis(self) -> str | None:
+        return self.store.url
 
     @field_validator("relays")
     @classmethod
@@ -109,9 +120,9 @@ class ServeConfig(BaseModel):
         if isinstance(data, dict) and "relays" not in data and (
                 {"agents", "policy", "max_tokens"} & set(data)):
             plain = RelayConfig.parse(data, source=source)  # a `relaygraph run` config
-            redis = data.get("redis")
-            relay = {k: v for k, v in data.items() if k != "redis"}
-            data = {"relays": {f"relay-{plain.policy.type}": relay}, "redis": redis}
+            relay = {k: v for k, v in data.items() if k not in ("redis", "store")}
+            data = {"relays": {f"relay-{plain.policy.type}": relay},
+                    "store": plain.store.model_dump(exclude_unset=True)}
         return validate(cls, data, source)
 
     @classmethod
@@ -128,7 +139,7 @@ class ServeConfig(BaseModel):
                              ("prompted-call", "the same, with the call tool explained in the "
                               "controller's system prompt")):
             cfg = RelayConfig.from_options(controller, expert, policy).model_dump(
-                exclude={"redis"})
+                exclude={"store"})
             relays[f"relay-{policy}"] = {**cfg, "description": f"{controller} + {expert}: {text}"}
         return cls.parse({"relays": relays}, source="default serve config")
 
@@ -175,7 +186,8 @@ class ServedRelay:
         self.store = store
         self.created = int(time.time())
         policy = config.policy.build(agents)
-        self.relay = Relay(list(agents.values()), policy, store, config.max_tokens)
+        self.relay = Relay(list(agents.values()), policy, store, config.max_tokens,
+                           record=self.record({}))
         self._variants: OrderedDict[Variant, Relay] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -185,6 +197,12 @@ class ServedRelay:
         name = self.config.format_agent or relay.policy.agent_names()[-1]
         by_name = {a.name: a for a in relay.agents}
         return by_name.get(name) or self.agents.get(name)
+
+    def record(self, variant: dict[str, Any]) -> dict[str, Any]:
+        """What a trajectory records of the relay that ran it, so any replica serving the
+        same relay can resume it: the relay's name and the request's changes (validated
+        again, as a request's would be, when they are read back)."""
+        return {"serve": {"model": self.name, "variant": variant}}
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.config.policy.type, "description": self.config.description,
@@ -248,8 +266,12 @@ class ServedRelay:
         except ConfigError as exc:
             raise bad_request(f"relaygraph.policy: {exc}", "relaygraph.policy",
                               "invalid_value") from None
+        variant = {k: v for k, v in dataclasses.asdict(key).items()
+                   if k != "policy" and v is not None}
+        if overrides:
+            variant["policy"] = overrides
         return Relay(list(agents.values()), policy, self.store,
-                     key.max_tokens or self.config.max_tokens)
+                     key.max_tokens or self.config.max_tokens, record=self.record(variant))
 
     def _policy_config(self, overrides: dict[str, Any]) -> PolicyConfig:
         if not overrides:
@@ -286,9 +308,12 @@ class ServedRelay:
 class Registry:
     """The served relays by model name, and the backends they share."""
 
-    def __init__(self, relays: dict[str, ServedRelay], backends: dict[tuple[Any, ...], Any]):
+    def __init__(self, relays: dict[str, ServedRelay], backends: dict[tuple[Any, ...], Any],
+                 store: TrajectoryStore | None = None):
         self.relays = relays
         self.backends = backends
+        self.store = store if store is not None else next(
+            (r.store for r in relays.values()), None)
 
     @classmethod
     def build(cls, config: ServeConfig, store: TrajectoryStore,
@@ -301,7 +326,24 @@ class Registry:
         for name, cfg in config.relays.items():
             agents = pool.agents(cfg.agents, cfg.needed_agents())
             relays[name] = ServedRelay(name, cfg, agents, store)
-        return cls(relays, pool.backends)
+        return cls(relays, pool.backends, store)
+
+    def for_trajectory(self, config: dict[str, Any], trajectory_id: str) -> Relay:
+        """The relay (and request variant) that ran a served trajectory, from what it
+        recorded (:meth:`ServedRelay.record`): a 400 if it was not served, a 404 if this
+        server does not serve that relay."""
+        served = config.get("serve")
+        if not isinstance(served, dict) or not isinstance(served.get("model"), str):
+            raise bad_request(f"trajectory {trajectory_id} was not run by relaygraph serve; "
+                              f"resume it with `relaygraph resume {trajectory_id}`", None,
+                              "not_served")
+        entry = self.get(served["model"])
+        variant = served.get("variant") or {}
+        if not isinstance(variant, dict) or set(variant) - {f.name for f in
+                                                           dataclasses.fields(Variant)}:
+            raise bad_request(f"trajectory {trajectory_id} records a request this server "
+                              "cannot repeat", None, "invalid_value")
+        return entry.variant(**variant)
 
     def get(self, model: str) -> ServedRelay:
         relay = self.relays.get(model)

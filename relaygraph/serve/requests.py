@@ -18,7 +18,7 @@ from relaygraph.serve.schemas import (
 )
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
+async def read_json(request: Request, limit: int, optional: bool = False) -> dict[str, Any]:
     too_large = APIError(413, f"The request body is larger than this server's limit of {limit} "
                          "bytes", code="request_too_large")
     length = request.headers.get("content-length")
@@ -29,6 +29,8 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         body += chunk
         if len(body) > limit:
             raise too_large
+    if optional and not body.strip():
+        return {}
     try:
         data = json.loads(body)
     except ValueError:

@@ -149,6 +149,24 @@ class StoreConformance:
         ids = store.list_ids(1000)
         assert ids.index(second) < ids.index(first)
 
+    def test_delete_removes_one_trajectory_and_nothing_else(self, store: TrajectoryStore) -> None:
+        gone, kept = _new(store), _new(store)
+        for tid in (gone, kept):
+            store.append(tid, 0, _seg("a", f"in {tid}"))
+        assert store.delete(gone)
+        assert not store.exists(gone) and store.length(gone) == 0
+        with pytest.raises(TrajectoryNotFoundError):
+            store.load(gone)
+        assert gone not in store.list_ids(1000)
+        assert store.read(kept) == [_seg("a", f"in {kept}")] and kept in store.list_ids(1000)
+        assert not store.delete(gone)
+
+    def test_append_to_an_unknown_trajectory_fails(self, store: TrajectoryStore) -> None:
+        tid = new_trajectory_id()
+        with pytest.raises(TrajectoryNotFoundError):
+            store.append(tid, 0, _seg("a", "orphan"))
+        assert store.length(tid) == 0  # nothing left behind without its metadata
+
     def test_values_are_json(self, store: TrajectoryStore) -> None:
         tid = _new(store)
         tricky = _seg("a", 'quote " backslash \\ unicode ✓ <call>3</call> \x00 nul')

@@ -41,6 +41,16 @@ def check_trajectory_id(trajectory_id: str) -> str:
     return trajectory_id
 
 
+def check_namespace(namespace: str) -> str:
+    """Validate a store namespace (the prefix of every key) like an id, so one namespace
+    cannot address another's keys."""
+    if not isinstance(namespace, str) or not _ID_RE.match(namespace):
+        raise ConfigError(
+            f"invalid store namespace {namespace!r}: use 1-64 letters, digits, '-' or '_'"
+        )
+    return namespace
+
+
 class Segment(BaseModel):
     """One contiguous piece of the trajectory written by one author."""
 
