@@ -13,8 +13,12 @@ before it: "And times two?" after "What is 3 + 4?" is 14.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,6 +226,22 @@ def test_resume_without_the_thread_asks_again_from_the_store(safety_worker, redi
     assert [s.text for s in redis_store.read(paused.trajectory_id)].count(tiny.UNSAFE_CHUNK) == 1
 
 
+def test_the_example_asks_a_person_only_about_a_flagged_chunk(safety_worker, redis_store) -> None:
+    from examples.human_in_the_loop import guard
+
+    policy = SupervisorPolicy(supervisor=guard, workers=("worker",), chunk_tokens=32)
+    relay = Relay([Agent("worker", safety_worker, tiny.SYSTEM_PROMPT)], policy, redis_store,
+                  checkpointer=InMemorySaver())
+    paused = relay.run(tiny.SAFETY_QUESTION)
+    assert paused.interrupt["chunk"] == tiny.UNSAFE_CHUNK and "steal" in paused.interrupt["flag"]
+    stood = relay.resume(paused.trajectory_id, "y")  # the person lets it stand: no more questions
+    assert stood.status == "finished" and stood.counters == {}
+    assert [s.text for s in stood.segments if s.kind == "text"] == [tiny.UNSAFE_CHUNK, tiny.SAFE_END]
+    steered = relay.resume(relay.run(tiny.SAFETY_QUESTION).trajectory_id,
+                           f"rollback: {tiny.STEER_TEXT.strip()}")
+    assert (steered.answer, steered.counters) == (tiny.SAFE_END, {"rollbacks": 1})
+
+
 def test_interrupt_without_a_checkpointer_is_an_error_that_names_the_fix(safety_worker, redis_store) -> None:
     relay = safety_relay(safety_worker, redis_store)
     with pytest.raises(ConfigError, match=r"checkpointer=InMemorySaver\(\)") as info:
@@ -401,3 +421,35 @@ def test_a_subgraph_run_joins_the_callers_span_and_a_resumed_run_its_trace(
     assert resumed.parent_span_id == first.span_id and resumed.attributes["relaygraph.run.resumed"]
     assert resumed.attributes["relaygraph.run.outcome"] == "ok"
     assert otel_trace.get_current_span() is otel_trace.INVALID_SPAN  # nothing left attached
+
+
+# --- the person at the terminal ----------------------------------------------------------------
+
+def cli(*args: str, stdin: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "relaygraph.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+
+
+def test_cli_supervisor_ask_human_asks_at_the_terminal(redis_server) -> None:
+    worker = str(tiny.safety_worker())
+    run = ("run", tiny.SAFETY_QUESTION, "--controller", worker, "--dtype", "float32",
+           "--policy", "supervisor", "--supervisor", "ask:human", "--set", "chunk_tokens=32",
+           "--redis", redis_server.url, "--json")
+    rollback = f"rollback: {tiny.STEER_TEXT.strip()}"
+    proc = cli(*run, stdin=f"what?\n{rollback}\ny\n\n")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["status"], out["answer"], out["counters"]) == ("finished", tiny.SAFE_END, {"rollbacks": 1})
+    assert [s["text"] for s in out["segments"]][:4] == [tiny.UNSAFE_CHUNK, "", tiny.STEER_TEXT, tiny.SAFE_CHUNK]
+    assert proc.stderr.count("the supervisor asks you about controller's latest chunk") == 4
+    assert "expected continue | rollback" in proc.stderr  # "what?" was asked again
+    assert "steal a wheel" in proc.stderr  # the person saw the chunk
+
+    # no more input: the run waits, and `resume --answer` continues it in another process
+    proc = cli(*run, stdin="")
+    assert proc.returncode == 2 and "relaygraph resume" in proc.stderr and "--answer" in proc.stderr
+    tid = proc.stderr.split("trajectory ")[1].split()[0]
+    assert RedisStore.from_url(redis_server.url).load(tid).status == "interrupted"
+    proc = cli("resume", tid, "--answer", rollback, "--redis", redis_server.url, "--json", stdin="\n\n")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["answer"] == tiny.SAFE_END
