@@ -252,6 +252,14 @@ def test_interrupt_without_a_checkpointer_is_an_error_that_names_the_fix(safety_
         relay.graph.invoke({"question": tiny.SAFETY_QUESTION}, LIMIT)
 
 
+def test_the_graph_schemas_show_the_question_not_the_internals(backends, redis_store) -> None:
+    graph = make_relay(backends, redis_store).graph
+    inputs = graph.get_input_jsonschema()["properties"]  # Python 3.11: typing_extensions.TypedDict
+    assert inputs["question"]["type"] == "string"
+    assert set(inputs) == {"question", "trajectory_id", "prefix", "messages"}
+    assert "answer" in graph.get_output_jsonschema()["properties"]
+
+
 # --- streaming to chat UIs and callbacks -------------------------------------------------------
 
 def test_messages_stream_yields_token_chunks_of_both_agents(backends, redis_store) -> None:
