@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relaygraph.errors import Cancelled, ConfigError, RelayGraphError, StoreUnavailableError
+from relaygraph.graphs.chat import transcript
 from relaygraph.policies.base import SUPERVISOR
 from relaygraph.serve.registry import Registry, ServedRelay
 from relaygraph.serve.runner import (
@@ -304,9 +305,8 @@ def _chat_question(req: ChatCompletionRequest) -> tuple[str, str | None]:
     if not question.strip():
         raise bad_request("The question (the last user message) is empty",
                           f"messages.{index}.content", "invalid_value")
-    if len(turns) > 1:
-        transcript = "\n".join(f"{role.title()}: {text}" for role, text, _ in turns)
-        question = transcript
+    if len(turns) > 1:  # the same transcript a relay graph makes of a thread's earlier turns
+        question = transcript([(role, text) for role, text, _ in turns])
     return question, ("\n\n".join(system) if system else None)
 
 
