@@ -61,6 +61,7 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
             requested = ""  # the id of the thread's previous run, left in its state
         tid = check_trajectory_id(requested or new_trajectory_id())
         given = [_given(Segment.model_validate(s)) for s in state.get("prefix") or ()]
+        prompt = ""
         if store.exists(tid):
             stored = store.load(tid)
             task = stored.task
@@ -72,11 +73,12 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
                 if done:  # resume a stored run from its last completed step
                     return _resume(tid, task, segments[:done], totals, done,
                                    stored.info.get("traceparent", ""))
+                # no step completed: start it again, as it was asked
                 given = given or list(itertools.takewhile(lambda s: s.meta.get("given"), segments))
-                question = question or task.config.get("asked") or task.question
+                question, prompt = task.config.get("asked") or task.question, task.question
         if not question or not question.strip():
             raise ConfigError("the question is empty; pass the text of a question")
-        prompt = transcript([*history, ("user", question)]) if history else question
+        prompt = prompt or (transcript([*history, ("user", question)]) if history else question)
         fresh: RelayState = {"trajectory_id": tid, "question": question, "prompt": prompt,
                              "max_tokens": max_tokens, "generated": 0, "prefix": []}
         first, budget = policy.first_turn(context(fresh))
