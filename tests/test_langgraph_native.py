@@ -224,6 +224,11 @@ def test_resume_without_the_thread_asks_again_from_the_store(safety_worker, redi
     done = other.resume(paused.trajectory_id, "rollback")
     assert (done.status, done.answer) == ("finished", tiny.SAFE_END)
     assert [s.text for s in redis_store.read(paused.trajectory_id)].count(tiny.UNSAFE_CHUNK) == 1
+    # the new thread's chat view was rebuilt from the store, then the rollback removed the chunk
+    messages = other.graph.get_state({"configurable": {"thread_id": done.thread_id}}).values["messages"]
+    assert [(m.name, m.content) for m in messages] == [
+        (None, tiny.SAFETY_QUESTION), ("supervisor", tiny.STEER_TEXT), ("worker", tiny.SAFE_CHUNK),
+        ("worker", tiny.SAFE_END)]
 
 
 def test_the_example_asks_a_person_only_about_a_flagged_chunk(safety_worker, redis_store) -> None:

@@ -61,7 +61,7 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
             requested = ""  # the id of the thread's previous run, left in its state
         tid = check_trajectory_id(requested or new_trajectory_id())
         given = [_given(Segment.model_validate(s)) for s in state.get("prefix") or ()]
-        prompt = ""
+        prompt, retry_config = "", retry.model_dump()
         if store.exists(tid):
             stored = store.load(tid)
             task = stored.task
@@ -76,6 +76,7 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
                 # no step completed: start it again, as it was asked
                 given = given or list(itertools.takewhile(lambda s: s.meta.get("given"), segments))
                 question, prompt = task.config.get("asked") or task.question, task.question
+                retry_config = task.config.get("retry") or retry_config
         if not question or not question.strip():
             raise ConfigError("the question is empty; pass the text of a question")
         prompt = prompt or (transcript([*history, ("user", question)]) if history else question)
@@ -87,7 +88,7 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
             agents={n: agents[n].backend.model_id for n in names},
             config={"max_tokens": max_tokens,
                     "system_prompts": {n: agents[n].system_prompt for n in names},
-                    "retry": retry.model_dump(),
+                    "retry": retry_config,
                     **({"asked": question} if prompt != question else {}), **task_config},
         )
         traceparent = tracing.begin_run(tid, policy.name, prompt)
@@ -105,7 +106,7 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
         return Command(goto=first, update={
             **fresh, "cursor": len(given), "turn": first, "budget": budget, "finish_reason": "",
             "answer": "", "call_ratio": 0.0, "asked": question, "started": tid,
-            "trace": traceparent, "retry": retry.model_dump(), "messages": asked,
+            "trace": traceparent, "retry": retry_config, "messages": asked,
             **state_of(Totals(tokens_by_agent={n: 0 for n in names}))})
 
     def _resume(tid: str, task: Task, segments: list[Segment], totals: Totals, done: int,
@@ -118,7 +119,7 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
             "trajectory_id": tid, "question": question, "prompt": task.question, "prefix": [],
             "max_tokens": task.config.get("max_tokens", max_tokens), "cursor": done,
             "turn": totals.turn, "budget": totals.budget, "finish_reason": totals.finish_reason,
-            "asked": question, "started": tid, "trace": traceparent,
+            "asked": question, "started": tid, "trace": traceparent, "answer": "", "call_ratio": 0.0,
             "retry": task.config.get("retry") or retry.model_dump(),
             "messages": messages_of(tid, question, segments), **state_of(totals)})
 
