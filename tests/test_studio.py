@@ -1,7 +1,7 @@
 """``langgraph dev`` (langgraph-cli's in-memory server, installed from PyPI) started on the
 repository's ``langgraph.json``, driven over its HTTP API with the ``langgraph_sdk`` client.
 
-The served graph is ``relaygraph/studio.py:graph``; ``RELAYGRAPH_STUDIO_CONFIG`` points it at
+The served graph is ``relaygraph.studio:graph``; ``RELAYGRAPH_STUDIO_CONFIG`` points it at
 the tiny relay pair here (the default serves the offline Qwen pair, which needs
 ``relaygraph models pull``). Real Redis, real server process, real HTTP.
 """
@@ -52,12 +52,15 @@ def dev_server(tiny_pair, redis_server, tmp_path):
                       f'[policy]\ntype = "call-token"\n')
     port = free_port()
     log = (tmp_path / "langgraph-dev.log").open("w")
+    # the server keeps its state in ./.langgraph_api: run it in a temporary folder, with this
+    # checkout's relaygraph first on the path (what `langgraph dev` at the root does itself)
     env = {**os.environ, "RELAYGRAPH_STUDIO_CONFIG": str(config), "REDIS_URL": redis_server.url,
-           "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false"}
+           "LANGGRAPH_CLI_NO_ANALYTICS": "1", "LANGSMITH_TRACING": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
         [str(langgraph_cli()), "dev", "--no-browser", "--no-reload", "--port", str(port),
          "--config", str(ROOT / "langgraph.json")],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
