@@ -50,6 +50,7 @@ from pydantic import (
 from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.agents.registry import AgentConfig, parse_agent_config, parse_agent_configs
 from relaygraph.errors import ConfigError, validation_message
+from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.policies.base import PolicyConfig
 from relaygraph.policies.registry import parse_policy
 from relaygraph.trajectory.settings import StoreConfig, fold_redis_key
@@ -73,6 +74,9 @@ class RelayConfig(BaseModel):
     """Where trajectories go (``redis = "url"`` is read as ``store.url``)."""
     fallbacks: dict[str, str] = {}
     """Agent -> agent that writes its turn when its backend keeps failing."""
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    """How a failing generation is retried before the fallback takes the turn (attempts,
+    back-off); recorded with each trajectory, so a resumed run retries the same way."""
 
     @model_validator(mode="before")
     @classmethod

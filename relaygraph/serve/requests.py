@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from relaygraph.graphs.chat import transcript
 from relaygraph.serve import agentic
 from relaygraph.serve.schemas import (
     APIError,
@@ -95,8 +96,8 @@ def chat_question(req: ChatCompletionRequest) -> tuple[str, str | None, str]:
     if not question.strip():
         raise bad_request("The question (the last user message) is empty",
                           f"messages.{index}.content", "invalid_value")
-    if len(turns) > 1 or turns[-1][0] == "tool":
-        question = "\n".join(f"{role.title()}: {text}" for role, text, _ in turns)
+    if len(turns) > 1 or turns[-1][0] == "tool":  # as a relay graph shows a thread's turns
+        question = transcript([(role, text) for role, text, _ in turns])
     return question, ("\n\n".join(system) if system else None), prefix
 
 

@@ -125,7 +125,12 @@ class StoreConformance:
     def test_status(self, store: TrajectoryStore) -> None:
         tid = _new(store)
         store.set_status(tid, "failed", error="boom")
-        assert store.load(tid).status == "failed"
+        loaded = store.load(tid)
+        assert loaded.status == "failed" and loaded.info["error"] == "boom"
+        store.set_status(tid, "interrupted", thread_id="t-1")
+        loaded = store.load(tid)
+        assert loaded.status == "interrupted"
+        assert loaded.info["thread_id"] == "t-1" and loaded.info["error"] == "boom"
 
     def test_follow_sees_live_appends_and_stops_at_the_end(self, store: TrajectoryStore) -> None:
         tid = _new(store)

@@ -149,6 +149,9 @@ class Trajectory(BaseModel):
     task: Task
     segments: list[Segment] = Field(default_factory=list)
     status: str = "running"
+    info: dict[str, str] = Field(default_factory=dict)
+    """Small facts recorded with the status (``set_status(..., **info)``): an error, where
+    an interrupted run waits (``thread_id``, ``interrupt``), its trace (``traceparent``)."""
 
     @property
     def text(self) -> str:

@@ -268,6 +268,7 @@ class RedisStore:
             task=Task.model_validate_json(meta["task"]),
             segments=self.read(trajectory_id),
             status=meta.get("status", "running"),
+            info={k: v for k, v in meta.items() if k not in ("task", "status", "created_at")},
         )
 
     def set_status(self, trajectory_id: str, status: str, **info: str) -> None:

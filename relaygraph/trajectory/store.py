@@ -42,11 +42,13 @@ class TrajectoryStore(Protocol):
         ...
 
     def load(self, trajectory_id: str) -> Trajectory:
-        """The whole trajectory; raises ``TrajectoryNotFoundError`` if unknown."""
+        """The whole trajectory, with its status and the ``info`` recorded with it; raises
+        ``TrajectoryNotFoundError`` if unknown."""
         ...
 
     def set_status(self, trajectory_id: str, status: Status, **info: str) -> None:
-        """Record the run's status (and small string facts such as an error message)."""
+        """Record the run's status (and small string facts such as an error message; facts
+        recorded earlier stay unless given again)."""
         ...
 
     def follow(
