@@ -68,10 +68,11 @@ class TransformersBackend(TokenizerBackend):
             else:
                 self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
                                                                   **kwargs)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # missing files, a format transformers cannot read
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelNotFoundError(
-                f"cannot load model {model!r} ({str(exc).splitlines()[0]}); check the path or "
-                "hub id, or pull a catalog model with `relaygraph models pull`"
+                f"cannot load model {model!r} ({why}); check the path or hub id, or pull a "
+                "catalog model with `relaygraph models pull`"
             ) from None
         self.model.to(device).eval()
         self._attach(self.model, self.tokenizer, device, cache_size)
