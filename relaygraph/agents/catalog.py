@@ -311,6 +311,18 @@ def _join_and_verify(spec: CatalogModel, pkgs: Path, out: Path) -> None:
         )
 
 
+def dense_gguf() -> dict[str, Any]:
+    """``from_pretrained`` options that unpack a GGUF file into dense weights of the dtype
+    asked for, as transformers < 5.24 always did. Newer transformers keeps the blocks packed
+    when it can, and otherwise warns (that it dequantizes, or that packed blocks want
+    float32) about a choice relaygraph makes for the user: the dtype is ``--dtype``."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always unpack
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF file once and save it as a bf16 safetensors folder with tokenizer."""
     import torch
@@ -318,17 +330,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     folder, file = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    # dense weights to save: transformers >= 5.2x keeps GGUF blocks packed when it can (and
-    # says to load them in float32, which a conversion to bf16 has no use for)
-    options: dict[str, Any] = {}
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers always unpack
-        pass
-    else:
-        options["quantization_config"] = GgufConfig(dequantize=True)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.bfloat16,
-                                                  **options)
+                                                  **dense_gguf())
     state = loaded.state_dict()
     config = loaded.config
     del loaded
