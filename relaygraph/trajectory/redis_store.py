@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -43,9 +42,11 @@ from relaygraph.trajectory.connect import (
 )
 from relaygraph.trajectory.liveness import HEARTBEAT_STALE_S, effective_status, holder_id
 from relaygraph.trajectory.models import (
+    PruneReport,
     Segment,
     Task,
     Trajectory,
+    TrajectoryHeader,
     check_namespace,
     check_trajectory_id,
 )
@@ -122,29 +123,6 @@ redis.call('HSET', KEYS[1], 'heartbeat', ARGV[1], 'holder', ARGV[3])
 redis.call('HDEL', KEYS[1], 'cancel_requested')
 return status
 """
-
-
-
-@dataclass
-class PruneReport:
-    """What :meth:`RedisStore.prune` did (or, with ``dry_run``, would do)."""
-
-    deleted: list[str] = field(default_factory=list)
-    """Trajectories deleted (keys and index entries)."""
-    expired: int = 0
-    """Index entries whose trajectory had already expired, removed."""
-    held: list[str] = field(default_factory=list)
-    """Matching trajectories left alone: a live server is running them (fresh heartbeat)."""
-
-
-@dataclass
-class TrajectoryHeader:
-    """A trajectory without its segments: its task, stored status and metadata."""
-
-    id: str
-    task: Task
-    status: str
-    info: dict[str, str]
 
 
 def _text(value: Any) -> str:
