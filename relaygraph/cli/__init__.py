@@ -30,6 +30,11 @@ app.add_typer(train.app, name="train")
 
 def main() -> None:
     """The ``relaygraph`` entry point."""
+    # Before torch loads: OpenMP threads that spin while they wait for work steal the cores
+    # a relay's Python steps, the store and other jobs need (a decode step ran 8x slower on
+    # a busy 2-core machine); waiting passively costs little on a quiet one. Set it to
+    # ACTIVE to have the spinning back.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("RELAYGRAPH_DEBUG"):
         app()
         return
