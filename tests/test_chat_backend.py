@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.agents.backend import Prompt, StopRule
 from relaygraph.agents.chat_backend import INSTRUCT, ChatBackend
-from relaygraph.agents.openai_backend import OpenAIBackend, ServerUnavailableError
+from relaygraph.agents.openai_backend import OpenAIBackend
+from relaygraph.agents.remote import ServerUnavailableError
 from relaygraph.errors import BackendError, ConfigError
 from relaygraph.policies import CallTokenPolicy, ConfidencePolicy, FixedIntervalPolicy
 from relaygraph.relay import Relay

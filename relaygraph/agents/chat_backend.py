@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from relaygraph.agents.backend import (
     Capabilities,
@@ -52,13 +52,13 @@ from relaygraph.agents.backend import (
     TextCallback,
 )
 from relaygraph.agents.decoding import Sample, entropy_from_top, follow
-from relaygraph.agents.openai_backend import (
+from relaygraph.agents.remote import (
+    RemoteConfig,
     ServerResponseError,
     ServerUnavailableError,
     redact_base_url,
     split_url,
 )
-from relaygraph.agents.registry import AgentConfig
 from relaygraph.errors import ConfigError, RelayGraphError
 
 __all__ = ["INSTRUCT", "ChatBackend", "ChatConfig", "ServerProfile"]
@@ -416,7 +416,7 @@ def _message(exc: Any) -> str:
     return " ".join(str(message).split())[:200]
 
 
-class ChatConfig(AgentConfig):
+class ChatConfig(RemoteConfig):
     """A model behind any chat-completions API (``backend = "chat"``): ``base_url`` (e.g.
     ``https://api.openai.com/v1``, ``http://localhost:11434/v1``), ``model`` its name
     there, ``api_key_env`` the environment variable holding its key (the key itself never
@@ -426,25 +426,11 @@ class ChatConfig(AgentConfig):
     log-probs (default: ask it once)."""
 
     backend: Literal["chat"] = "chat"
-    base_url: str
-    api_key_env: str | None = None
     continuation: Continuation = "auto"
     tokenizer: str | None = None
     logprobs: bool | None = None
     timeout: float = Field(120.0, gt=0)
     max_retries: int = Field(2, ge=0)
-
-    @model_validator(mode="after")
-    def _no_credentials(self) -> ChatConfig:
-        try:
-            _, auth = split_url(self.base_url)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        if auth is not None:
-            raise ValueError("base_url must not contain credentials (configs are stored "
-                             "with each trajectory); put the API key in an environment "
-                             "variable and name it in api_key_env")
-        return self
 
     @property
     def local_model(self) -> str | None:
@@ -455,14 +441,7 @@ class ChatConfig(AgentConfig):
                 self.tokenizer, self.logprobs, self.timeout, self.max_retries)
 
     def build(self) -> ChatBackend:
-        import os
-
-        api_key = None
-        if self.api_key_env:
-            api_key = os.environ.get(self.api_key_env)
-            if not api_key:
-                raise ConfigError(f"api_key_env names ${self.api_key_env}, which is not set")
-        return ChatBackend(self.base_url, self.model, api_key=api_key,
+        return ChatBackend(self.base_url, self.model, api_key=self.api_key(),
                            continuation=self.continuation, tokenizer=self.tokenizer,
                            logprobs=self.logprobs, timeout=self.timeout,
                            max_retries=self.max_retries)
