@@ -16,7 +16,9 @@ ratio of mins. A ratio whose rounds disagree by more than 10% comes with a warni
 - ``relay_vs_solo``: the relay's wall time / the sum of each model's solo time to write the
   same numbers of tokens. Goal: <= 1.1.
 - ``relay_vs_floor``: the relay's wall time / what a relay cannot avoid: the same solo
-  decoding plus each turn's catch-up prefill of what the other agents wrote, timed alone.
+  decoding plus each turn's catch-up prefill of what the other agents wrote, timed alone
+  (a turn's first forward pass — its own last token and the others' — minus the one-token
+  decode step that solo decoding runs in its place).
   What is above 1 is ours; what separates floor from solo is the catch-up itself (on a
   CPU a prefill of 8 tokens costs more than a decode step). Goal: <= 1.05. Both ratios at a
   stress handoff rate (``interval`` 8) and at a realistic one (64).
@@ -183,7 +185,8 @@ def catch_ups(generations: Sequence[Generation], head: int) -> list[tuple[int, i
 
 
 def floor_seconds(solo_s: float, catch_up_s: Sequence[float]) -> float:
-    """What a relay cannot avoid: solo decoding of the same tokens + each catch-up prefill."""
+    """What a relay cannot avoid: solo decoding of the same tokens + what each catch-up
+    adds to it."""
     return solo_s + sum(catch_up_s)
 
 
@@ -253,9 +256,18 @@ def _head(backend: Any, agent: Agent, question: str) -> int | None:
     return len(render(agent.prompt(question, ()))) if render is not None else None
 
 
+def first_steps(spans: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]],
+                                                        list[tuple[int, int]]]:
+    """For each catch-up span: what the turn's first step feeds (the agent's own last
+    sampled token + what the others wrote), and what solo decoding feeds at that point
+    (the last token alone). Their difference is what the catch-up adds to solo decoding."""
+    return [(s - 1, e) for s, e in spans], [(s - 1, s) for s, _ in spans]
+
+
 def _catch_up_seconds(backend: Any, calls: Sequence[Call], head: int | None) -> float | None:
-    """The agent's catch-up prefills in the relay, each timed alone on its model (None when
-    the backend cannot time prefills: a model server)."""
+    """What the agent's catch-ups in the relay add to solo decoding, each step timed alone
+    on its model: a turn's first forward (its last token + the others' tokens) minus the
+    decode step it replaces (None when the backend cannot time prefills: a model server)."""
     time_prefills = getattr(backend, "prefill_seconds", None)
     render = getattr(backend, "render", None)
     if not calls or head is None or time_prefills is None or render is None:
@@ -263,7 +275,9 @@ def _catch_up_seconds(backend: Any, calls: Sequence[Call], head: int | None) -> 
     last = calls[-1]
     assert last.prompt is not None
     ids = [*render(last.prompt), *last.generation.token_ids]
-    return sum(time_prefills(ids, catch_ups([c.generation for c in calls], head)))
+    fed, decode = first_steps(catch_ups([c.generation for c in calls], head))
+    seconds = time_prefills(ids, [*fed, *decode])
+    return sum(seconds[:len(fed)]) - sum(seconds[len(fed):])
 
 
 # --- the measurements --------------------------------------------------------------------
@@ -520,7 +534,7 @@ def table(res: dict[str, Any]) -> str:
             f = entry["relay_vs_floor"]
             rows.append(f"| relay / floor, interval {every} | {f['ratio']:.2f} (floor "
                         f"{entry['floor_s']['min']:.1f} s = solo + "
-                        f"{entry['catch_up_s']['min']:.2f} s of catch-up prefills) "
+                        f"{entry['catch_up_s']['min']:.2f} s that the catch-up prefills add) "
                         f"| <= {GOALS['relay_vs_floor']} |")
     rows.append(f"| naive relay / solo | {res['relay_vs_solo']['naive_ratio']:.2f} | |")
     for t in res["throughput"]:
@@ -537,5 +551,5 @@ def table(res: dict[str, Any]) -> str:
 
 
 __all__ = ["GOALS", "QUESTION", "Call", "Recorder", "Timing", "amplification", "catch_ups",
-           "compare", "floor_seconds", "gaps", "interleave", "run_bench", "solo_mix", "table",
+           "compare", "first_steps", "floor_seconds", "gaps", "interleave", "run_bench", "solo_mix", "table",
            "timed"]
