@@ -425,14 +425,19 @@ class SegmentCache:
     def confirm(self, tid: str) -> None:
         """Wait for the replies of the trajectory's appends sent so far (raising what a
         failed one raises); an append that fails stays pending, so a retry confirms it."""
-        with self._lock:
-            pending = self._pending.get(tid)
-        while pending:
-            pending[0]()
-            with self._lock:
-                pending.pop(0)
+        while True:
+            with self._lock:  # one caller per confirmation (an eviction may confirm too)
+                pending = self._pending.get(tid)
                 if not pending:
                     self._pending.pop(tid, None)
+                    return
+                confirm = pending.pop(0)
+            try:
+                confirm()
+            except BaseException:
+                with self._lock:  # a retry confirms it again (appending it anew)
+                    self._pending.setdefault(tid, []).insert(0, confirm)
+                raise
 
     def _remember(self, tid: str, known: list[Segment]) -> None:
         with self._lock:

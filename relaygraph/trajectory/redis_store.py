@@ -238,7 +238,8 @@ class RedisStore:
         Safe because the position is explicit: an append that landed is never doubled, and
         one whose reply is lost (a dropped connection) is sent again through :meth:`append`
         with its retries, where a copy that had landed reads as a duplicate. A Cluster or
-        Sentinel store appends at once (``confirm()`` then does nothing)."""
+        Sentinel store appends at once (``confirm()`` then does nothing). A ``confirm()``
+        called again after it raised appends again (a "dup" if the first copy landed)."""
         if seq < 0:
             raise ValueError(f"position must be >= 0, got {seq}")
         data = segment.model_dump_json()
@@ -258,7 +259,14 @@ class RedisStore:
             pool.release(conn)
             raise
 
+        read = False
+
         def confirm() -> None:
+            nonlocal read
+            if read:  # called again after it raised: append again (exactly-once by its id)
+                self.append(trajectory_id, seq, segment)
+                return
+            read = True  # the connection is released below, whatever happens
             try:
                 reply = conn.read_response()
             except redis.exceptions.NoScriptError:  # the first use, or a restarted server
