@@ -47,6 +47,7 @@ from relaygraph.trajectory.models import (
     check_namespace,
     check_trajectory_id,
 )
+from relaygraph.trajectory.pipelined import send_append
 
 _CREATE = """
 if redis.call('HSETNX', KEYS[1], 'task', ARGV[1]) == 0 then return 0 end
@@ -230,65 +231,9 @@ class RedisStore:
                                                         args=[seq, segment.model_dump_json()]))
 
     def send_append(self, trajectory_id: str, seq: int, segment: Segment) -> Callable[[], None]:
-        """:meth:`append` pipelined: the command is sent now, and its reply is read when the
-        returned ``confirm()`` is called (which raises what :meth:`append` would). The
-        caller does not wait for the server in between: a graph confirms a step's append
-        when the next one comes, by then long answered.
-
-        Safe because the position is explicit: an append that landed is never doubled, and
-        one whose reply is lost (a dropped connection) is sent again through :meth:`append`
-        with its retries, where a copy that had landed reads as a duplicate. A Cluster or
-        Sentinel store appends at once (``confirm()`` then does nothing). A ``confirm()``
-        called again after it raised appends again (a "dup" if the first copy landed)."""
-        if seq < 0:
-            raise ValueError(f"position must be >= 0, got {seq}")
-        data = segment.model_dump_json()
-        if self.kind != "single":
-            self.append(trajectory_id, seq, segment)
-            return _confirmed
-        keys = self._keys(trajectory_id)
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_command("EVALSHA", self._append.sha, len(keys), *keys, seq, data)
-        except (redis.ConnectionError, redis.TimeoutError):
-            pool.release(conn)  # redis-py disconnected it: the pool reconnects it on use
-            self.append(trajectory_id, seq, segment)
-            return _confirmed
-        except BaseException:
-            pool.release(conn)
-            raise
-
-        read = False
-
-        def confirm() -> None:
-            nonlocal read
-            if read:  # called again after it raised: append again (exactly-once by its id)
-                self.append(trajectory_id, seq, segment)
-                return
-            read = True  # the connection is released below, whatever happens
-            try:
-                reply = conn.read_response()
-            except redis.exceptions.NoScriptError:  # the first use, or a restarted server
-                pool.release(conn)
-                self.append(trajectory_id, seq, segment)  # loads the script
-                return
-            except redis.ResponseError:
-                pool.release(conn)
-                raise
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()
-                pool.release(conn)
-                self.append(trajectory_id, seq, segment)  # "dup" if the first copy landed
-                return
-            except BaseException:
-                conn.disconnect()  # a reply may still be on its way: never reuse it
-                pool.release(conn)
-                raise
-            pool.release(conn)
-            self._appended(trajectory_id, seq, reply)
-
-        return confirm
+        """:meth:`append` pipelined: sent now, its reply read by the returned ``confirm()``
+        (which raises what :meth:`append` would); see :func:`~relaygraph.trajectory.pipelined.send_append`."""
+        return send_append(self, trajectory_id, seq, segment)
 
     def _appended(self, trajectory_id: str, seq: int, reply: Any) -> None:
         """Raise what an append's reply from the Lua script means, if it is an error."""
@@ -518,10 +463,6 @@ class RedisStore:
             per_node = self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
             return sum(int(n["used_memory"]) for n in per_node.values())
         return int(self.client.info("memory")["used_memory"])
-
-
-def _confirmed() -> None:
-    """The confirmation of an append that was made at once."""
 
 
 def _held(status: Any, heartbeat: Any, since: float) -> bool:

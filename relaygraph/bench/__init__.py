@@ -41,14 +41,21 @@ from typing import Any
 from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Backend, Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.wrapping import BackendWrapper
+from relaygraph.bench.report import GOALS, goals_met, machine, table
+from relaygraph.bench.rounds import (
+    SPREAD_WARNING,
+    Timing,
+    compare,
+    interleave,
+    side,
+    spread,
+    summary,
+    timed,
+)
 from relaygraph.policies import FixedIntervalPolicy
 from relaygraph.relay import Relay
 from relaygraph.trajectory.store import TrajectoryStore
 
-GOALS = {"prefill_amplification": 1.05, "handoff_overhead_ms": 0.5, "relay_vs_solo": 1.1,
-         "relay_vs_floor": 1.05, "throughput_vs_solo": 0.9}
-SPREAD_WARNING = 0.10
-"""Rounds whose per-round ratios differ by more than this (max / min - 1) get a warning."""
 QUESTION = ("A robe takes 2 bolts of blue fiber and half that much white fiber. A tailor makes "
             "7 robes, then buys fiber for 3 more robes at $12 per bolt. Explain each step in "
             "detail: how many bolts does the tailor use in all, and how much does the extra "
@@ -91,72 +98,6 @@ class Recorder(BackendWrapper):
         with self._lock:
             calls, self.calls = self.calls, []
         return calls
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One timed run: wall and process CPU seconds, and the 1-minute load average at its start."""
-
-    wall_s: float
-    cpu_s: float
-    load: float
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, Timing]:
-    """``fn()`` and how long it took."""
-    load = os.getloadavg()[0]
-    cpu, start = time.process_time(), time.perf_counter()
-    out = fn()
-    return out, Timing(time.perf_counter() - start, time.process_time() - cpu, load)
-
-
-def interleave(sides: Sequence[tuple[str, Callable[[int], Any]]], repeat: int
-               ) -> dict[str, list[Any]]:
-    """Each side once per round, in the order given, for ``repeat`` rounds (A, B, A, B, ...):
-    both sides of a ratio meet the same minutes of a shared machine."""
-    out: dict[str, list[Any]] = {name: [] for name, _ in sides}
-    for round_ in range(repeat):
-        for name, run in sides:
-            out[name].append(run(round_))
-    return out
-
-
-def summary(values: Sequence[float]) -> dict[str, Any]:
-    """min, median, max of a side's rounds (and the rounds themselves)."""
-    return {"min": min(values), "median": statistics.median(values), "max": max(values),
-            "rounds": list(values)}
-
-
-def spread(values: Sequence[float]) -> float:
-    """How far rounds disagree: max / min - 1."""
-    return max(values) / min(values) - 1 if values and min(values) > 0 else 0.0
-
-
-def compare(name: str, numerator: Sequence[Timing], denominator: Sequence[Timing],
-            warnings: list[str]) -> dict[str, Any]:
-    """A ratio of wall times from interleaved rounds: the ratio of mins (the headline),
-    of medians and per round; a warning when the per-round ratios disagree by > 10%."""
-    num = [t.wall_s for t in numerator]
-    den = [t.wall_s for t in denominator]
-    per_round = [a / b for a, b in zip(num, den, strict=True)]
-    disagree = spread(per_round)
-    out = {"ratio": min(num) / min(den),
-           "median_ratio": statistics.median(num) / statistics.median(den),
-           "round_ratios": per_round, "spread": disagree}
-    if len(per_round) > 1 and disagree > SPREAD_WARNING:
-        loads = [t.load for t in (*numerator, *denominator)]
-        warnings.append(
-            f"{name}: rounds disagree by {disagree:.0%} (per-round ratios "
-            f"{min(per_round):.2f}-{max(per_round):.2f}; load average {min(loads):.1f}-"
-            f"{max(loads):.1f}): the ratio of mins is the best estimate; more --repeat or a "
-            "quieter machine tightens it")
-    return out
-
-
-def side(timings: Sequence[Timing]) -> dict[str, Any]:
-    """One side of a ratio: wall-time summary, CPU time and load average per round."""
-    return {**summary([t.wall_s for t in timings]), "cpu_s": [t.cpu_s for t in timings],
-            "load": [t.load for t in timings]}
 
 
 # --- what the measurements are made of ---------------------------------------------------
@@ -423,39 +364,6 @@ def run_bench(small: Backend, large: Backend, store: TrajectoryStore, question: 
     return out
 
 
-def goals_met(out: dict[str, Any]) -> dict[str, bool]:
-    """Each goal against what was measured (goals without a measurement are left out)."""
-    met = {
-        "prefill_amplification": all(v["reuse"]["ratio"] <= GOALS["prefill_amplification"]
-                                     for v in out["prefill_amplification"].values()),
-        "handoff_overhead_ms": out["handoff_overhead_ms"]["median"] < GOALS["handoff_overhead_ms"],
-        "relay_vs_solo": out["relay_vs_solo"]["ratio"] <= GOALS["relay_vs_solo"],
-    }
-    if "relay_vs_floor" in out:
-        met["relay_vs_floor"] = out["relay_vs_floor"]["ratio"] <= GOALS["relay_vs_floor"]
-    if "throughput_vs_solo" in out:
-        met["throughput_vs_solo"] = out["throughput_vs_solo"]["ratio"] >= GOALS["throughput_vs_solo"]
-    return met
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on (and how busy it was when the bench began)."""
-    import platform
-
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "load_start": os.getloadavg()[0],
-                            "platform": platform.platform(),
-                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:  # a bench of server backends needs no torch
-        pass
-    return info
-
-
 def solo_mix(results: Sequence[Any], names: Sequence[str]) -> dict[str, list[int]]:
     """The token mix of concurrent relays: per agent, what each trajectory had it write."""
     return {name: [r.tokens_by_agent.get(name, 0) for r in results] for name in names}
@@ -511,45 +419,7 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def table(res: dict[str, Any]) -> str:
-    """The results as a readable Markdown table."""
-    ok = {True: "met", False: "NOT met"}
-    rows = ["| measure | value | goal |", "|---|---|---|"]
-    for name, v in res["prefill_amplification"].items():
-        rows.append(f"| prefill amplification, {name} | {v['reuse']['ratio']:.3f} with reuse "
-                    f"({v['reuse']['processed']}/{v['reuse']['view']} tokens); "
-                    f"{v['naive']['ratio']:.2f} naive | <= {GOALS['prefill_amplification']} |")
-    h = res["handoff_overhead_ms"]
-    rows.append(f"| handoff overhead (median, models excluded) | {h['median']:.2f} ms "
-                f"(p90 {h['p90']:.2f}; CPU {h['cpu_median']:.2f} ms); "
-                f"{h['ratio_to_bare_step']:.1f}x a bare LangGraph step "
-                f"({h['bare_langgraph_step_ms']:.3f} ms) | < {GOALS['handoff_overhead_ms']} ms |")
-    for every, entry in res["relay_vs_solo"]["by_interval"].items():
-        r = entry["relay_vs_solo"]
-        rows.append(f"| relay / solo, interval {every} ({entry['handoffs']} handoffs) | "
-                    f"{r['ratio']:.2f} (min {entry['relay_s']['min']:.1f} s vs "
-                    f"{entry['solo_s']['min']:.1f} s; median ratio {r['median_ratio']:.2f}) "
-                    f"| <= {GOALS['relay_vs_solo']} |")
-        if "relay_vs_floor" in entry:
-            f = entry["relay_vs_floor"]
-            rows.append(f"| relay / floor, interval {every} | {f['ratio']:.2f} (floor "
-                        f"{entry['floor_s']['min']:.1f} s = solo + "
-                        f"{entry['catch_up_s']['min']:.2f} s that the catch-up prefills add) "
-                        f"| <= {GOALS['relay_vs_floor']} |")
-    rows.append(f"| naive relay / solo | {res['relay_vs_solo']['naive_ratio']:.2f} | |")
-    for t in res["throughput"]:
-        rows.append(f"| throughput, {t['concurrency']} concurrent | {t['tokens_per_s']:.1f} tok/s "
-                    f"vs solo {t['solo_tokens_per_s']:.1f}: {t['vs_solo']['ratio']:.2f} "
-                    f"| >= {GOALS['throughput_vs_solo']} at the most |")
-    met = ", ".join(f"{k}: {ok[v]}" for k, v in res["goals_met"].items())
-    m = res["machine"]
-    note = (f"\n\n{res['handoffs']} handoffs at interval {res['interval']}; {res['repeat']} "
-            f"interleaved rounds per ratio (ratio of mins); load average {m['load_start']:.1f} "
-            f"-> {m.get('load_end', m['load_start']):.1f} on {m['cpus']} CPUs; goals: {met}")
-    warned = "".join(f"\nwarning: {w}" for w in res.get("warnings", ()))
-    return "\n".join(rows) + note + warned
-
-
-__all__ = ["GOALS", "QUESTION", "Call", "Recorder", "Timing", "amplification", "catch_ups",
-           "compare", "first_steps", "floor_seconds", "gaps", "interleave", "run_bench", "solo_mix", "table",
-           "timed"]
+__all__ = ["GOALS", "QUESTION", "SPREAD_WARNING", "Call", "Recorder", "Timing", "amplification",
+           "catch_ups", "compare", "first_steps", "floor_seconds", "gaps", "goals_met",
+           "interleave", "machine", "run_bench", "side", "solo_mix", "spread", "summary",
+           "table", "timed"]
