@@ -32,6 +32,7 @@ from relaygraph.agents.agent import Agent
 from relaygraph.agents.registry import BackendPool
 from relaygraph.config import RelayConfig
 from relaygraph.errors import BackendError, ConfigError, StoreUnavailableError
+from relaygraph.graphs.events import delivered_to, streamed
 from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.trajectory import (
     Segment,
@@ -201,14 +202,7 @@ class Relay:
         (``callbacks``, ``tags``, ``metadata``, ...).
         """
         inputs, cfg, tid = self._prepare(question, trajectory_id, prefix, thread_id, config)
-        result = None
-        for event in self._stream(inputs, cfg, tid):
-            if event["type"] == "result":
-                result = event["result"]
-            elif on_event is not None:
-                on_event(event)
-        assert result is not None  # _stream always ends with the result
-        return result
+        return self._run_inline(inputs, cfg, tid, on_event)
 
     def stream(self, question: str, trajectory_id: str | None = None,
                prefix: Sequence[Segment] = (), thread_id: str | None = None,
@@ -294,7 +288,7 @@ class Relay:
         _check_not_running(stored)
         graph_input, cfg = self._continuation(trajectory_id, answer)
         if graph_input is not None or cfg is not None:
-            return self._collect(self._stream(graph_input, cfg or {}, trajectory_id), on_event)
+            return self._run_inline(graph_input, cfg or {}, trajectory_id, on_event)
         task = self.store.load(trajectory_id).task
         result = self.run(task.config.get("asked") or task.question, trajectory_id=trajectory_id,
                           on_event=on_event, thread_id=self._fresh_thread(trajectory_id))
@@ -367,6 +361,10 @@ class Relay:
         snapshot = self.graph.get_state(cfg)
         if not snapshot.next or snapshot.values.get("trajectory_id") != trajectory_id:
             return None, None
+        if len(stored.segments) < int(snapshot.values.get("cursor") or 0):
+            # the thread's last step outran the store (its append never landed: the server
+            # was lost before the reply was read): continue from what the store holds
+            return None, None
         if snapshot.interrupts:
             if answer is None:
                 raise ConfigError(f"trajectory {trajectory_id} waits for a human's answer to "
@@ -378,9 +376,10 @@ class Relay:
     def _stream(self, graph_input: Any, cfg: RunnableConfig, tid: str) -> Iterator[Event]:
         run = _Run(self, tid, cfg)
         try:
-            for mode, chunk in self.graph.stream(graph_input, cfg, stream_mode=STREAM_MODES):
-                if (event := run.feed(mode, chunk)) is not None:
-                    yield event
+            with streamed():
+                for mode, chunk in self.graph.stream(graph_input, cfg, stream_mode=STREAM_MODES):
+                    if (event := run.feed(mode, chunk)) is not None:
+                        yield event
         except Exception as exc:
             if (error := run.failed(exc)) is exc:
                 raise
@@ -388,6 +387,21 @@ class Relay:
         finally:  # a stream its consumer left mid-run runs no more: no heartbeat
             liveness.release(run.tid)
         yield {"type": "result", "result": run.result()}
+
+    def _run_inline(self, graph_input: Any, cfg: RunnableConfig, tid: str,
+                    on_event: Callable[[Event], None] | None) -> RunResult:
+        """Run the graph to its end in this thread: each step runs inline (no executor
+        thread per step) and hands its events to ``on_event`` as they happen."""
+        run = _Run(self, tid, cfg)
+        try:
+            with delivered_to(on_event):
+                for chunk in self.graph.stream(graph_input, cfg, stream_mode="values"):
+                    run.feed("values", chunk)
+        except Exception as exc:
+            if (error := run.failed(exc)) is exc:
+                raise
+            raise error from None
+        return run.result()
 
     async def _astream(self, graph_input: Any, cfg: RunnableConfig, tid: str) -> AsyncIterator[Event]:
         run = _Run(self, tid, cfg)
@@ -402,17 +416,6 @@ class Relay:
         finally:  # a stream its consumer left mid-run runs no more: no heartbeat
             liveness.release(run.tid)
         yield {"type": "result", "result": run.result()}
-
-    @staticmethod
-    def _collect(events: Iterator[Event], on_event: Callable[[Event], None] | None) -> RunResult:
-        result = None
-        for event in events:
-            if event["type"] == "result":
-                result = event["result"]
-            elif on_event is not None:
-                on_event(event)
-        assert result is not None
-        return result
 
     def _mark_failed(self, tid: str, exc: Exception) -> None:
         try:

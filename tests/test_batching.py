@@ -113,3 +113,38 @@ def test_a_relay_run_warns_about_nothing(backends, redis_store) -> None:
         relay.run_many([tiny.QUESTION, tiny.NOCALL_QUESTION], concurrency=2)  # batched steps too
     noisy = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert noisy == [], [str(w.message) for w in noisy]
+
+
+def test_a_step_mixing_decodes_and_catch_ups_runs_them_as_two_batches(random_backend) -> None:
+    """Rows of one new token are not padded to the width of a catch-up prefill: decode rows
+    form one batch, catch-up rows another, and every row's logits are those of running it
+    alone."""
+    import torch
+    from transformers import DynamicCache
+
+    from relaygraph.agents.batching import _Request, split_by_width
+
+    batcher = random_backend.batcher
+    ids = [random_backend.render(_prompt(q)) for q in QUESTIONS[:4]]
+    feeds = [[11], [12], [13, 14, 15, 16, 17], [18, 19, 20]]
+
+    def cached(prompt_ids: list[int]) -> DynamicCache:
+        cache = DynamicCache(config=random_backend.model.config)
+        batcher._single(_Request(prompt_ids, cache))
+        return cache
+
+    alone = []
+    for prompt_ids, feed in zip(ids, feeds):
+        request = _Request(feed, cached(prompt_ids))
+        batcher._single(request)
+        alone.append(request.logits)
+    requests = [_Request(feed, cached(p)) for p, feed in zip(ids, feeds)]
+    assert [[len(r.feed) for r in g] for g in split_by_width(requests)] == [[1, 1], [5, 3]]
+    before = (batcher.batches, batcher.batched_rows)
+    with torch.inference_mode():
+        batcher._run(requests)
+    assert (batcher.batches - before[0], batcher.batched_rows - before[1]) == (2, 4)
+    for request, expected, prompt_ids, feed in zip(requests, alone, ids, feeds):
+        assert request.error is None and request.done
+        assert torch.allclose(request.logits, expected, atol=1e-4)
+        assert request.cache.get_seq_length() == len(prompt_ids) + len(feed)

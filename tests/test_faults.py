@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,10 @@ CRASHING_RUN = textwrap.dedent("""
     from relaygraph.trajectory import RedisStore
     from tests import tiny_models as tiny
 
-    url, controller, expert, policy, tid, crash_after = sys.argv[1:7]
+    url, controller, expert, policy, tid, crash_after, in_flight = sys.argv[1:8]
     store = RedisStore.from_url(url)
     appended = 0
-    real_append = store.append
+    real_append, real_send = store.append, store.send_append
 
     def append(*args):
         global appended
@@ -80,7 +81,18 @@ CRASHING_RUN = textwrap.dedent("""
         if appended == int(crash_after):
             os._exit(9)  # the process dies right after this append, mid-run
 
+    def send_append(*args):  # the relay's pipelined appends
+        global appended
+        confirm = real_send(*args)
+        appended += 1
+        if appended == int(crash_after):
+            if in_flight == "0":
+                confirm()  # dies right after this append landed
+            os._exit(9)  # (or while its reply is still on the way)
+        return confirm
+
     store.append = append
+    store.send_append = send_append
     expert_backend = TransformersBackend(expert, dtype="float32")
     first = TransformersBackend(controller, dtype="float32") if policy == "call-token" else expert_backend
     agents = [Agent("controller", first, tiny.SYSTEM_PROMPT),
@@ -90,14 +102,16 @@ CRASHING_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("policy, crash_after", [
-    ("call-token", 1),      # after the controller's text, before its call segment: mid-step
-    ("call-token", 2),      # after a whole step
-    ("call-token", 3),      # after the expert's turn
-    ("fixed-interval", 5),
-    ("fixed-interval", 11),
+@pytest.mark.parametrize("policy, crash_after, in_flight", [
+    ("call-token", 1, False),      # after the controller's text, before its call segment: mid-step
+    ("call-token", 2, False),      # after a whole step
+    ("call-token", 3, False),      # after the expert's turn
+    ("fixed-interval", 5, False),
+    ("fixed-interval", 11, False),
+    ("fixed-interval", 7, True),   # a pipelined append sent, its reply not yet read
 ])
-def test_process_crash_then_resume_is_identical(policy, crash_after, pair, dirs, redis_server) -> None:
+def test_process_crash_then_resume_is_identical(policy, crash_after, in_flight, pair, dirs,
+                                                redis_server) -> None:
     store = RedisStore.from_url(redis_server.url)
     reference = Relay(crew(pair, policy), POLICIES[policy](), store, max_tokens=40).run(tiny.QUESTION)
     ref_segments = store.read(reference.trajectory_id)
@@ -105,11 +119,13 @@ def test_process_crash_then_resume_is_identical(policy, crash_after, pair, dirs,
 
     tid = f"crash-{policy}-{crash_after}-{time.time_ns()}"
     proc = subprocess.run([sys.executable, "-c", CRASHING_RUN, redis_server.url, str(dirs[0]),
-                           str(dirs[1]), policy, tid, str(crash_after)],
+                           str(dirs[1]), policy, tid, str(crash_after), str(int(in_flight))],
                           capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parents[1])
     assert proc.returncode == 9, proc.stderr
-    assert store.length(tid) == crash_after and store.status(tid) == "running"
+    # an append in flight when the process died may have landed or not
+    assert store.length(tid) in ((crash_after - 1, crash_after) if in_flight else (crash_after,))
+    assert store.status(tid) == "running"
     FIGURES["interrupted"] += 1
 
     resumed = Relay(crew(pair, policy), POLICIES[policy](), store, max_tokens=40).resume(tid)
@@ -222,7 +238,17 @@ def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server
         if seq == 1:
             raise Crash()
 
+    real_send = crashing.send_append
+
+    def send_append(tid: str, seq: int, seg: Segment) -> Callable[[], None]:
+        confirm = real_send(tid, seq, seg)  # the relay's pipelined appends
+        if seq == 1:
+            confirm()
+            raise Crash()
+        return confirm
+
     crashing.append = append  # type: ignore[method-assign]
+    crashing.send_append = send_append  # type: ignore[method-assign]
     tid = f"cli-resume-{time.time_ns()}"
     with pytest.raises(Crash):
         Relay.from_config(cfg, crashing).run(tiny.QUESTION, trajectory_id=tid)

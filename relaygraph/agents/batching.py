@@ -31,9 +31,9 @@ class Batcher:
 
     A thread inside :meth:`session` calls :meth:`forward` once per step; the first caller
     to find the model idle waits (at most ``wait_s``) for the other active sessions to
-    submit their step, then runs them together: decode steps and short prefills (what other
-    agents wrote since a turn) of conversations with a cache as one padded batch; long or
-    first prefills one by one.
+    submit their step, then runs them together: decode steps of conversations with a cache
+    as one batch, short prefills (what other agents wrote since a turn) as another padded
+    batch; long or first prefills one by one.
     """
 
     def __init__(self, model: Any, device: str, wait_s: float = 0.01, max_batch: int = 64,
@@ -102,13 +102,16 @@ class Batcher:
         with self.lock, torch.inference_mode():
             joint = [r for r in batch if len(r.feed) <= self.max_feed and _paddable(r.cache)]
             singles = [r for r in batch if r not in joint]
-            if len(joint) == 1:
-                singles += joint
-                joint = []
+            groups = []
+            for group in split_by_width(joint):
+                if len(group) == 1:
+                    singles += group
+                else:
+                    groups.append(group)
             for request in singles:
                 self._guard([request], self._single, request)
-            if joint:
-                self._guard(joint, self._batched, joint)
+            for group in groups:
+                self._guard(group, self._batched, group)
 
     def _guard(self, requests: list[_Request], fn: Any, arg: Any) -> None:
         try:
@@ -164,6 +167,15 @@ class Batcher:
             r.logits = out.logits[row, -1].float()
         self.batches += 1
         self.batched_rows += rows
+
+
+def split_by_width(requests: list[_Request]) -> list[list[_Request]]:
+    """Decode steps (one new token) apart from catch-up prefills (several): in one padded
+    batch every row would be as wide as the widest, so a few turns starting with a catch-up
+    of 9 tokens would make 32 decode rows cost a 288-token forward instead of 32 + 36."""
+    decode = [r for r in requests if len(r.feed) == 1]
+    prefill = [r for r in requests if len(r.feed) > 1]
+    return [group for group in (decode, prefill) if group]
 
 
 def cache_argument(model: Any) -> str:

@@ -184,6 +184,36 @@ class TransformersBackend(TokenizerBackend):
             yield Sample(token, float(logp[token]), functools.partial(_entropy, logp))
             feed = [token]
 
+    def prefill_seconds(self, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[float]:
+        """Seconds of each prefill of ``ids[start:end]`` onto a KV cache holding
+        ``ids[:start]``, each run and timed alone (the bench's floor: the catch-up a relay
+        cannot avoid). One prefill of the longest prefix builds the cache, cropped back
+        for each span, latest first."""
+        import torch
+        from transformers import DynamicCache
+
+        out = [0.0] * len(spans)
+        if not spans:
+            return out
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0], reverse=True)
+        with self.batcher.lock, torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            top = spans[order[0]][0]
+            if top:
+                self.model(input_ids=torch.tensor([list(ids[:top])], device=self.device),
+                           use_cache=True, logits_to_keep=1, **{self.batcher.cache_arg: cache})
+            for i in order:
+                start, end = spans[i]
+                if (extra := cache.get_seq_length() - start) > 0:
+                    cache.crop(-extra)
+                feed = torch.tensor([list(ids[start:end])], device=self.device)
+                began = time.perf_counter()
+                logits = self.model(input_ids=feed, use_cache=True, logits_to_keep=1,
+                                    **{self.batcher.cache_arg: cache}).logits[0, -1].float()
+                int(torch.argmax(logits))  # as a turn's first step does: wait for the result
+                out[i] = time.perf_counter() - began
+        return out
+
     def next_token_logprobs(self, prompt: Prompt, candidates: Sequence[str]) -> dict[str, float]:
         """Log-probability of each candidate's first token right after ``prompt``."""
         import torch

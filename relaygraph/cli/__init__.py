@@ -83,6 +83,11 @@ def _plain_flags(cmd: Any) -> None:
 
 def main(args: Sequence[str] | None = None) -> None:
     """The ``relaygraph`` entry point."""
+    # Before torch loads: OpenMP threads that spin while they wait for work steal the cores
+    # a relay's Python steps, the store and other jobs need (a decode step ran 8x slower on
+    # a busy 2-core machine); waiting passively costs little on a quiet one. Set it to
+    # ACTIVE to have the spinning back.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     debug = bool(os.environ.get("RELAYGRAPH_DEBUG"))
     try:
         code = command().main(args=list(args) if args is not None else None, prog_name=PROG,

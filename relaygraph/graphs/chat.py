@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.callbacks import CallbackManager
+from langchain_core.callbacks import BaseCallbackManager, CallbackManager
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -140,8 +140,9 @@ class LLMRun:
               mid: str, position: int) -> LLMRun | None:
         """Start the run under the node's callbacks (None when nobody listens)."""
         callbacks = config.get("callbacks")
-        if not callbacks:
-            return None
+        if not callbacks or (isinstance(callbacks, BaseCallbackManager)
+                             and not callbacks.handlers and not callbacks.inheritable_handlers):
+            return None  # nobody listens (LangGraph passes an empty manager): nothing to build
         backend = agent.backend
         sampling = agent.sampling
         manager = CallbackManager.configure(

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from langgraph.config import get_config, get_stream_writer
+from langgraph.config import get_config
 from langgraph.constants import CONFIG_KEY_CHECKPOINTER
 from langgraph.errors import GraphBubbleUp, GraphInterrupt
 from langgraph.graph import END, START, StateGraph
@@ -48,6 +48,7 @@ from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Generation, StopRule, capabilities
 from relaygraph.errors import BackendError, ConfigError, RelayGraphError
 from relaygraph.graphs.chat import LLMRun, message_id, removals, steer_messages, turn_message
+from relaygraph.graphs.events import writer as event_writer
 from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.graphs.start import start_node
 from relaygraph.graphs.state import Node, RelayInput, RelayOutput, RelayState
@@ -56,7 +57,7 @@ from relaygraph.policies.base import SUPERVISOR, Decision, Policy, SupervisedPol
 from relaygraph.trajectory import liveness
 from relaygraph.trajectory.answers import extract_answer
 from relaygraph.trajectory.models import Price, Segment, StepRecord, active, reasoning_text
-from relaygraph.trajectory.store import TrajectoryStore
+from relaygraph.trajectory.store import PipelinedStore, TrajectoryStore
 from relaygraph.trajectory.totals import FINISH, Totals
 
 if TYPE_CHECKING:
@@ -109,14 +110,14 @@ def build_graph(
                                        retry, context, _state_of),
                    destinations=tuple(names))
     for name in names:
-        graph.add_node(name, _step(policy, store, _agent_node(by_name[name], policy, seen, retry,
-                                                              backups)),
+        graph.add_node(name, _step(policy, seen, _agent_node(by_name[name], policy, seen, retry,
+                                                             backups)),
                        destinations=targets)
     if isinstance(policy, SupervisedPolicy):
-        graph.add_node(SUPERVISOR, _step(policy, store, _supervisor_node(policy, seen)),
+        graph.add_node(SUPERVISOR, _step(policy, seen, _supervisor_node(policy, seen)),
                        destinations=targets)
     prices = {a.name: a.price for a in agents if a.price is not None}
-    graph.add_node(FINISH, _step(policy, store, _finish_node(policy, store, prices)))
+    graph.add_node(FINISH, _step(policy, seen, _finish_node(policy, seen, prices)))
     graph.add_edge(START, "start")
     graph.add_edge(FINISH, END)
     return graph.compile(checkpointer=checkpointer, name=f"relaygraph:{policy.name}")
@@ -156,9 +157,12 @@ def context(state: RelayState) -> TurnContext:
         trajectory_id=state.get("trajectory_id", ""))
 
 
-def _step(policy: Policy, store: TrajectoryStore, body: Node) -> Node:
+def _step(policy: Policy, seen: SegmentCache, body: Node) -> Node:
     """A step of a started run: inside the run's trace; an interrupt pauses the run (with a
-    checkpointer) and a failure ends its trace with the error."""
+    checkpointer) and a failure ends its trace with the error. A step that does not go on
+    to the next one confirms the run's pipelined appends first (what it wrote is stored)."""
+    store = seen.store
+
     def step(state: RelayState) -> Any:
         tid = state["trajectory_id"]
         with tracing.in_run(tid, policy.name, state.get("trace", "")):
@@ -168,18 +172,31 @@ def _step(policy: Policy, store: TrajectoryStore, body: Node) -> Node:
                     liveness.hold(store, tid)
                 return body(state)
             except GraphInterrupt as exc:
+                seen.confirm(tid)
                 liveness.release(tid)
                 _paused(store, tid, exc)
                 raise
             except GraphBubbleUp:  # control flow of a parent graph (Command(graph=PARENT))
+                seen.confirm(tid)
                 liveness.release(tid)
                 raise
             except BaseException as exc:
+                _confirm_after(seen, tid, exc)
                 liveness.release(tid, store, clear=True)  # not running here any more
                 tracing.end_run(tid, "error", error=exc)
                 raise
 
     return step
+
+
+def _confirm_after(seen: SegmentCache, tid: str, error: BaseException) -> None:
+    """Confirm a failing run's earlier appends; a store that fails now too is the error the
+    run already reports (or about to: a lost server), so its own error is not raised."""
+    try:
+        seen.confirm(tid)
+    except Exception as exc:  # noqa: BLE001 - the step's own error is what the run raises
+        error.add_note(f"an earlier append of trajectory {tid} is unconfirmed: "
+                       f"{type(exc).__name__}")
 
 
 def _paused(store: TrajectoryStore, tid: str, exc: GraphInterrupt) -> None:
@@ -235,7 +252,7 @@ def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, default_retry
     def node(state: RelayState) -> Command:
         tid, cursor = state["trajectory_id"], state["cursor"]
         ctx = context(state)
-        writer = get_stream_writer()
+        writer = event_writer()
         config = get_config()
         retry = RetryPolicy.model_validate(state["retry"]) if state.get("retry") else default_retry
         view = policy.view(agent.name, active(store.read(tid, 0, cursor)))
@@ -311,7 +328,7 @@ def _supervisor_node(policy: SupervisedPolicy, store: SegmentCache) -> Node:
     def supervise(state: RelayState) -> Command:
         tid, cursor = state["trajectory_id"], state["cursor"]
         segments = store.read(tid, 0, cursor)
-        writer = get_stream_writer()
+        writer = event_writer()
         decision = policy.review(segments, context(state))  # may interrupt() for a human
         for seg in decision.segments:
             if seg.kind == "steer":
@@ -373,35 +390,74 @@ def _apply(decision: Decision, state: RelayState, store: SegmentCache, author: s
 class SegmentCache:
     """Reads and appends of the trajectories this graph is running, remembering what was read
     or written: a stored segment never changes (appends are exactly-once), so a turn fetches
-    only what it has not seen — usually nothing. Least recently used trajectories are dropped."""
+    only what it has not seen — usually nothing. Least recently used trajectories are dropped.
+
+    On a store that pipelines appends (:class:`~relaygraph.trajectory.store.PipelinedStore`)
+    a step's appends are sent without waiting for the server; they are confirmed before the
+    trajectory's next append or read, and by :meth:`confirm` when a run stops (finished,
+    paused or failed) — so a step never waits for a round trip, and a conflict still fails
+    the run before anything is written after it."""
 
     def __init__(self, store: TrajectoryStore, size: int = 256) -> None:
         self.store = store
         self.size = size
         self._known: OrderedDict[str, list[Segment]] = OrderedDict()
+        self._pending: dict[str, list[Callable[[], None]]] = {}
+        self._send = store.send_append if isinstance(store, PipelinedStore) else None
         self._lock = threading.Lock()
 
     def read(self, tid: str, start: int, end: int) -> list[Segment]:
         with self._lock:
             known = self._known.pop(tid, [])
         if len(known) < end:
+            self.confirm(tid)
             known = known + self.store.read(tid, len(known), end)
         self._remember(tid, known)
         return known[start:end]
 
     def append(self, tid: str, position: int, segment: Segment) -> None:
-        self.store.append(tid, position, segment)
+        self.confirm(tid)  # never write after an append that may have failed
+        if self._send is None:
+            self.store.append(tid, position, segment)
+        else:
+            confirm = self._send(tid, position, segment)
+            with self._lock:
+                self._pending.setdefault(tid, []).append(confirm)
         with self._lock:
             known = self._known.pop(tid, [])
         if len(known) == position:
             known.append(segment)
         self._remember(tid, known)
 
+    def confirm(self, tid: str) -> None:
+        """Wait for the replies of the trajectory's appends sent so far (raising what a
+        failed one raises); an append that fails stays pending, so a retry confirms it."""
+        while True:
+            with self._lock:  # one caller per confirmation (an eviction may confirm too)
+                pending = self._pending.get(tid)
+                if not pending:
+                    self._pending.pop(tid, None)
+                    return
+                confirm = pending.pop(0)
+            try:
+                confirm()
+            except BaseException:
+                with self._lock:  # a retry confirms it again (appending it anew)
+                    self._pending.setdefault(tid, []).insert(0, confirm)
+                raise
+
     def _remember(self, tid: str, known: list[Segment]) -> None:
         with self._lock:
             self._known[tid] = known
+            dropped = []
             while len(self._known) > self.size:
-                self._known.popitem(last=False)
+                dropped.append(self._known.popitem(last=False)[0])
+        for old in dropped:  # an abandoned run's last appends: read their replies
+            try:
+                self.confirm(old)
+            except Exception:  # noqa: BLE001 - nobody waits for that run any more
+                with self._lock:
+                    self._pending.pop(old, None)
 
 
 def _state_of(totals: Totals) -> RelayState:
@@ -412,9 +468,12 @@ def _state_of(totals: Totals) -> RelayState:
             "generated": totals.generated, "handoff_records": list(totals.handoff_records)}
 
 
-def _finish_node(policy: Policy, store: TrajectoryStore, prices: dict[str, Price]) -> Node:
+def _finish_node(policy: Policy, seen: SegmentCache, prices: dict[str, Price]) -> Node:
+    store = seen.store
+
     def finish(state: RelayState) -> dict[str, Any]:
         tid = state["trajectory_id"]
+        seen.confirm(tid)  # every segment is stored before the run reads as finished
         text = reasoning_text(active(store.read(tid)))  # rolled-back steps are not the answer
         answer = extract_answer(text)
         totals = Totals.from_state(state)

@@ -16,8 +16,9 @@ from relaygraph.trajectory.models import (
 )
 from relaygraph.trajectory.redis_store import PruneReport, RedisStore
 from relaygraph.trajectory.settings import StoreConfig, open_store, parse_duration
-from relaygraph.trajectory.store import SharedStore, TrajectoryStore
+from relaygraph.trajectory.store import PipelinedStore, SharedStore, TrajectoryStore
 
-__all__ = ["FinishReason", "Price", "PruneReport", "RedisStore", "Segment", "SegmentKind",
-           "SharedStore", "StoreConfig", "Task", "Trajectory", "TrajectoryStore", "check_namespace",
-           "check_trajectory_id", "new_trajectory_id", "open_store", "parse_duration", "redact_url"]
+__all__ = ["FinishReason", "PipelinedStore", "Price", "PruneReport", "RedisStore", "Segment",
+           "SegmentKind", "SharedStore", "StoreConfig", "Task", "Trajectory", "TrajectoryStore",
+           "check_namespace", "check_trajectory_id", "new_trajectory_id", "open_store",
+           "parse_duration", "redact_url"]

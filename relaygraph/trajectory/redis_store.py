@@ -22,7 +22,7 @@ Values are JSON; nothing is ever unpickled.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -50,6 +50,7 @@ from relaygraph.trajectory.models import (
     check_namespace,
     check_trajectory_id,
 )
+from relaygraph.trajectory.pipelined import send_append
 
 _CREATE = """
 if redis.call('HSETNX', KEYS[1], 'task', ARGV[1]) == 0 then return 0 end
@@ -216,8 +217,17 @@ class RedisStore:
     def append(self, trajectory_id: str, seq: int, segment: Segment) -> None:
         if seq < 0:
             raise ValueError(f"position must be >= 0, got {seq}")
-        result = _text(self._append(keys=self._keys(trajectory_id),
-                                    args=[seq, segment.model_dump_json()]))
+        self._appended(trajectory_id, seq, self._append(keys=self._keys(trajectory_id),
+                                                        args=[seq, segment.model_dump_json()]))
+
+    def send_append(self, trajectory_id: str, seq: int, segment: Segment) -> Callable[[], None]:
+        """:meth:`append` pipelined: sent now, its reply read by the returned ``confirm()``
+        (which raises what :meth:`append` would); see :func:`~relaygraph.trajectory.pipelined.send_append`."""
+        return send_append(self, trajectory_id, seq, segment)
+
+    def _appended(self, trajectory_id: str, seq: int, reply: Any) -> None:
+        """Raise what an append's reply from the Lua script means, if it is an error."""
+        result = _text(reply)
         if result in ("ok", "dup"):
             return
         if result == "missing":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 from relaygraph.trajectory.models import Segment, Task, Trajectory
@@ -93,4 +93,15 @@ class SharedStore(TrajectoryStore, Protocol):
 
     def claim(self, trajectory_id: str) -> Status | None:
         """Take it over to continue it here (None: a live process holds it)."""
+        ...
+
+
+@runtime_checkable
+class PipelinedStore(TrajectoryStore, Protocol):
+    """A store whose appends can be sent without waiting for the reply (the relay graph
+    uses it so that no step waits for a round trip to the server)."""
+
+    def send_append(self, trajectory_id: str, seq: int, segment: Segment) -> Callable[[], None]:
+        """Send an :meth:`append`; the returned function reads its reply, raising what
+        ``append`` would. Nothing may be appended to the trajectory before it is called."""
         ...
