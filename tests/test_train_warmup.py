@@ -185,6 +185,11 @@ def test_disagreement_calls_go_where_the_expert_prefers_another_token() -> None:
     # a position that may not be split (inside a character) is passed over
     calls = disagreement_calls(ids, score, line_ends, settings, 3, splittable=lambda t: t != 5)
     assert calls[0].position == 8
+    # numeric_only: only where the expert's own token is a number (here: its choice at t=40)
+    top_id[40] = 9
+    numeric = DisagreementSettings(min_margin=2.0, min_call_tokens=10, numeric_only=True)
+    calls = disagreement_calls(ids, score, line_ends, numeric, 3, numeric=lambda i: i == 9)
+    assert [(c.position, c.n) for c in calls] == [(40, 10)]
 
 
 def test_called_tokens_are_masked_and_commands_trained() -> None:

@@ -103,12 +103,45 @@ def run_pipeline(settings: PipelineSettings, progress: Progress = print) -> Path
     final = run_grpo(settings.grpo, progress)
     summary = summarize(settings)
     (settings.output_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
-    progress(f"summary in {settings.output_dir / 'training.json'}")
+    plotted = plot_training(summary, settings.output_dir / "training.png")
+    progress(f"summary in {settings.output_dir / 'training.json'}"
+             + (" and training.png" if plotted else ""))
     trained = settings.grpo.output_dir / "adapter"
     if (trained / "adapter_config.json").is_file():
         export_adapter(trained, settings.output_dir / "adapter", summary)
         progress(f"adapter to ship (bfloat16, with its training card): {settings.output_dir / 'adapter'}")
     return final
+
+
+def plot_training(summary: dict[str, Any], path: Path) -> bool:
+    """The per-step curves: warm-up loss; GRPO reward, accuracy and call ratio. False when
+    matplotlib is missing (``pip install "relaygraph[eval]"``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (warm, grpo) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    losses = [(e["step"], e["loss"]) for e in summary["warmup"]["log"] if e.get("loss") is not None]
+    if losses:
+        warm.plot(*zip(*losses, strict=True), marker=".", color="tab:blue")
+    warm.set(title="warm-up SFT", xlabel="optimizer step", ylabel="loss")
+    log = summary["grpo"]["log"]
+    for key, colour in (("reward", "tab:green"), ("accuracy", "tab:blue"),
+                        ("call_ratio", "tab:red")):
+        points = [(e["step"], e[key]) for e in log if e.get(key) is not None]
+        if points:
+            grpo.plot(*zip(*points, strict=True), marker="o", color=colour, label=key)
+    grpo.set(title="GRPO (means over the step's rollouts)", xlabel="optimizer step")
+    grpo.legend(fontsize=8)
+    for ax in (warm, grpo):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def export_adapter(source: Path, target: Path, card: dict[str, Any]) -> Path:

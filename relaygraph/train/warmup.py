@@ -12,9 +12,9 @@ How many commands one response gets is drawn uniformly from ``min_calls..max_cal
 ``placement = "disagreement"`` (beyond the paper, after R2R's router labels) puts the
 commands where the expert disagrees with the small model instead: the expert reads the
 small model's own response teacher-forced, and a command goes before a token the expert
-would not have written (its own choice ahead by at least ``min_margin`` nats), asking for
-the tokens to the end of that line; responses graded correct get none (their
-disagreements did not matter). ``mask_called_tokens`` keeps the loss off the tokens a
+would not have written (its own choice ahead by at least ``min_margin`` nats; with
+``numeric_only``, a choice that is a number), asking for the tokens to the end of that
+line; responses graded correct get none (their disagreements did not matter). ``mask_called_tokens`` keeps the loss off the tokens a
 command hands to the expert (at inference the expert writes them).
 
 Output folder: ``samples.jsonl`` (resumable), ``expert_scores.jsonl`` (disagreement
@@ -84,6 +84,10 @@ class DisagreementSettings(Strict):
     max_call_tokens: int = Field(100, ge=1)
     """A command asks for the tokens to the end of the line, rounded up to d x 10^k and
     kept within these bounds (and within what is left of the response)."""
+    numeric_only: bool = False
+    """Count only disagreements where the expert's own choice holds a digit: it would write
+    another number (an arithmetic or reading-off error, the kind that changes a math
+    answer; most other disagreements are wording)."""
     calls_on_correct: bool = False
     """Also place commands in responses graded correct."""
 
@@ -243,17 +247,20 @@ def score_with_expert(expert: Any, prompt_ids: Sequence[int], response_ids: Sequ
 
 def disagreement_calls(response_ids: Sequence[int], score: ExpertScore, line_ends: Sequence[bool],
                        settings: DisagreementSettings, max_calls: int,
-                       splittable: Callable[[int], bool] = lambda _: True) -> list[Insertion]:
+                       splittable: Callable[[int], bool] = lambda _: True,
+                       numeric: Callable[[int], bool] = lambda _: True) -> list[Insertion]:
     """Commands before the first ``max_calls`` disagreements, each asking for the tokens
     to the end of its line (snapped to the d x 10^k grid, within the settings' bounds and
     what is left); a later disagreement counts only after the previous command's tokens.
 
-    ``line_ends[t]``: token ``t`` ends a line (its text holds a newline)."""
+    ``line_ends[t]``: token ``t`` ends a line (its text holds a newline); ``numeric(id)``:
+    the token's text holds a digit (used with ``numeric_only``)."""
     out: list[Insertion] = []
     t, size = 0, len(response_ids)
     while t < size and len(out) < max_calls:
         margin = score.top_logprob[t] - score.token_logprob[t]
-        if score.top_id[t] != response_ids[t] and margin >= settings.min_margin and splittable(t):
+        if score.top_id[t] != response_ids[t] and margin >= settings.min_margin and splittable(t) \
+                and (not settings.numeric_only or numeric(score.top_id[t])):
             end = next((u + 1 for u in range(t, size) if line_ends[u]), size)
             n = snap_call_length(end - t, settings.min_call_tokens, settings.max_call_tokens)
             n = min(n, size - t)
@@ -277,6 +284,8 @@ def build_sft_rows(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
     rng = random.Random(settings.seed)
     eos = backend.tokenizer.eos_token_id
     line_end = functools.lru_cache(maxsize=None)(lambda t: "\n" in backend.decode([t]))
+    numeric = functools.lru_cache(maxsize=None)(
+        lambda t: any(c.isdigit() for c in backend.decode([t])))
     out = []
     for sample in sorted(samples, key=lambda s: (s["index"], s["sample"])):
         ids = sample["response_ids"]
@@ -292,7 +301,7 @@ def build_sft_rows(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
             insertions = [] if correct and not settings.disagreement.calls_on_correct else \
                 disagreement_calls(ids, scores[sample["index"], sample["sample"]],
                                    [line_end(t) for t in ids], settings.disagreement,
-                                   settings.max_calls, splittable)
+                                   settings.max_calls, splittable, numeric)
             new_ids = splice_calls(ids, insertions, backend.encode)
         else:
             count = rng.randint(settings.min_calls, settings.max_calls)
