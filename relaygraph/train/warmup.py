@@ -14,8 +14,9 @@ commands where the expert disagrees with the small model instead: the expert rea
 small model's own response teacher-forced, and a command goes before a token the expert
 would not have written (its own choice ahead by at least ``min_margin`` nats; with
 ``numeric_only``, a choice that is a number), asking for the tokens to the end of that
-line; responses graded correct get none (their disagreements did not matter). ``mask_called_tokens`` keeps the loss off the tokens a
-command hands to the expert (at inference the expert writes them).
+line; responses graded correct get none (their disagreements did not matter).
+``mask_called_tokens`` keeps the loss off the tokens a command hands to the expert (at
+inference the expert writes them).
 
 Output folder: ``samples.jsonl`` (resumable), ``expert_scores.jsonl`` (disagreement
 placement, resumable), ``warmup.jsonl`` (the SFT data, readable), ``checkpoints/``
