@@ -23,12 +23,13 @@ _EXPORTS = {
     "RelayConfig": "relaygraph.config",
     "Relay": "relaygraph.relay",
     "RunResult": "relaygraph.relay",
+    "RetryPolicy": "relaygraph.graphs.retry",
     "Segment": "relaygraph.trajectory",
     "Task": "relaygraph.trajectory",
     "Trajectory": "relaygraph.trajectory",
     "open_store": "relaygraph.trajectory",
 }
-__all__ = ["Agent", "CallTokenPolicy", "Relay", "RelayConfig", "RelayGraphError", "RunResult",
+__all__ = ["Agent", "CallTokenPolicy", "Relay", "RelayConfig", "RelayGraphError", "RetryPolicy", "RunResult",
            "Sampling", "Segment", "SoloPolicy", "StopRule", "Task", "Trajectory", "open_store",
            "register_backend", "register_policy"]
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from relaygraph.agents.registry import register_backend
     from relaygraph.config import RelayConfig
     from relaygraph.errors import RelayGraphError
+    from relaygraph.graphs.retry import RetryPolicy
     from relaygraph.policies import CallTokenPolicy, SoloPolicy, register_policy
     from relaygraph.relay import Relay, RunResult
     from relaygraph.trajectory import Segment, Task, Trajectory, open_store

@@ -17,6 +17,11 @@ model = "qwen2.5-coder-1.5b"
 type = "confidence"        # see `relaygraph run --help` for every registered policy
 threshold = -2.5
 fallback_tokens = 16
+
+[store]                    # optional; `redis = "redis://..."` at the top is the same as url
+url = "redis+cluster://10.0.0.5:7000,10.0.0.6:7000"   # else $REDIS_URL, else the embedded server
+namespace = "experiment-7" # key prefix: tenants, experiments (default relaygraph)
+ttl = "7d"                 # new trajectories expire 7 days after their last activity
 ```
 
 This module is data only: :meth:`relaygraph.relay.Relay.from_config` builds a relay from a
@@ -45,8 +50,10 @@ from pydantic import (
 from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.agents.registry import AgentConfig, parse_agent_config, parse_agent_configs
 from relaygraph.errors import ConfigError, validation_message
+from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.policies.base import PolicyConfig
 from relaygraph.policies.registry import parse_policy
+from relaygraph.trajectory.settings import StoreConfig, fold_redis_key
 
 
 def default_agents() -> dict[str, AgentConfig]:
@@ -63,9 +70,23 @@ class RelayConfig(BaseModel):
     agents: dict[str, SerializeAsAny[AgentConfig]] = Field(default_factory=default_agents)
     policy: SerializeAsAny[PolicyConfig] = Field(default_factory=lambda: parse_policy({}))
     max_tokens: int = Field(512, ge=1)
-    redis: str | None = None
+    store: StoreConfig = StoreConfig()
+    """Where trajectories go (``redis = "url"`` is read as ``store.url``)."""
     fallbacks: dict[str, str] = {}
     """Agent -> agent that writes its turn when its backend keeps failing."""
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    """How a failing generation is retried before the fallback takes the turn (attempts,
+    back-off); recorded with each trajectory, so a resumed run retries the same way."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_key(cls, data: Any) -> Any:
+        return fold_redis_key(data)
+
+    @property
+    def redis(self) -> str | None:
+        """The store's URL (None: ``$REDIS_URL``, else the embedded server)."""
+        return self.store.url
 
     @field_validator("agents", mode="before")
     @classmethod
@@ -134,6 +155,11 @@ class RelayConfig(BaseModel):
                 agents[name] = {"model": models[name], "dtype": dtype}
         return cls.parse({"agents": agents, "policy": policy_cfg, "max_tokens": max_tokens,
                           "redis": redis}, source="options")
+
+    def with_store(self, url: str | None = None, namespace: str | None = None,
+                   ttl: Any = None) -> RelayConfig:
+        """This config with command-line store options (those given) applied."""
+        return self.model_copy(update={"store": self.store.override(url, namespace, ttl)})
 
     def needed_agents(self) -> list[str]:
         """The agents a run loads: the policy's and the fallbacks'."""

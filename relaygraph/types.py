@@ -14,7 +14,8 @@ user code has one stable place to import from; other modules of relaygraph are i
 - The trajectory: :class:`Segment`, :class:`StepRecord`, :class:`HandoffRecord`.
 - Events a run streams (``Relay.run(on_event=...)``, LangGraph ``stream_mode="custom"``):
   :class:`TokenEvent`, :class:`HandoffEvent`, :class:`ReviewEvent`, :class:`RetryEvent`,
-  :class:`FallbackEvent` (dicts with a ``type`` key).
+  :class:`FallbackEvent`, :class:`ResultEvent` (dicts with a ``type`` key).
+- Retries: :class:`RetryPolicy` (attempts and back-off of a failing generation).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from relaygraph.graphs.events import (
     Event,
     FallbackEvent,
     HandoffEvent,
+    ResultEvent,
     RetryEvent,
     ReviewEvent,
     TokenEvent,
 )
+from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.policies.base import (
     Decision,
     Policy,
@@ -53,6 +56,6 @@ from relaygraph.trajectory.totals import HandoffRecord
 
 __all__ = ["Agent", "AgentConfig", "Backend", "BackendWrapper", "Decision", "Event", "FallbackEvent",
            "Generation", "HandoffEvent", "HandoffRecord", "Policy", "PolicyConfig", "Prompt",
-           "RetryEvent", "ReviewEvent", "Sampling", "ScoringBackend", "Segment", "StepRecord",
-           "StopRule", "SupervisedPolicy", "TokenEvent", "TokenStep", "TurnContext",
+           "ResultEvent", "RetryEvent", "RetryPolicy", "ReviewEvent", "Sampling", "ScoringBackend",
+           "Segment", "StepRecord", "StopRule", "SupervisedPolicy", "TokenEvent", "TokenStep", "TurnContext",
            "register_backend", "register_policy", "segment"]

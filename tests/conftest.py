@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relaygraph.trajectory import RedisStore
-from tests.servers import RedisServer
+from tests.servers import RedisClusterServers, RedisServer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -22,6 +22,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def redis_store(redis_server: RedisServer) -> Iterator[RedisStore]:
     store = RedisStore.from_url(redis_server.url)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A real 3-node Redis Cluster on loopback, for the session."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_store(redis_cluster: RedisClusterServers) -> Iterator[RedisStore]:
+    """A store on the cluster, reached through a plain ``redis://`` URL of one node."""
+    store = RedisStore.from_url(redis_cluster.node_url(1))
     yield store
     store.close()
 

@@ -95,3 +95,21 @@ def test_run_many_equals_one_by_one_and_keeps_errors_in_place(backends, redis_st
     assert mixed[0].answer == one_by_one[0].answer and isinstance(mixed[1], ConfigError)
     with pytest.raises(ConfigError, match="empty"):
         relay.run_many([" ", tiny.QUESTION])
+
+
+def test_a_relay_run_warns_about_nothing(backends, redis_store) -> None:
+    """No deprecation warnings from our own calls (e.g. transformers' ``past_key_values``,
+    removed in 5.40): the current cache argument is used."""
+    import warnings
+
+    from relaygraph import Agent, Relay
+    from relaygraph.policies import FixedIntervalPolicy
+
+    relay = Relay([Agent("controller", backends[0], tiny.SYSTEM_PROMPT),
+                   Agent("expert", backends[1], tiny.SYSTEM_PROMPT)],
+                  FixedIntervalPolicy(interval=3), redis_store, max_tokens=12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        relay.run_many([tiny.QUESTION, tiny.NOCALL_QUESTION], concurrency=2)  # batched steps too
+    noisy = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert noisy == [], [str(w.message) for w in noisy]

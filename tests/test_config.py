@@ -81,6 +81,8 @@ def test_yaml_and_json_configs(tmp_path: Path) -> None:
     ('max_tokens = 0', "max_tokens"),
     ('[agents.controller]\nmodell = "typo"', "agents.controller"),
     ('max_tokens = [', "not valid TOML"),
+    ('[retry]\nmax_attempts = 0', "retry.max_attempts"),
+    ('[retry]\nbackof = 2', "retry.backof"),
 ])
 def test_bad_configs_say_what_is_wrong(tmp_path: Path, body: str, message: str) -> None:
     path = tmp_path / "relay.toml"
@@ -103,3 +105,19 @@ def test_options_build_a_runnable_relay(tmp_path_factory, redis_store) -> None:
                                         dtype="float32")
     same = BackendPool().agents(same_cfg.agents, same_cfg.needed_agents())
     assert same["controller"].backend is same["expert"].backend
+
+
+def test_retries_are_a_value_in_the_config_recorded_with_each_trajectory(tmp_path, redis_store) -> None:
+    controller, _ = tiny.relay_pair()
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[agents.controller]\nmodel = "{controller}"\ndtype = "float32"\n'
+                    '[policy]\ntype = "solo"\n[retry]\nmax_attempts = 5\ninitial_interval = 0.25\n')
+    cfg = RelayConfig.load(path)
+    assert (cfg.retry.max_attempts, cfg.retry.initial_interval, cfg.retry.backoff_factor) == (5, 0.25, 2.0)
+    assert [cfg.retry.interval(n) for n in range(3)] == [0.25, 0.5, 1.0]
+    relay = Relay.from_config(cfg, redis_store)
+    assert relay.retry == cfg.retry
+    task = redis_store.load(relay.run(tiny.NOCALL_QUESTION).trajectory_id).task
+    # what `relaygraph resume` rebuilds the relay from, and what the resumed graph retries with
+    assert RelayConfig.parse(task.config["relay"]).retry == cfg.retry
+    assert task.config["retry"] == cfg.retry.model_dump()

@@ -109,9 +109,12 @@ large = "large"
 [agents.small]
 model = "{models[0]}"
 dtype = "float32"
+price_per_million_output_tokens = 1.0
 [agents.large]
 model = "{models[1]}"
 dtype = "float32"
+price_per_million_input_tokens = 2.0
+price_per_million_output_tokens = 100.0
 [[policies]]
 type = "fixed-interval"
 agents = ["small", "large"]
@@ -127,6 +130,14 @@ vary = {{ interval = [4, 8] }}
     four = result["items"]["fixed-interval(interval=4)"]["0"]
     assert set(four["tokens_by_agent"]) == {"small", "large"}
     assert four["call_ratio"] == pytest.approx(four["tokens_by_agent"]["large"] / sum(four["tokens_by_agent"].values()))
+    # prices: each item's cost, a column per policy and a curve against cost
+    tokens = four["tokens_by_agent"]
+    assert four["cost"] > (tokens["small"] * 1.0 + tokens["large"] * 100.0) / 1e6  # + large's input
+    small = result["policies"][0]
+    assert small["cost_per_problem"] == pytest.approx(
+        sum(sum(i["tokens_by_agent"].values()) for i in result["items"]["solo-small"].values()) / 2 / 1e6)
+    assert "cost / problem" in (out / "table.md").read_text()
+    assert (out / "cost_curve.png").stat().st_size > 1000
 
 
 def test_sweep_with_samples_reports_avg_at_k(data, models, redis_server, redis_store, tmp_path) -> None:

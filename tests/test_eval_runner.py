@@ -140,11 +140,14 @@ def test_concurrent_items_give_the_same_results(relay, tmp_path: Path) -> None:
     assert len(parallel) == len(QUESTIONS)
 
 
-def test_workers_sharing_redis_split_the_items(relay, redis_store) -> None:
+@pytest.mark.parametrize("shared_on", ["redis_store", "cluster_store"])
+def test_workers_sharing_redis_split_the_items(relay, redis_store, shared_on, request) -> None:
+    """On one server and on a 3-node cluster (claims and results share one hash tag)."""
+    client = request.getfixturevalue(shared_on).client
     name = f"t{uuid.uuid4().hex[:10]}"
     runs: list[str] = []
     outcomes: dict[str, object] = {}
-    workers = [RedisResults(redis_store.client, name), RedisResults(redis_store.client, name)]
+    workers = [RedisResults(client, name), RedisResults(client, name)]
 
     def work(i: int) -> None:
         outcomes[i] = run_jobs(solo_jobs(relay, runs), workers[i], concurrency=2, poll=0.05)

@@ -15,6 +15,7 @@ import pytest
 from relaygraph import Agent, CallTokenPolicy, Relay
 from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.errors import StoreUnavailableError
+from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.policies import FixedIntervalPolicy
 from relaygraph.trajectory import RedisStore, Segment
 from tests import tiny_models as tiny
@@ -256,51 +257,45 @@ class FaultInjector:
         return self.backend.generate(prompt, rule, sampling, on_text=on_text, cache_key=cache_key)
 
 
-@pytest.mark.parametrize("empty", [False, True])
-def test_a_flaky_backend_is_retried(empty, pair, redis_store, monkeypatch) -> None:
-    import relaygraph.graphs.relay as graph_module
+QUICK = RetryPolicy(max_attempts=3, initial_interval=0.01)  # three tries, short back-off
 
-    monkeypatch.setattr(graph_module, "RETRY_BACKOFF_S", 0.01)
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_flaky_backend_is_retried(empty, pair, redis_store) -> None:
     reference = redis_store.read(Relay(pair, CallTokenPolicy(), redis_store).run(tiny.QUESTION).trajectory_id)
     flaky = [pair[0], Agent("expert", FaultInjector(pair[1].backend, failures=2, empty=empty),
                             tiny.SYSTEM_PROMPT)]
     events: list[dict] = []
-    result = Relay(flaky, CallTokenPolicy(), redis_store, retries=2).run(tiny.QUESTION,
-                                                                        on_event=events.append)
+    result = Relay(flaky, CallTokenPolicy(), redis_store, retry=QUICK).run(tiny.QUESTION,
+                                                                          on_event=events.append)
     assert same(redis_store.read(result.trajectory_id), reference)
     retries = [e for e in events if e["type"] == "retry"]
     assert len(retries) == 2 and retries[0]["agent"] == "expert"
     assert ("empty completion" if empty else "went away") in retries[0]["error"]
 
 
-def test_a_dead_backend_fails_cleanly_keeps_the_trajectory_and_resumes(pair, redis_store,
-                                                                       monkeypatch) -> None:
-    import relaygraph.graphs.relay as graph_module
+def test_a_dead_backend_fails_cleanly_keeps_the_trajectory_and_resumes(pair, redis_store) -> None:
     from relaygraph.errors import BackendError
 
-    monkeypatch.setattr(graph_module, "RETRY_BACKOFF_S", 0.01)
     reference = redis_store.read(Relay(pair, CallTokenPolicy(), redis_store).run(tiny.QUESTION).trajectory_id)
     dead = [pair[0], Agent("expert", FaultInjector(pair[1].backend, failures=99), tiny.SYSTEM_PROMPT)]
     tid = f"dead-{time.time_ns()}"
     with pytest.raises(BackendError, match=f"failed 3 times.*went away.*relaygraph resume {tid}"):
-        Relay(dead, CallTokenPolicy(), redis_store, retries=2).run(tiny.QUESTION, trajectory_id=tid)
+        Relay(dead, CallTokenPolicy(), redis_store, retry=QUICK).run(tiny.QUESTION, trajectory_id=tid)
     trajectory = redis_store.load(tid)
     assert trajectory.status == "failed"
+    assert trajectory.task.config["retry"] == QUICK.model_dump()  # recorded: resume retries the same way
     assert redis_store.client.hget(f"relaygraph:{{{tid}}}:meta", "error").decode().startswith("BackendError")
     assert [s.kind for s in trajectory.segments] == ["text", "call"]  # the controller's part is kept
     Relay(pair, CallTokenPolicy(), redis_store).resume(tid)  # the expert is back
     assert same(redis_store.read(tid), reference)
 
 
-def test_a_dead_expert_falls_back_to_the_controller_where_configured(pair, redis_store,
-                                                                    monkeypatch) -> None:
-    import relaygraph.graphs.relay as graph_module
-
-    monkeypatch.setattr(graph_module, "RETRY_BACKOFF_S", 0.01)
+def test_a_dead_expert_falls_back_to_the_controller_where_configured(pair, redis_store) -> None:
     dead = [pair[0], Agent("expert", FaultInjector(pair[1].backend, failures=99), tiny.SYSTEM_PROMPT)]
     events: list[dict] = []
-    relay = Relay(dead, CallTokenPolicy(), redis_store, retries=1,
-                  fallbacks={"expert": "controller"})
+    relay = Relay(dead, CallTokenPolicy(), redis_store, fallbacks={"expert": "controller"},
+                  retry=RetryPolicy(max_attempts=2, initial_interval=0.01))
     result = relay.run(tiny.QUESTION, on_event=events.append)
     segs = redis_store.read(result.trajectory_id)
     from relaygraph.agents.backend import Prompt, StopRule

@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.agents.backend import Prompt, StopRule
 from relaygraph.agents.decoding import Sample, entropy_from_top, follow
-from relaygraph.agents.openai_backend import OpenAIBackend, ServerUnavailableError, split_url
+from relaygraph.agents.openai_backend import OpenAIBackend
 from relaygraph.agents.registry import parse_agent_config
+from relaygraph.agents.remote import ServerUnavailableError, split_url
 from relaygraph.config import RelayConfig
 from relaygraph.errors import BackendError, ConfigError
 from relaygraph.trajectory.models import Segment

@@ -8,7 +8,6 @@ thread (or the CLI in a subprocess), a real Redis server, real transformers back
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ import openai
 import pytest
 from openai import OpenAI
 
-from relaygraph.agents.backend import Sampling
 from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.errors import ConfigError
 from relaygraph.serve import (
@@ -38,6 +36,7 @@ from relaygraph.serve import (
 from relaygraph.trajectory import RedisStore
 from tests import tiny_models as tiny
 from tests.servers import RedisServer, free_port
+from tests.slow_backend import SlowBackend
 
 ASK = [{"role": "user", "content": tiny.QUESTION}]
 
@@ -54,30 +53,6 @@ def tiny_config(tiny_pair: tuple[Path, Path], **overrides: Any) -> ServeConfig:
         "relay-strict": {"agents": agents, "max_tokens": 64, "system_message": "reject"},
     }
     return ServeConfig.parse({"relays": relays, **overrides})
-
-
-class SlowBackend:
-    """A real backend that sleeps ``delay`` seconds per token (and counts its tokens), so a
-    request is still running when a test disconnects or fills the queue."""
-
-    def __init__(self, inner: TransformersBackend, delay: float) -> None:
-        self.inner = inner
-        self.delay = delay
-        self.checked = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def generate(self, prompt, rule, sampling=Sampling(), on_text=None, cache_key=None):
-        inner_check = rule.check
-
-        def check(step):
-            self.checked += 1
-            time.sleep(self.delay)
-            return inner_check(step) if inner_check is not None else False
-
-        return self.inner.generate(prompt, dataclasses.replace(rule, check=check), sampling,
-                                   on_text, cache_key)
 
 
 def slow_registry(tiny_pair, store, controller_delay=0.01, expert_delay=0.3) -> Registry:
@@ -281,13 +256,22 @@ def test_system_message_is_appended_and_history_becomes_a_transcript(client, sto
     ({"max_tokens": 0}, "max_tokens", "invalid_value"),
     ({"max_tokens": 65}, "max_tokens", "invalid_value"),
     ({"n": 2}, "n", "unsupported_parameter"),
-    ({"stop": ["\n"]}, "stop", "unsupported_parameter"),
-    ({"logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    ({"stop": ["x"] * 17}, "stop", "invalid_value"),
+    ({"logprobs": True, "stream": True}, "logprobs", "unsupported_parameter"),
+    ({"logprobs": True, "top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name",
+     "invalid_value"),
+    ({"tool_choice": "required"}, "tool_choice", "invalid_value"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema", "invalid_value"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_value"),
+    ({"messages": [*ASK, {"role": "assistant", "content": "x"}], "extra_body": {"continue_final_message": True}},
+     "add_generation_prompt", "invalid_value"),
+    ({"presence_penalty": 1}, "presence_penalty", "unsupported_parameter"),
     ({"messages": []}, "messages", "invalid_value"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "invalid_value"),
     ({"messages": [{"role": "user", "content": "  "}]}, "messages.0.content", "invalid_value"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role",
+    ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages.0.role",
      "unsupported_message"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type", "unsupported_content"),

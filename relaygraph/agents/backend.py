@@ -86,7 +86,40 @@ class Generation:
     tokenizer: str | None = None
     rejected: TokenStep | None = None
     """The token a ``StopRule.check`` refused (finish reason ``low_confidence``)."""
+    completion_tokens: int | None = None
+    """Tokens generated, when ``token_ids`` cannot say (a backend without a local
+    tokenizer: ``token_ids`` is empty and this is the server's count)."""
     extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens generated: the ids when known, else the server's count."""
+        if self.token_ids or self.completion_tokens is None:
+            return len(self.token_ids)
+        return self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond generating text (the optional part of :class:`Backend`).
+
+    - ``token_ids``: generations carry the model's own token ids, and ``encode``,
+      ``decode`` and ``render`` work (a local tokenizer). Without them a backend still
+      generates and counts tokens (``Generation.completion_tokens``), but policies that
+      cut a generation at a token (call-token's command split) cannot use it.
+    - ``logprobs``: generations carry per-token log-probs and a ``StopRule.check`` is
+      applied token by token (confidence policies). False when the server gives none.
+    """
+
+    token_ids: bool = True
+    logprobs: bool = True
+
+
+def capabilities(backend: Any) -> Capabilities:
+    """A backend's :class:`Capabilities`: its ``capabilities`` attribute, else everything
+    (the local backends have both)."""
+    found = getattr(backend, "capabilities", None)
+    return found if isinstance(found, Capabilities) else Capabilities()
 
 
 TextCallback = Callable[[str], None]
@@ -95,7 +128,10 @@ TextCallback = Callable[[str], None]
 @runtime_checkable
 class Backend(Protocol):
     """A model that continues prompts: local weights (``TransformersBackend``), a vLLM server
-    (``OpenAIBackend``) or vLLM in-process (``VLLMBackend``)."""
+    (``OpenAIBackend``), vLLM in-process (``VLLMBackend``) or any chat API (``ChatBackend``).
+
+    ``encode``/``decode``/``render`` need a local tokenizer; a backend without one says so
+    in its ``capabilities`` (see :class:`Capabilities`) and raises a ConfigError there."""
 
     @property
     def model_id(self) -> str:

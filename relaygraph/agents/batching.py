@@ -46,6 +46,7 @@ class Batcher:
         """Steps feeding more new tokens than this (long prefills) run on their own."""
         self.lock = threading.Lock()
         """Held while the model runs; take it to use the model outside :meth:`forward`."""
+        self.cache_arg = cache_argument(model)
         self._cv = threading.Condition()
         self._pending: list[_Request] = []
         self._active = 0
@@ -122,7 +123,7 @@ class Batcher:
         import torch
 
         out = self.model(input_ids=torch.tensor([request.feed], device=self.device),
-                         past_key_values=request.cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: request.cache})
         request.logits = out.logits[0, -1].float()
 
     def _batched(self, requests: list[_Request]) -> None:
@@ -154,7 +155,7 @@ class Batcher:
             positions[row, :] = n  # pads: any position, they are masked
             positions[row, width - f:] = torch.arange(n, n + f, device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=joint, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: joint})
         for row, r in enumerate(requests):
             f = len(r.feed)
             for index, layer in enumerate(joint.layers):
@@ -163,6 +164,14 @@ class Batcher:
             r.logits = out.logits[row, -1].float()
         self.batches += 1
         self.batched_rows += rows
+
+
+def cache_argument(model: Any) -> str:
+    """The name the model's ``forward`` takes its KV cache by: ``cache`` in current
+    transformers, ``past_key_values`` before (deprecated, removed in 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _paddable(cache: Any) -> bool:

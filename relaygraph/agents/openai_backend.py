@@ -20,31 +20,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from pydantic import model_validator
 
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.decoding import Sample, engine_finish, entropy_from_top, follow, token_limit
-from relaygraph.agents.registry import AgentConfig
+from relaygraph.agents.remote import (
+    RemoteConfig,
+    ServerResponseError,
+    ServerUnavailableError,
+    split_url,
+)
 from relaygraph.agents.rendering import Renderer, TokenizerBackend, generation_eos_ids, load_tokenizer
 from relaygraph.errors import BackendError, ConfigError, ModelNotFoundError, RelayGraphError
 
 __all__ = ["OpenAIBackend", "ServerResponseError", "ServerUnavailableError"]
-
-
-class ServerUnavailableError(BackendError):
-    """The model server cannot be reached (refused, unknown host, timed out)."""
-
-
-class ServerResponseError(BackendError):
-    """The model server answered with an error or something that is not a completion."""
 
 
 @dataclass
@@ -56,35 +50,6 @@ class _Stream:
     usage: dict[str, Any] = field(default_factory=dict)
     started: bool = False
     draining: bool = False
-
-
-def split_url(base_url: str) -> tuple[str, tuple[str, str] | None]:
-    """``(url without credentials, (user, password) or None)``; a ConfigError for a URL
-    that is not http(s). The returned URL ends without ``/v1`` and is safe to show."""
-    parts = urlsplit(base_url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"base_url {_redact(base_url)!r} is not an http(s) URL; give the "
-                          "server's address, e.g. http://localhost:8000/v1")
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        raise ConfigError(f"base_url {_redact(base_url)!r} has an invalid port") from None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    path = parts.path.rstrip("/")
-    if path.endswith("/v1"):
-        path = path[:-3]
-    auth = (parts.username or "", parts.password or "") if parts.username or parts.password else None
-    return urlunsplit((parts.scheme, host + port, path, "", "")), auth
-
-
-def _redact(url: str) -> str:
-    """``url`` without user, password or query (for messages)."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc.rpartition("@")[2]
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return "<invalid URL>"
 
 
 class OpenAIBackend(TokenizerBackend):
@@ -126,6 +91,11 @@ class OpenAIBackend(TokenizerBackend):
         if self.model_id not in cards:
             raise ConfigError(f"the server at {self.server} does not serve {self.model_id!r} "
                               f"(it serves: {', '.join(sorted(cards)) or 'nothing'})")
+        owner = cards[self.model_id].get("owned_by")
+        if isinstance(owner, str) and owner and owner.lower() != "vllm":
+            raise ConfigError(f"the server at {self.server} is not vLLM (its models are owned by "
+                              f"{owner!r}), so it lacks the completions extensions backend "
+                              f"\"openai\" needs; use backend = \"chat\" for this agent")
         return cards[self.model_id]
 
     def _load_tokenizer(self, tokenizer: str | None, root: str | None) -> tuple[str, Any]:
@@ -141,7 +111,7 @@ class OpenAIBackend(TokenizerBackend):
                     pass
         raise ConfigError(f"cannot load a tokenizer for the served model {self.model_id!r}; "
                           "pass tokenizer= (a catalog name, folder, .gguf or hub id with the "
-                          "server's tokenizer)")
+                          "server's tokenizer), or use backend = \"chat\", which needs none")
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -242,6 +212,11 @@ class OpenAIBackend(TokenizerBackend):
         state.started = True
         try:
             with self._client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code == 400:  # e.g. "Invalid value for 'prompt.str'"
+                    error = self._status_error(response)
+                    raise ConfigError(f"{error}; a server without vLLM's completions extensions "
+                                      "(token-id prompts, return_token_ids) cannot run backend "
+                                      "\"openai\": use backend = \"chat\" for this agent")
                 if response.status_code != 200:
                     raise self._status_error(response)
                 for line in response.iter_lines():
@@ -290,9 +265,10 @@ class OpenAIBackend(TokenizerBackend):
             token_ids = [_token_id(t) for t in logprobs.get("tokens") or []]
         if len(token_logprobs) != len(token_ids):
             if choice.get("text") or token_ids:
-                raise ServerResponseError(
+                raise ConfigError(
                     f"the model server at {self.server} did not return token ids with "
-                    "log-probs; relaygraph needs vLLM's completions API (return_token_ids)")
+                    "log-probs: it lacks vLLM's completions extensions (return_token_ids); "
+                    "use backend = \"chat\" for this agent")
             return []
         return [Sample(int(tid), float(lp if lp is not None else float("-inf")),
                        _entropy_of(tops[i] if i < len(tops) else None))
@@ -328,7 +304,7 @@ def _entropy_of(top: dict[str, float] | None) -> Any:
     return lambda: entropy_from_top(top.values())
 
 
-class OpenAIServerConfig(AgentConfig):
+class OpenAIServerConfig(RemoteConfig):
     """A model served by vLLM (``vllm serve``) at ``base_url``; ``model`` is the served model
     name, ``tokenizer`` where rendering loads the tokenizer from (default: ``model`` when it
     is a catalog name, else the server's model path). ``api_key_env`` names the environment
@@ -336,21 +312,7 @@ class OpenAIServerConfig(AgentConfig):
     are stored with each trajectory)."""
 
     backend: Literal["openai"] = "openai"
-    base_url: str
-    api_key_env: str | None = None
     tokenizer: str | None = None
-
-    @model_validator(mode="after")
-    def _no_credentials(self) -> OpenAIServerConfig:
-        try:
-            _, auth = split_url(self.base_url)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        if auth is not None:
-            raise ValueError("base_url must not contain credentials (configs are stored "
-                             "with each trajectory); put the API key in an environment "
-                             "variable and name it in api_key_env")
-        return self
 
     @property
     def local_model(self) -> str | None:
@@ -362,13 +324,5 @@ class OpenAIServerConfig(AgentConfig):
         return ("openai", self.base_url, self.model, self.tokenizer, self.api_key_env)
 
     def build(self) -> OpenAIBackend:
-        api_key = None
-        if self.api_key_env:
-            api_key = os.environ.get(self.api_key_env)
-            if not api_key:
-                raise ConfigError(f"api_key_env names ${self.api_key_env}, which is not set")
         return OpenAIBackend(self.base_url, self.model, tokenizer=self.tokenizer,
-                             api_key=api_key)
-
-    def describe(self) -> str:
-        return f"{self.model} (served at {_redact(self.base_url)})"
+                             api_key=self.api_key())

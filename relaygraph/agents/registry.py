@@ -4,8 +4,8 @@ backend once.
 An agent config is flat (what a config file's ``[agents.NAME]`` table holds): the fields
 every agent has (``model``, ``system_prompt``, sampling) plus its backend's own. The
 ``backend`` field picks the class: ``transformers`` (the default), ``openai`` (implied by
-``base_url``), ``vllm``, or one added with :func:`register_backend` or the
-``relaygraph.backends`` entry-point group.
+``base_url``), ``vllm``, ``chat`` (any chat-completions API), or one added with
+:func:`register_backend` or the ``relaygraph.backends`` entry-point group.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.agents.backend import Backend, Sampling
 from relaygraph.errors import ConfigError, NestedError, nested_error
 from relaygraph.plugins import Registry
+from relaygraph.trajectory.models import Price
 
 
 class AgentConfig(BaseModel):
@@ -41,6 +42,10 @@ class AgentConfig(BaseModel):
     temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
+    price_per_million_input_tokens: float | None = Field(None, ge=0, allow_inf_nan=False)
+    """What a million prompt tokens of this agent cost (optional; any currency)."""
+    price_per_million_output_tokens: float | None = Field(None, ge=0, allow_inf_nan=False)
+    """What a million generated tokens of this agent cost (optional)."""
 
     def key(self) -> tuple[Any, ...]:
         """Agents whose configs have equal keys share one backend (one copy of the weights,
@@ -60,6 +65,14 @@ class AgentConfig(BaseModel):
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.seed)
 
+    @property
+    def price(self) -> Price | None:
+        """The agent's price per million tokens, when either price is set."""
+        if self.price_per_million_input_tokens is None and self.price_per_million_output_tokens is None:
+            return None
+        return Price(input=self.price_per_million_input_tokens or 0.0,
+                     output=self.price_per_million_output_tokens or 0.0)
+
     def describe(self) -> str:
         """A few words for progress lines: ``qwen2.5-coder-0.5b (transformers)``."""
         return f"{self.model} ({self.backend})"
@@ -74,6 +87,7 @@ BACKENDS: Registry[type[AgentConfig]] = Registry(
         "transformers": "relaygraph.agents.transformers_backend:TransformersConfig",
         "openai": "relaygraph.agents.openai_backend:OpenAIServerConfig",
         "vllm": "relaygraph.agents.vllm_backend:VLLMConfig",
+        "chat": "relaygraph.agents.chat_backend:ChatConfig",
     },
     group="relaygraph.backends",
 )
@@ -160,7 +174,7 @@ class BackendPool:
         seed (one per sample)."""
         sampling = cfg.sampling if seed is None else Sampling(cfg.temperature, cfg.top_p, seed)
         return Agent(name, self.backend(cfg), cfg.system_prompt, sampling,
-                     dict(cfg.chat_template_kwargs))
+                     dict(cfg.chat_template_kwargs), cfg.price)
 
     def agents(self, configs: Mapping[str, AgentConfig], names: Sequence[str]) -> dict[str, Agent]:
         return {name: self.agent(name, configs[name]) for name in names}

@@ -9,12 +9,14 @@ from typing import Any
 
 from relaygraph.agents.backend import (
     Backend,
+    Capabilities,
     Generation,
     Prompt,
     Sampling,
     ScoringBackend,
     StopRule,
     TextCallback,
+    capabilities,
     provider_name,
 )
 from relaygraph.errors import Cancelled, ConfigError
@@ -42,6 +44,10 @@ class BackendWrapper:
     def provider_name(self) -> str:
         """The wrapped backend's provider (for traces)."""
         return provider_name(self.inner)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return capabilities(self.inner)
 
     def generate(self, prompt: Prompt, rule: StopRule, sampling: Sampling = Sampling(),
                  on_text: TextCallback | None = None, cache_key: str | None = None) -> Generation:

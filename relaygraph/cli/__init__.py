@@ -38,9 +38,9 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - a bug, not a user error: one line, exit 1
-        err.print("[red]internal error:[/red] ", end="")
+        err.print("internal error:", style="red", end=" ")
         err.print(f"{type(exc).__name__}: {exc} — this is a bug in relaygraph; rerun with "
-                  "RELAYGRAPH_DEBUG=1 for the traceback and report it", markup=False)
+                  "RELAYGRAPH_DEBUG=1 for the traceback and report it")
         sys.exit(1)
 
 

@@ -58,7 +58,7 @@ def bench(
                     for m in (controller, expert))
     if random_weights:  # random models rarely emit EOS: every run writes its whole budget
         small.eos_ids = large.eos_ids = frozenset()
-    say = (lambda line: None) if as_json else (lambda line: err.print(f"[dim]{line}…[/dim]"))
+    say = (lambda line: None) if as_json else (lambda line: err.print(f"{line}…", style="dim"))
     results = bench_mod.run_bench(small, large, store,
                                   tokens=tokens, interval=interval, concurrency=levels,
                                   throughput_tokens=throughput_tokens, questions=pool, progress=say)

@@ -8,15 +8,35 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from relaygraph.errors import ConfigError, RelayGraphError
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+"""Diagnostics. No markup is interpreted in anything printed (user input, model text, paths):
+colour comes from ``style=`` only."""
+
+
+def console() -> Console:
+    """Standard output, with no markup interpreted."""
+    return Console(highlight=False, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
+
+Redis = Annotated[str | None, typer.Option("--redis", help="Store URL: redis://host:6379/0 (a Cluster node is detected), rediss://, unix://, redis+cluster://h1:p1,h2:p2, redis+sentinel://h1:26379,h2:26379/SERVICE (default: $REDIS_URL, else the embedded server).")]
+Namespace = Annotated[str | None, typer.Option("--namespace", help="Store namespace, the prefix of every key: tenants, experiments (default relaygraph).")]
+Ttl = Annotated[str | None, typer.Option("--ttl", help="New trajectories expire this long after their last activity: 7d, 12h, 30m, 90 (seconds), or none.")]
+
+
+def open_cli_store(redis: str | None, namespace: str | None = None, ttl: str | None = None,
+                   base: Any = None) -> Any:
+    """The store named by ``--redis``/``--namespace``/``--ttl`` over ``base`` (a config's
+    ``[store]``), else ``$REDIS_URL``, else the embedded server."""
+    from relaygraph.trajectory.settings import StoreConfig
+
+    return (base or StoreConfig()).override(redis, namespace, ttl).open()
 
 
 def friendly(func: F) -> F:
@@ -28,8 +48,8 @@ def friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except RelayGraphError as exc:
-            err.print("[red]error:[/red] ", end="")
-            err.print(str(exc), markup=False)
+            err.print("error:", style="red", end=" ")
+            err.print(str(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -40,7 +60,7 @@ def friendly(func: F) -> F:
 
 def say(line: str) -> None:
     """A progress line on stderr (dim)."""
-    err.print(line, style="dim", markup=False)
+    err.print(line, style="dim")
 
 
 def ensure_pulled(*models: str | None) -> None:
@@ -83,15 +103,17 @@ def floats(text: str | None, what: str) -> list[float] | None:
 def relay_config(config: Path | None, policy: str | None, controller: str | None,
                  expert: str | None, redis: str | None, max_tokens: int | None,
                  dtype: str | None, options: dict[str, Any],
-                 urls: dict[str, str | None] | None = None) -> Any:
+                 urls: dict[str, str | None] | None = None, namespace: str | None = None,
+                 ttl: str | None = None) -> Any:
     """The run's configuration: the config file (if any) with command-line overrides."""
     from relaygraph.config import RelayConfig
 
     if config is None:
         return RelayConfig.from_options(
             controller, expert, policy or "call-token",
-            max_tokens if max_tokens is not None else 512, redis, dtype or "bfloat16",
-            **{f"{k}_url": v for k, v in (urls or {}).items()}, **options)
+            max_tokens if max_tokens is not None else 512, None, dtype or "bfloat16",
+            **{f"{k}_url": v for k, v in (urls or {}).items()}, **options,
+        ).with_store(redis, namespace, ttl)
     loaded = RelayConfig.load(config)
     data = loaded.model_dump(mode="json", exclude_unset=True)
     data.setdefault("agents", {n: a.model_dump(mode="json", exclude_unset=True)
@@ -112,9 +134,7 @@ def relay_config(config: Path | None, policy: str | None, controller: str | None
                 agent["dtype"] = dtype
     if max_tokens is not None:
         data["max_tokens"] = max_tokens
-    if redis:
-        data["redis"] = redis
-    return RelayConfig.parse(data, source=str(config))
+    return RelayConfig.parse(data, source=str(config)).with_store(redis, namespace, ttl)
 
 
 def traced(func: F) -> F:
@@ -144,8 +164,8 @@ def traced(func: F) -> F:
 
             if not telemetry.shutdown():
                 for problem in telemetry.problems:
-                    err.print("[yellow]warning:[/yellow] ", end="")
-                    err.print(f"{problem}; the run itself is unaffected", markup=False)
+                    err.print("warning:", style="yellow", end=" ")
+                    err.print(f"{problem}; the run itself is unaffected")
             if telemetry.traces == "otlp" and tracing.last_trace_id and not any(
                     p.startswith("traces") for p in telemetry.problems):
                 say(f"trace {tracing.last_trace_id} sent to {telemetry.endpoint}")

@@ -14,12 +14,21 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markdown import Markdown
 
 from relaygraph.agents.catalog import DEFAULT_CONTROLLER as SMALL
 from relaygraph.agents.catalog import DEFAULT_EXPERT as LARGE
-from relaygraph.cli.common import ensure_pulled, err, floats, friendly, say
+from relaygraph.cli.common import (
+    Namespace,
+    Redis,
+    Ttl,
+    console,
+    ensure_pulled,
+    err,
+    floats,
+    friendly,
+    say,
+)
 from relaygraph.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Evaluate policies and model pairs on a dataset.")
@@ -31,7 +40,6 @@ Seed = Annotated[int | None, typer.Option(help="Pick the --limit problems with t
 MaxTokens = Annotated[int, typer.Option(min=1, help="Budget of generated tokens per run.")]
 Out = Annotated[Path, typer.Option(help="Output folder: results.json, table.md (and curve.png), items.jsonl for resuming.")]
 Concurrency = Annotated[int, typer.Option(min=1, help="Problems run at once (threads; one model batches concurrent requests).")]
-Redis = Annotated[str | None, typer.Option("--redis", help="Redis URL for trajectories (and --shared results); default $REDIS_URL, else the embedded server.")]
 Shared = Annotated[str | None, typer.Option(help="Split this experiment with other workers: results and claims live in Redis under this name.")]
 Lease = Annotated[float, typer.Option(min=1, help="--shared: seconds before a crashed worker's claimed item is taken over.")]
 Dtype = Annotated[str, typer.Option(help="bfloat16 | float16 | float32")]
@@ -50,14 +58,16 @@ def _command(func: F) -> F:
 
 @contextmanager
 def _session(out: Path, redis: str | None, shared: str | None, lease: float,
-             models: list[str]) -> Iterator[tuple[Any, Any, Any]]:
+             models: list[str], namespace: str | None = None,
+             ttl: str | None = None) -> Iterator[tuple[Any, Any, Any]]:
     """(store, results, pool) for one experiment; Ctrl-C keeps what finished."""
+    from relaygraph.cli.common import open_cli_store
     from relaygraph.eval.models import ModelPool
     from relaygraph.eval.runner import FileResults, RedisResults
-    from relaygraph.trajectory import open_store
 
-    store = open_store(redis)
-    results = RedisResults(store.client, shared, lease) if shared else FileResults(out)
+    store = open_cli_store(redis, namespace, ttl)
+    results = (RedisResults(store.client, shared, lease, namespace=f"{store.namespace}:eval")
+               if shared else FileResults(out))
     ensure_pulled(*models)
     pool = ModelPool(say=lambda line: say(f"{line}…"))
     try:
@@ -79,9 +89,9 @@ def _progress(quiet: bool) -> Any:
 
 
 def _show(markdown: str, out: Path, extra: str = "") -> None:
-    console = Console(highlight=False)
-    if console.is_terminal:
-        console.print(Markdown(markdown))
+    out_console = console()
+    if out_console.is_terminal:
+        out_console.print(Markdown(markdown))
     else:  # piped: the Markdown itself
         print(markdown)
     err.print(f"results in {out}/ (results.json, table.md{extra})")
@@ -99,7 +109,7 @@ def sweep(
     limit: Limit = None, seed: Seed = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Budget of generated tokens per run (default 256).")] = None,
     out: Out = Path("eval-results/sweep"), concurrency: Concurrency = 1,
-    redis: Redis = None, shared: Shared = None, lease: Lease = 1800.0,
+    redis: Redis = None, namespace: Namespace = None, ttl: Ttl = None, shared: Shared = None, lease: Lease = 1800.0,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32 for both models.")] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="Runs per problem: 1 is greedy pass@1 (default); k > 1 samples every agent (seeds 0..k-1) and reports avg@k.")] = None,
     temperature: Annotated[float | None, typer.Option(min=0.0, help="Sampling temperature when --samples > 1 (default 0.6).")] = None,
@@ -151,7 +161,7 @@ def sweep(
     cfg = validate(SweepConfig, data, str(config or "options"))
     plan(cfg)  # a bad policy fails here, before any model is pulled or loaded
     models = [a.local_model for a in cfg.agents.values() if a.local_model]
-    with _session(out, redis, shared, lease, models) as (store, results, pool):
+    with _session(out, redis, shared, lease, models, namespace, ttl) as (store, results, pool):
         result = run_sweep(cfg, store, results, concurrency, pool, _progress(quiet), pool.flag)
     markdown = write_sweep(result, out)
     _show(markdown, out, ", curve.png")
@@ -169,7 +179,7 @@ def relay(
     prm: Annotated[str | None, typer.Option(help="Model used as a step judge (process reward model) to score every chain's steps.")] = None,
     limit: Limit = None, seed: Seed = None, max_tokens: MaxTokens = 256,
     out: Out = Path("eval-results/relay"), concurrency: Concurrency = 1,
-    redis: Redis = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
+    redis: Redis = None, namespace: Namespace = None, ttl: Ttl = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
     question_field: QField = None, answer_field: AField = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -184,7 +194,7 @@ def relay(
     if len(configs) != len(names) or len(configs) < (1 if self_pairs else 2):
         raise ConfigError("--models needs two or more distinct models (or one with --self-pairs)")
     problems = load_problems(dataset, limit, seed, question_field, answer_field)
-    with _session(out, redis, shared, lease, names + ([prm] if prm else [])) as (store, results, pool):
+    with _session(out, redis, shared, lease, names + ([prm] if prm else []), namespace, ttl) as (store, results, pool):
         judge = JudgePRM(pool.backend_for(prm, dtype)) if prm else None
         result = run_relay_experiment(
             configs, problems, store, results, pool, max_tokens,
@@ -207,7 +217,7 @@ def recoverability(
     distractor_seed: Annotated[int, typer.Option(help="Seed picking each problem's distractor problem.")] = 0,
     limit: Limit = None, seed: Seed = None, max_tokens: MaxTokens = 256,
     out: Out = Path("eval-results/recoverability"), concurrency: Concurrency = 1,
-    redis: Redis = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
+    redis: Redis = None, namespace: Namespace = None, ttl: Ttl = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
     question_field: QField = None, answer_field: AField = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -218,7 +228,7 @@ def recoverability(
     from relaygraph.eval.twins import recoverability_markdown, run_recoverability
 
     problems = load_problems(dataset, limit, seed, question_field, answer_field)
-    with _session(out, redis, shared, lease, [model]) as (store, results, pool):
+    with _session(out, redis, shared, lease, [model], namespace, ttl) as (store, results, pool):
         result = run_recoverability(
             agent_config(model, dtype), problems, store, results, pool, max_tokens,
             floats(positions, "--positions") or [], steer_fraction, restatement, distractor_seed,
@@ -240,7 +250,7 @@ def guidability(
     fractions: Annotated[str, typer.Option(help="Shares of the steer trajectory given (m = 0).")] = "0.2,0.4,0.6,0.8",
     limit: Limit = None, seed: Seed = None, max_tokens: MaxTokens = 256,
     out: Out = Path("eval-results/guidability"), concurrency: Concurrency = 1,
-    redis: Redis = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
+    redis: Redis = None, namespace: Namespace = None, ttl: Ttl = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
     question_field: QField = None, answer_field: AField = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -251,7 +261,7 @@ def guidability(
     from relaygraph.eval.twins import guidability_markdown, run_guidability
 
     problems = load_problems(dataset, limit, seed, question_field, answer_field)
-    with _session(out, redis, shared, lease, [model, steer_model]) as (store, results, pool):
+    with _session(out, redis, shared, lease, [model, steer_model], namespace, ttl) as (store, results, pool):
         result = run_guidability(
             agent_config(model, dtype), agent_config(steer_model, dtype), problems, store, results,
             pool, max_tokens, samples, temperature, max_solved, floats(fractions, "--fractions") or [],

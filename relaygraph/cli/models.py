@@ -22,7 +22,7 @@ def models_pull(
 
     for name in names or [catalog.DEFAULT_CONTROLLER, catalog.DEFAULT_EXPERT,
                           catalog.RELAY_CONTROLLER]:
-        catalog.pull(name, progress=lambda msg: err.print(msg, markup=False))
+        catalog.pull(name, progress=err.print)
 
 
 @app.command("list")

@@ -1,18 +1,25 @@
-"""``relaygraph run`` and ``relaygraph resume``: answer a question with a relay."""
+"""``relaygraph run`` and ``relaygraph resume``: answer a question with a relay; a step that
+asks for a person (a supervisor's ``interrupt()``, e.g. ``--supervisor ask:human``) is
+answered at the terminal."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.cli.common import (
+    Namespace,
+    Redis,
+    Ttl,
+    console,
     ensure_pulled,
     err,
     friendly,
+    open_cli_store,
     parse_set_options,
     relay_config,
     traced,
@@ -33,7 +40,9 @@ def run(
     expert: Annotated[str | None, typer.Option(help=f"Expert model (default {DEFAULT_EXPERT}).")] = None,
     controller_url: Annotated[str | None, typer.Option(help="Use the controller model served at this OpenAI-compatible URL (e.g. vllm serve: http://localhost:8000/v1); --controller is then the served model name.")] = None,
     expert_url: Annotated[str | None, typer.Option(help="The same for the expert.")] = None,
-    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    ttl: Ttl = None,
     max_tokens: Annotated[int | None, typer.Option(help="Budget of generated tokens, all models together (default 512).")] = None,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32")] = None,
     max_call_tokens: Annotated[int | None, typer.Option(help="call-token: most tokens one call may ask for.")] = None,
@@ -41,7 +50,7 @@ def run(
     fallback_tokens: Annotated[int | None, typer.Option(help="confidence: tokens the fallback writes.")] = None,
     interval: Annotated[int | None, typer.Option(help="fixed-interval: tokens per turn.")] = None,
     p: Annotated[float | None, typer.Option("--p", help="random-router: share of queries sent to the expert.")] = None,
-    supervisor: Annotated[str | None, typer.Option(help="supervisor: module:function, judge:AGENT or score:AGENT.")] = None,
+    supervisor: Annotated[str | None, typer.Option(help="supervisor: module:function, judge:AGENT, score:AGENT or ask:human (you, at the terminal).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any policy field as KEY=VALUE (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
     trace: Annotated[str | None, typer.Option("--trace", help="OpenTelemetry traces to: console | otlp | none | an OTLP URL such as http://localhost:6006 (default: the OTEL_* variables).")] = None,
@@ -55,60 +64,102 @@ def run(
              "supervisor": supervisor}
     options = {k: v for k, v in flags.items() if v is not None} | parse_set_options(set_ or [])
     cfg = relay_config(config, policy, controller, expert, redis, max_tokens, dtype, options,
-                        {"controller": controller_url, "expert": expert_url})
-    from relaygraph.relay import Relay
-    from relaygraph.trajectory import open_store
+                       {"controller": controller_url, "expert": expert_url}, namespace, ttl)
+    from langgraph.checkpoint.memory import InMemorySaver
 
-    store = open_store(cfg.redis)
+    from relaygraph.relay import Relay
+
+    store = cfg.store.open()
     ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
     with err.status("loading models…"):
-        relay = Relay.from_config(cfg, store)
-    out = Console(highlight=False)
+        relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
+    out = console()
     if as_json:
-        result = relay.run(question)
+        result = answer_humans(relay, relay.run(question))
         print(result.model_dump_json(indent=2, by_alias=True))
         return
-    from relaygraph.viewer.terminal import LivePrinter, Styles
+    from relaygraph.viewer.terminal import LivePrinter, Styles, printable
 
     styles = Styles([a.name for a in relay.agents])
     out.print(styles.legend())
-    result = relay.run(question, on_event=LivePrinter(out, styles))
+    printer = LivePrinter(out, styles)
+    result = answer_humans(relay, relay.run(question, on_event=printer), printer)
     out.print()
     out.rule()
     tokens = ", ".join(f"{k} {v}" for k, v in result.tokens_by_agent.items())
     total = sum(result.tokens_by_agent.values())
     out.print("answer: ", style="bold", end="")
-    out.print(result.answer or "(none)", markup=False)
-    out.print(f"call ratio {result.call_ratio:.1%} · tokens {tokens} · handoffs {result.handoffs} "
-              f"· {result.finish_reason} · {result.seconds:.1f}s ({total / result.seconds:.1f} tok/s)")
+    out.print(printable(result.answer) or "(none)")
+    out.print(printable(f"call ratio {result.call_ratio:.1%} · tokens {tokens} · handoffs "
+                        f"{result.handoffs} · {result.finish_reason} · {result.seconds:.1f}s "
+                        f"({total / result.seconds:.1f} tok/s)"))
     out.print(f"trajectory {result.trajectory_id} — `relaygraph show {result.trajectory_id}`",
-              style="dim", markup=False)
+              style="dim")
+
+
+def answer_humans(relay: Any, result: Any, on_event: Any = None) -> Any:
+    """While the run waits for a person, ask at the terminal and resume with the answer."""
+    while result.status == "interrupted":
+        result = relay.resume(result.trajectory_id, ask_person(result), on_event=on_event)
+    return result
+
+
+def ask_person(result: Any) -> str:
+    """Show what a paused run asks (on stderr) and read one line of answer from stdin."""
+    asked = result.interrupt
+    err.print()
+    if isinstance(asked, dict) and "chunk" in asked:
+        err.print(f"[bold]the supervisor asks you about {asked.get('worker', 'the')}'s latest chunk"
+                  + (f" (flagged: {asked['flag']})" if asked.get("flag") else "") + ":[/bold]")
+        err.print(asked["chunk"], markup=False, style="yellow")
+        if asked.get("error"):
+            err.print(f"{asked['error']}", markup=False, style="red")
+        err.print(f"answer {asked.get('options', '')}", markup=False, style="dim")
+    else:
+        err.print("[bold]the run asks you:[/bold]")
+        err.print(json.dumps(asked, ensure_ascii=False, default=str), markup=False)
+    try:
+        return err.input("> ")
+    except EOFError:
+        raise ConfigError(f"trajectory {result.trajectory_id} waits for your answer and there is "
+                          f"no more input; answer later: `relaygraph resume "
+                          f"{result.trajectory_id} --answer TEXT`") from None
 
 
 @friendly
 def resume(
     trajectory_id: Annotated[str, typer.Argument(help="Id of the interrupted run.")],
-    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    answer: Annotated[str | None, typer.Option("--answer", help="A run waiting for a person: the answer to what it asked (e.g. continue, rollback, 'steer: TEXT', stop); later questions are asked at the terminal.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Continue an interrupted run from its last completed step (same models and policy)."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
     from relaygraph.config import RelayConfig
     from relaygraph.relay import Relay
-    from relaygraph.trajectory import check_trajectory_id, open_store
+    from relaygraph.trajectory import check_trajectory_id
 
-    store = open_store(redis)
+    store = open_cli_store(redis, namespace)
     task = store.load(check_trajectory_id(trajectory_id)).task
+    if "serve" in task.config and "relay" not in task.config:
+        raise ConfigError(f"trajectory {trajectory_id} was served by relaygraph serve (relay "
+                          f"{task.config['serve'].get('model')!r}); resume it through any "
+                          f"replica: POST /v1/trajectories/{trajectory_id}/resume")
     if "relay" not in task.config:
         raise ConfigError(f"trajectory {trajectory_id} was not started from a config (a Relay "
                           "built in Python); resume it in Python with Relay.resume(id)")
     cfg = RelayConfig.parse(task.config["relay"], source=f"trajectory {trajectory_id}")
     ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
     with err.status("loading models…"):
-        relay = Relay.from_config(cfg, store)
-    result = relay.resume(trajectory_id)
+        relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
+    result = answer_humans(relay, relay.resume(trajectory_id, answer))
     if as_json:
         print(result.model_dump_json(indent=2, by_alias=True))
     else:
-        Console(highlight=False).print(f"answer: {result.answer or '(none)'} · status "
-                                       f"{store.status(trajectory_id)} · {len(result.segments)} segments",
-                                       markup=False)
+        from relaygraph.viewer.terminal import printable
+
+        console().print(printable(f"answer: {result.answer or '(none)'} · status "
+                                  f"{store.status(trajectory_id)} · {len(result.segments)} "
+                                  "segments"))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from relaygraph.cli.common import ensure_pulled, err, friendly, traced
+from relaygraph.cli.common import Namespace, Redis, ensure_pulled, err, friendly, traced
 from relaygraph.errors import ConfigError
 
 
@@ -17,7 +17,9 @@ def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve config (.toml, .yaml, .json): \\[relays.NAME] tables, each a relay config; a plain relay config is served as relay-<policy>. Default: the offline pair as relay-call-token and relay-prompted-call.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: the config's redis, $REDIS_URL, else the embedded server).")] = None,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    ttl: Annotated[str | None, typer.Option("--ttl", help="Trajectories expire this long after their last activity: 7d, 12h, 30m, 90 (seconds), or none (default: the config's store.ttl, else 7d).")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="RELAYGRAPH_API_KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on /v1 routes (prefer the RELAYGRAPH_API_KEY variable: arguments show in ps).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Relay runs at once (worker threads).")] = 4,
     max_queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a worker; more get a 429.")] = 64,
@@ -37,9 +39,11 @@ def serve(
     cfg = ServeConfig.load(config) if config is not None else ServeConfig.default()
     ensure_pulled(*cfg.local_models())
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[yellow]warning:[/yellow] listening on {host} without an API key; set "
+        err.print("warning:", style="yellow", end=" ")
+        err.print(f"listening on {host} without an API key; set "
                   "RELAYGRAPH_API_KEY to require one")
     settings = ServeSettings(api_key=api_key or None, concurrency=concurrency,
                              max_queue=max_queue, queue_timeout=queue_timeout,
                              max_request_bytes=max_request_bytes)
-    run_server(cfg, host, port, redis, settings, announce=lambda line: err.print(line, markup=False))
+    run_server(cfg, host, port, redis, settings, announce=err.print, namespace=namespace,
+               ttl=ttl)

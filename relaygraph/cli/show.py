@@ -6,25 +6,25 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from relaygraph.cli.common import friendly
+from relaygraph.cli.common import Namespace, Redis, console, friendly, open_cli_store
 from relaygraph.errors import ConfigError
 
 
 @friendly
 def show(
     trajectory_id: Annotated[str | None, typer.Argument(help="Id to show; omit to list recent runs.")] = None,
-    redis: Annotated[str | None, typer.Option("--redis", help="Redis URL.")] = None,
+    redis: Redis = None,
+    namespace: Namespace = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Watch a running trajectory live.")] = False,
     html: Annotated[Path | None, typer.Option("--html", help="Write one self-contained HTML page of the trajectory to this file.")] = None,
     limit: Annotated[int, typer.Option(help="How many recent ids to list.")] = 20,
 ) -> None:
     """Render a stored trajectory coloured by author, with handoff markers (or list recent ones)."""
-    from relaygraph.trajectory import check_trajectory_id, open_store
+    from relaygraph.trajectory import check_trajectory_id
 
-    store = open_store(redis)
-    out = Console(highlight=False)
+    store = open_cli_store(redis, namespace)
+    out = console()
     if trajectory_id is None:
         for tid in store.list_ids(limit):
             out.print(tid)

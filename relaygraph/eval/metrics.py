@@ -46,6 +46,7 @@ def summarize(records: Sequence[dict[str, Any]], large: str) -> dict[str, Any]:
     large_tokens = sum(r["tokens_by_agent"].get(large, 0) for r in records)
     ratios = [item_call_ratio(r["tokens_by_agent"], large) for r in records]
     correct = sum(bool(r["correct"]) for r in records)
+    costs = [r["cost"] for r in records if r.get("cost") is not None]
     return {
         "n": n,
         "correct": correct,
@@ -58,6 +59,8 @@ def summarize(records: Sequence[dict[str, Any]], large: str) -> dict[str, Any]:
         "large_tokens": large_tokens,
         "tokens_per_problem": tokens / n if n else None,
         "seconds_per_problem": sum(r["seconds"] for r in records) / n if n else None,
+        # mean cost of a problem from the agents' prices (None: no prices set)
+        "cost_per_problem": sum(costs) / len(costs) if costs else None,
     }
 
 

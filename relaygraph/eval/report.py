@@ -46,14 +46,17 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     head = (f"{result['dataset']['problems']} problems from {result['dataset']['source']}; "
             f"small {models['small']}, large {models['large']}; "
             f"max_tokens {result['config']['max_tokens']}")
+    priced = any(p.get("cost_per_problem") is not None for p in result["policies"])
     rows = [[p["name"], "derived" if p["derived_from"] else "run", p["n"], pct(p["accuracy"]),
              interval(p.get("ci95")), p["unparseable"], pct(p["call_ratio"]),
              pct(p.get("gap_recovered"), 0), pct(p.get("random_router_same_ratio")),
-             num(p["tokens_per_problem"], 0), num(p["seconds_per_problem"], 1)]
+             num(p["tokens_per_problem"], 0), num(p["seconds_per_problem"], 1),
+             *([num(p.get("cost_per_problem"), 6)] if priced else [])]
             for p in result["policies"]]
     table = markdown_table(["policy", "", "problems", "accuracy", "95% interval", "unparseable",
                             "call ratio", "gap recovered", "random router at this call ratio",
-                            "tokens / problem", "s / problem"], rows)
+                            "tokens / problem", "s / problem",
+                            *(["cost / problem"] if priced else [])], rows)
     fam_rows = [[name, len(f["policies"]) or "line", num(f["auc"], 3), num(f["apgr"]),
                  pct(f["call_ratio_50"]), pct(f["call_ratio_80"])]
                 for name, f in result["families"].items()]
@@ -109,9 +112,39 @@ def plot_sweep(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_cost(result: dict[str, Any], path: Path) -> bool:
+    """Accuracy vs cost per problem, one point per priced policy (RouteLLM's users pick by
+    cost). False without matplotlib or without prices."""
+    points = [(p["cost_per_problem"], p["accuracy"], p["name"]) for p in result["policies"]
+              if p.get("cost_per_problem") is not None and p["accuracy"] is not None]
+    if not points:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    for cost, accuracy, name in sorted(points):
+        ax.scatter([cost], [accuracy], s=40)
+        ax.annotate(name, (cost, accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("cost per problem (from the agents' prices per million tokens)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_sweep(result: dict[str, Any], out: Path) -> str:
-    """``results.json``, ``table.md`` and ``curve.png`` in ``out``; returns the Markdown."""
+    """``results.json``, ``table.md``, ``curve.png`` and, when agents have prices,
+    ``cost_curve.png`` in ``out``; returns the Markdown."""
     markdown = sweep_markdown(result)
+    plot_cost(result, out / "cost_curve.png")
     if not plot_sweep(result, out / "curve.png"):
         markdown += '\n- no curve.png: matplotlib is missing (pip install "relaygraph[eval]")'
     write_outputs(result, out, markdown)

@@ -260,6 +260,7 @@ def _jobs(plan_: PolicyPlan, problems: list[Problem], pool: ModelPool,
                     "_text": reasoning_text(active(store.read(tid))),
                     "tokens_by_agent": result.tokens_by_agent,
                     "call_ratio": metrics.item_call_ratio(result.tokens_by_agent, large),
+                    "cost": result.cost,
                     "handoffs": result.handoffs, "finish_reason": result.finish_reason,
                     "counters": result.counters, "seconds": result.seconds,
                     "trajectory_id": result.trajectory_id, "resumed": resumed}

@@ -1,9 +1,10 @@
 """What a run streams while it goes (LangGraph ``stream_mode="custom"``, ``Relay.run``'s
-``on_event``): plain dicts with a ``type`` key, typed here."""
+``on_event``, ``Relay.stream`` / ``Relay.astream``): plain dicts with a ``type`` key, typed
+here. ``Relay.stream`` and ``Relay.astream`` end with a :class:`ResultEvent`."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from typing_extensions import TypedDict
 
@@ -50,4 +51,12 @@ class FallbackEvent(TypedDict):
     error: str
 
 
-Event = TokenEvent | HandoffEvent | ReviewEvent | RetryEvent | FallbackEvent
+class ResultEvent(TypedDict):
+    """The last event of ``Relay.stream`` / ``Relay.astream``: the run's
+    :class:`~relaygraph.relay.RunResult` (``status`` says if it waits for a human)."""
+
+    type: Literal["result"]
+    result: Any
+
+
+Event = TokenEvent | HandoffEvent | ReviewEvent | RetryEvent | FallbackEvent | ResultEvent

@@ -19,7 +19,7 @@ HANDOFF_KEYS = ("from", "to", "policy", "reason", "position", "requested_tokens"
 def turn_attributes(span: Any, generation: Generation, handoff: dict[str, Any]) -> None:
     n_in, prefilled = generation.prompt_tokens, generation.prefilled_tokens
     attrs: dict[str, Any] = {
-        "gen_ai.usage.input_tokens": n_in, "gen_ai.usage.output_tokens": len(generation.token_ids),
+        "gen_ai.usage.input_tokens": n_in, "gen_ai.usage.output_tokens": generation.n_tokens,
         "gen_ai.usage.cache_read.input_tokens": max(0, n_in - prefilled),
         "relaygraph.usage.prefilled_tokens": prefilled,
         "gen_ai.response.finish_reasons": [str(generation.finish_reason)],
@@ -37,7 +37,7 @@ def chat_span(turn: Turn, generation: Generation, seconds: float, ttft: float | 
     end_ns = turn.started_ns + int(seconds * 1e9)
     chat = turn.installed.tracer.start_span(f"chat {turn.model}", context=ctx,
                                             start_time=turn.started_ns)
-    n_in, n_out = generation.prompt_tokens, len(generation.token_ids)
+    n_in, n_out = generation.prompt_tokens, generation.n_tokens
     sampling = turn.agent.sampling
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": turn.provider,

@@ -5,9 +5,10 @@ cheap no-op. :func:`relaygraph.observability.configure` (or :func:`use`, with pr
 you built yourself) installs an SDK for relaygraph; otherwise spans go to the global
 provider, if the application set one.
 
-One trace per run::
+One trace per trajectory, however its graph is run (``Relay.run``, ``graph.invoke`` or
+``ainvoke``, as a subgraph, under ``langgraph dev``)::
 
-    invoke_workflow relaygraph          run_span: policy, trajectory id, run totals
+    invoke_workflow relaygraph          begin_run .. end_run: policy, trajectory id, totals
       invoke_agent controller           agent_turn: one per turn, ends with its handoff
         chat <model>                    the generation (usage, finish reason, TTFT)
       invoke_agent expert
@@ -16,7 +17,11 @@ One trace per run::
 
 Each turn carries the handoff that ends it as ``relaygraph.handoff.*`` attributes (from,
 to, policy, reason, position, requested_tokens, confidence) and as a ``relaygraph.handoff``
-span event. Message content is recorded only when
+span event. The graph opens the root span in its first step (a child of the caller's
+active span, if any) and ends it in its last; every step in between makes it current
+(:func:`in_run`). A run continued later (after an interrupt, in another process) opens a
+continuation span under the first one (its ``traceparent`` is kept in the graph state and
+with the trajectory). Message content is recorded only when
 ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is true (or ``configure(...,
 capture_content=True)``); store URLs, credentials and headers are never recorded.
 
@@ -26,15 +31,17 @@ Tracing never fails or blocks a run: every helper swallows its own errors (logge
 from __future__ import annotations
 
 import json
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from relaygraph.agents.backend import provider_name
 from relaygraph.observability import providers
@@ -47,45 +54,77 @@ if TYPE_CHECKING:
     from relaygraph.agents.backend import Generation
 
 
-
 # --- per-run state -------------------------------------------------------------------------
 
 @dataclass
 class RunStats:
-    """What the turns of one run add up to (kept in a context variable by :func:`run_span`)."""
+    """What the turns of one run add up to (kept with the run's open span)."""
 
     policy: str = ""
     question: str | None = None
     turns: int = 0
     totals: dict[str, Any] | None = None
-    """The run's numbers as the graph computed them (:func:`run_totals`), set at its end."""
+    """The run's numbers as the graph computed them, set when the run ends."""
     last_agent: str | None = None
     last_generation_end: float | None = None
     texts: list[str] = field(default_factory=list)
 
 
-_run: ContextVar[RunStats | None] = ContextVar("relaygraph_run", default=None)
+@dataclass
+class OpenRun:
+    """A trajectory's ``invoke_workflow`` span while this process runs its steps."""
+
+    span: Any
+    stats: RunStats
+    installed: Installed
+    traceparent: str
+
+
+_open: dict[str, OpenRun] = {}
+_open_lock = threading.Lock()
+MAX_OPEN_RUNS = 1024
+"""Runs abandoned mid-way (a stream nobody read to the end) are ended beyond this many."""
 last_trace_id: str | None = None
 """Hex id of the trace of the most recent run in this process (for "see trace ..." hints)."""
+_propagator = TraceContextTextMapPropagator()
 
 
-@contextmanager
-def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = None,
-             question: str | None = None) -> Iterator[Any]:
-    """The root span of a run (``invoke_workflow relaygraph``); totals are added at the end."""
+def traceparent_of(span: Any) -> str:
+    """The W3C ``traceparent`` of a span ("" for a span that is not recorded anywhere)."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent", "")
+
+
+def begin_run(trajectory_id: str, policy_name: str, question: str | None = None,
+              parent: str = "", resumed: bool = False) -> str:
+    """Open the trajectory's root span (``invoke_workflow relaygraph``) unless this process
+    has it open; returns its ``traceparent``.
+
+    Its parent is the caller's active span when there is one (so the run joins the caller's
+    trace), else ``parent`` (the traceparent of the run's first span, for a resumed run: one
+    trace per trajectory), else none (a new trace).
+    """
     global last_trace_id
+    with _open_lock:
+        if (run := _open.get(trajectory_id)) is not None:
+            return run.traceparent
     installed = providers.installed()
     stats = RunStats(policy=policy_name)
-    span = token = stats_token = None
     try:
-        span = installed.tracer.start_span("invoke_workflow relaygraph")
+        ctx = None
+        if not trace.get_current_span().get_span_context().is_valid and parent:
+            ctx = _propagator.extract({"traceparent": parent})
+        span = installed.tracer.start_span("invoke_workflow relaygraph", context=ctx)
         if span.is_recording():
             attrs: dict[str, Any] = {
                 "gen_ai.operation.name": "invoke_workflow", "gen_ai.workflow.name": "relaygraph",
-                "openinference.span.kind": "CHAIN",
-                "relaygraph.policy": policy_name, "relaygraph.question.chars": question_chars}
-            if trajectory_id:
-                attrs["relaygraph.trajectory.id"] = attrs["gen_ai.conversation.id"] = trajectory_id
+                "openinference.span.kind": "CHAIN", "relaygraph.policy": policy_name,
+                "relaygraph.trajectory.id": trajectory_id, "gen_ai.conversation.id": trajectory_id}
+            if question is not None:
+                attrs["relaygraph.question.chars"] = len(question)
+            if resumed:
+                attrs["relaygraph.run.resumed"] = True
             if question is not None and providers.capture_content(installed):
                 stats.question = question
                 attrs["gen_ai.input.messages"] = json.dumps(
@@ -94,46 +133,91 @@ def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = 
                 attrs["input.value"] = question
             span.set_attributes(attrs)
             last_trace_id = format(span.get_span_context().trace_id, "032x")
-        token = otel_context.attach(trace.set_span_in_context(span))
-        stats_token = _run.set(stats)
     except Exception as exc:  # noqa: BLE001 - tracing never fails a run
         warn_once("starting the run span", exc)
-    outcome = "ok"
+        span = trace.INVALID_SPAN
+    run = OpenRun(span, stats, installed, traceparent_of(span) or parent)
+    with _open_lock:
+        _open[trajectory_id] = run
+        stale = list(_open)[:-MAX_OPEN_RUNS] if len(_open) > MAX_OPEN_RUNS else []
+    for tid in stale:
+        end_run(tid, "abandoned")
+    return run.traceparent
+
+
+@contextmanager
+def in_run(trajectory_id: str, policy_name: str, traceparent: str = "") -> Iterator[None]:
+    """The trajectory's run span as the current span while a graph step works; a step of a
+    run this process has not open (resumed after an interrupt, or in another process)
+    opens a continuation of the run's trace first."""
+    with _open_lock:
+        run = _open.get(trajectory_id)
+    if run is None:
+        begin_run(trajectory_id, policy_name, parent=traceparent, resumed=True)
+        with _open_lock:
+            run = _open.get(trajectory_id)
+    token = None
     try:
-        yield span if span is not None else trace.INVALID_SPAN
-    except BaseException as exc:
-        outcome = "error"
-        if span is not None:
+        if run is not None:
+            token = otel_context.attach(trace.set_span_in_context(run.span))
+    except Exception as exc:  # noqa: BLE001 - tracing never fails a run
+        warn_once("entering the run span", exc)
+    try:
+        yield
+    finally:
+        if token is not None:
             try:
-                span.record_exception(exc)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}"))
-            except Exception as inner:  # noqa: BLE001 - tracing never fails a run
-                warn_once("recording an error", inner)
+                otel_context.detach(token)
+            except Exception as exc:  # noqa: BLE001 - tracing never fails a run
+                warn_once("leaving the run span", exc)
+
+
+def end_run(trajectory_id: str, outcome: str = "ok", totals: dict[str, Any] | None = None,
+            error: BaseException | None = None) -> None:
+    """End the trajectory's run span (if this process has it open) with the run's numbers
+    as the graph computed them (``tokens_by_agent``, ``handoffs``, ``call_ratio``).
+    ``outcome``: ``ok``, ``error``, ``interrupted`` (waiting for a human) or ``abandoned``."""
+    with _open_lock:
+        run = _open.pop(trajectory_id, None)
+    if run is None:
+        return
+    try:
+        if totals is not None:
+            run.stats.totals = totals
+        span = run.span
+        if span.is_recording():
+            span.set_attribute("relaygraph.run.outcome", outcome)
+            if error is not None:
+                span.record_exception(error)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
+        _finish_run(run.installed, span, run.stats, "error" if error is not None else outcome)
+    except Exception as exc:  # noqa: BLE001 - tracing never fails a run
+        warn_once("ending the run span", exc)
+
+
+def run_stats(trajectory_id: str) -> RunStats | None:
+    with _open_lock:
+        run = _open.get(trajectory_id)
+    return run.stats if run is not None else None
+
+
+@contextmanager
+def run_span(policy_name: str, question_chars: int, trajectory_id: str | None = None,
+             question: str | None = None) -> Iterator[Any]:
+    """A run span around code of your own (the graph opens its runs itself)."""
+    tid = trajectory_id or f"span-{uuid.uuid4().hex}"
+    begin_run(tid, policy_name, question)
+    with _open_lock:
+        run = _open.get(tid)
+    error: BaseException | None = None
+    try:
+        with in_run(tid, policy_name):
+            yield run.span if run is not None else trace.INVALID_SPAN
+    except BaseException as exc:
+        error = exc
         raise
     finally:
-        def leave() -> None:
-            if stats_token is not None:
-                _run.reset(stats_token)
-
-        def detach() -> None:
-            if token is not None:
-                otel_context.detach(token)
-
-        for step, what in ((leave, "leaving the run"), (detach, "detaching the run span"),
-                           (lambda: _finish_run(installed, span, stats, outcome),
-                            "ending the run span")):
-            try:
-                step()
-            except Exception as exc:  # noqa: BLE001 - tracing never fails a run
-                warn_once(what, exc)
-
-
-def run_totals(totals: dict[str, Any]) -> None:
-    """Hand the current run span the run's numbers as the graph computed them
-    (``tokens_by_agent``, ``handoffs``, ``call_ratio``); they are set when it ends."""
-    stats = _run.get()
-    if stats is not None:
-        stats.totals = totals
+        end_run(tid, "error" if error else "ok", error=error)
 
 
 def _finish_run(installed: Installed, span: Any, stats: RunStats, outcome: str) -> None:
@@ -145,8 +229,6 @@ def _finish_run(installed: Installed, span: Any, stats: RunStats, outcome: str) 
     ratio = float(totals.get("call_ratio") or 0.0)
     if total:
         installed.instruments.call_ratio.record(ratio, attrs)
-    if span is None:
-        return
     if span.is_recording():
         names = list(tokens)
         span.set_attributes({
@@ -155,6 +237,13 @@ def _finish_run(installed: Installed, span: Any, stats: RunStats, outcome: str) 
             "relaygraph.agents": names,
             "relaygraph.usage.output_tokens_by_agent": [tokens[n] for n in names],
         })
+        cost_by_agent = totals.get("cost_by_agent")
+        if isinstance(cost_by_agent, dict):  # agents with a price: the run's money
+            priced = list(cost_by_agent)
+            span.set_attributes({"relaygraph.cost": float(totals.get("cost") or 0.0),
+                                 "relaygraph.cost.agents": priced,
+                                 "relaygraph.cost.by_agent": [float(cost_by_agent[n])
+                                                              for n in priced]})
         if stats.question is not None:  # content capture was on when the run started
             text = "".join(stats.texts)
             span.set_attribute("gen_ai.output.messages", json.dumps(
@@ -208,7 +297,8 @@ def agent_turn(agent: Agent, policy: str, trajectory_id: str, position: int) -> 
     token = None
     try:
         span = installed.tracer.start_span(f"invoke_agent {agent.name}")
-        turn = Turn(span, agent, policy, trajectory_id, position, installed, _run.get())
+        turn = Turn(span, agent, policy, trajectory_id, position, installed,
+                    run_stats(trajectory_id))
         if span.is_recording():
             span.set_attributes({
                 "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent.name,
@@ -262,7 +352,7 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
         turn_attributes(turn, generation, handoff)
         return
     span, installed = turn.span, turn.installed
-    n_out = len(generation.token_ids)
+    n_out = generation.n_tokens
     n_in = generation.prompt_tokens
     seconds = float(generation.seconds or 0.0)
     ttft = turn.first_text - turn.started if turn.first_text is not None else None
@@ -270,6 +360,8 @@ def _record_turn(turn: Any, generation: Generation, handoff: dict[str, Any]) -> 
                    "gen_ai.request.model": turn.model, "gen_ai.agent.name": turn.agent.name}
     if span.is_recording():
         turn_attributes(span, generation, handoff)
+        if turn.agent.price is not None:  # the same arithmetic as the run's totals
+            span.set_attribute("relaygraph.usage.cost", turn.agent.price.cost(n_in, n_out))
         if isinstance(handoff.get("position"), int):
             span.set_attribute("relaygraph.segment.count", handoff["position"] - turn.position)
         chat_span(turn, generation, seconds, ttft)

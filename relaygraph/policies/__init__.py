@@ -30,6 +30,9 @@ from relaygraph.policies.supervisor import (
     ScoreSupervisor,
     SupervisorPolicy,
     Verdict,
+    ask_human,
+    human_review,
+    human_verdict,
     keyword_guard,
     load_supervisor,
     parse_verdict,
@@ -40,6 +43,7 @@ __all__ = ["PROMPTED_CALL_SYSTEM_PROMPT", "SUPERVISOR", "CallCommand", "CallToke
            "ConfidencePolicy", "Decision", "FixedIntervalPolicy", "JudgeSupervisor",
            "PerfectRouter", "Policy", "PolicyConfig", "PromptedCallPolicy", "RandomRouter",
            "Review", "ScoreSupervisor", "SoloPolicy", "SupervisedPolicy", "SupervisorPolicy",
-           "TruncatePolicy", "TurnContext", "Verdict", "keyword_guard", "load_supervisor",
+           "TruncatePolicy", "TurnContext", "Verdict", "ask_human", "human_review", "human_verdict",
+           "keyword_guard", "load_supervisor",
            "parse_call", "parse_policy", "parse_verdict", "policy_class", "policy_types",
            "register_policy"]

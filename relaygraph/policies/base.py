@@ -24,10 +24,12 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Generation, StopRule, TokenStep
+from relaygraph.agents.backend import Capabilities, Generation, StopRule, TokenStep
 from relaygraph.trajectory.models import FinishReason, Segment, SegmentKind
 
 SUPERVISOR = "supervisor"
+NOTHING = Capabilities(token_ids=False, logprobs=False)
+"""A policy's needs of an agent that generates text only."""
 """Node name of a supervised policy's supervisor (policies with a ``review`` method)."""
 
 
@@ -161,6 +163,11 @@ class PolicyConfig(BaseModel):
     """Fields that name code to import or files to read: taken only from the user's own
     config or arguments, never from a served request or a stored trajectory."""
 
+    def needs(self, agent: str) -> Capabilities:
+        """What this policy needs of ``agent``'s backend beyond text (checked before a run
+        starts, so a hosted model without log-probs fails up front): nothing by default."""
+        return NOTHING
+
     def build(self, agents: Mapping[str, Agent]) -> Policy:
         """The policy to run with these loaded agents (itself, for most policies)."""
         return self
@@ -186,6 +193,12 @@ def segment(agent: Agent, generation: Generation, ids: Sequence[int] | None = No
             logprobs: Sequence[float] | None = None, kind: SegmentKind = "text",
             finish_reason: FinishReason | None = None, **meta: Any) -> Segment:
     """A segment of ``agent``'s (part of a) generation, with text decoded from its ids."""
+    if ids is None and generation.tokenizer is None and not generation.token_ids:
+        # a backend without a local tokenizer: the text, its server's token count, and the
+        # log-probs it gave (one per token, when any)
+        return Segment(author=agent.name, kind=kind, text=generation.text, token_ids=None,
+                       tokens=generation.n_tokens, logprobs=list(generation.logprobs) or None,
+                       finish_reason=finish_reason, meta=meta)
     ids = list(generation.token_ids if ids is None else ids)
     logprobs = list(generation.logprobs if logprobs is None else logprobs)
     text = generation.text if len(ids) == len(generation.token_ids) else agent.backend.decode(ids)

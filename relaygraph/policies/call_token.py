@@ -21,8 +21,15 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
-from relaygraph.agents.backend import Generation, StopRule
-from relaygraph.policies.base import Decision, PolicyConfig, TurnContext, segment, split_tokens
+from relaygraph.agents.backend import Capabilities, Generation, StopRule
+from relaygraph.policies.base import (
+    NOTHING,
+    Decision,
+    PolicyConfig,
+    TurnContext,
+    segment,
+    split_tokens,
+)
 from relaygraph.trajectory.models import Segment
 
 CALL_OPEN, CALL_CLOSE = "<call>", "</call>"
@@ -95,6 +102,11 @@ class _CallPolicy(PolicyConfig):
     def agent_names(self) -> list[str]:
         return [self.controller, self.expert]
 
+    def needs(self, agent: str) -> Capabilities:
+        """The controller's token ids: a command is cut out of its generation at a token
+        boundary (the expert may be any model, e.g. a hosted chat model)."""
+        return Capabilities(token_ids=True, logprobs=False) if agent == self.controller else NOTHING
+
     def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
         """The controller sees everything; the expert sees call segments without the command
         (text around it that shares a token with the command stays, re-encoded as text)."""
@@ -120,12 +132,12 @@ class _CallPolicy(PolicyConfig):
             if generation.finish_reason == "eos":
                 return Decision([segment(agent, generation, finish_reason="eos")], None, reason="eos")
             return Decision([segment(agent, generation, finish_reason="budget")], self.controller,
-                            budget=ctx.remaining - len(generation.token_ids),
+                            budget=ctx.remaining - generation.n_tokens,
                             reason="call_done")
         return self._route_controller(agent, generation, ctx)
 
     def _route_controller(self, agent: Agent, gen: Generation, ctx: TurnContext) -> Decision:
-        left = ctx.remaining - len(gen.token_ids)
+        left = ctx.remaining - gen.n_tokens
         command = parse_call(gen.text) if gen.finish_reason == "stop" else None
         if command is None:
             reason = "eos" if gen.finish_reason == "eos" else "budget"

@@ -15,8 +15,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Generation, StopRule, TokenStep
+from relaygraph.agents.backend import Capabilities, Generation, StopRule, TokenStep
 from relaygraph.policies.base import (
+    NOTHING,
     Decision,
     Metric,
     PolicyConfig,
@@ -57,6 +58,15 @@ class ConfidencePolicy(PolicyConfig):
     def agent_names(self) -> list[str]:
         return list(self.agents)
 
+    def needs(self, agent: str) -> Capabilities:
+        """Log-probs of every agent whose tokens are checked: the primary (unless no
+        handoff is allowed), each agent that can escalate, and the last one when it stops
+        on recovered confidence."""
+        checked = (agent == self.primary and self.max_handoffs != 0) \
+            or (agent != self.primary and (agent != self.agents[-1]
+                                           or self.fallback_until == "confident"))
+        return Capabilities(token_ids=False, logprobs=True) if checked else NOTHING
+
     def _low(self, step: TokenStep) -> bool:
         return unconfident(score(step, self.metric), self.threshold, self.metric)
 
@@ -81,7 +91,7 @@ class ConfidencePolicy(PolicyConfig):
                         check=check if recover or not last else None)
 
     def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
-        left = ctx.remaining - len(generation.token_ids)
+        left = ctx.remaining - generation.n_tokens
         rejected = generation.rejected
         confidence = score(rejected, self.metric) if rejected else None
         index = self.agents.index(agent.name)

@@ -10,7 +10,11 @@ A supervisor is any callable ``(Review) -> Verdict | None`` (None means continue
 - a rule or classifier function of the user's (:func:`keyword_guard` is a ready one;
   ``--supervisor module:function`` loads one);
 - :class:`JudgeSupervisor`: a model prompted as a judge, answering JSON, parsed robustly;
-- :class:`ScoreSupervisor`: a model's per-step score (log-prob of " good" minus " bad").
+- :class:`ScoreSupervisor`: a model's per-step score (log-prob of " good" minus " bad");
+- a person: :func:`ask_human` (``ask:human``) asks after every chunk, :func:`human_review`
+  only about the chunks a rule flags. They pause the run with LangGraph's ``interrupt()``
+  (the relay needs a checkpointer) and read the verdict from the answer it is resumed with
+  (:func:`human_verdict`).
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ class SupervisorPolicy(PolicyConfig):
     """Workers take turns in chunks under a supervisor's review (a ``supervisor`` node).
 
     ``supervisor``: a callable ``(Review) -> Verdict | None``, or in a config
-    ``module:function`` (a rule/classifier), ``judge:AGENT`` (an agent prompted as a judge)
-    or ``score:AGENT`` (an agent's log-prob score of " good" vs " bad").
+    ``module:function`` (a rule/classifier), ``judge:AGENT`` (an agent prompted as a judge),
+    ``score:AGENT`` (an agent's log-prob score of " good" vs " bad") or ``ask:human`` (the
+    person running it, through LangGraph's ``interrupt()``).
     """
 
     type: Literal["supervisor"] = "supervisor"
@@ -96,8 +101,10 @@ class SupervisorPolicy(PolicyConfig):
         if isinstance(spec, str):
             kind, sep, rest = spec.partition(":")
             if not sep or not kind or not rest:
-                raise ValueError(f"supervisor {spec!r}: expected module:function, judge:AGENT "
-                                 "or score:AGENT")
+                raise ValueError(f"supervisor {spec!r}: expected module:function, judge:AGENT, "
+                                 "score:AGENT or ask:human")
+            if kind == "ask" and rest != "human":
+                raise ValueError(f"supervisor {spec!r}: the one asker is ask:human")
         return spec
 
     @field_serializer("supervisor")
@@ -129,6 +136,8 @@ class SupervisorPolicy(PolicyConfig):
             resolved = JudgeSupervisor(agents[name])
         elif kind == "score":
             resolved = ScoreSupervisor(agents[name], self.score_threshold)
+        elif kind == "ask":
+            resolved = ask_human
         else:
             resolved = load_supervisor(spec)
         return self.model_copy(update={"supervisor": resolved})
@@ -227,6 +236,81 @@ def load_supervisor(spec: str) -> Supervisor:
     if not callable(target):
         raise ConfigError(f"supervisor {spec!r} is not callable")
     return target
+
+
+# --- a person in the loop -------------------------------------------------------------------
+
+HUMAN_OPTIONS = "continue | rollback[: guidance] | steer: guidance | switch[: worker] | stop"
+_SHORT = {"": "continue", "c": "continue", "y": "continue", "yes": "continue", "ok": "continue",
+          "r": "rollback", "n": "rollback", "no": "rollback", "s": "stop"}
+
+
+def human_verdict(answer: Any, guidance: str | None = None) -> Verdict:
+    """A person's answer as a verdict: a :class:`Verdict`, a dict of its fields, None
+    (continue) or text — ``continue`` (or empty, ``y``), ``rollback`` (``n``, ``r``),
+    ``stop``, ``switch``, optionally followed by ``: text`` (the guidance; for ``switch`` the
+    worker). ``guidance`` is used for a rollback that brings none. Raises ``ValueError`` for
+    anything else."""
+    if answer is None:
+        return Verdict(reason="human")
+    if isinstance(answer, Verdict):
+        verdict = answer
+    elif isinstance(answer, Mapping):
+        verdict = Verdict.model_validate({"reason": "human", **answer})
+    elif isinstance(answer, str):
+        head, sep, rest = answer.strip().partition(":")
+        action = _SHORT.get(head.strip().lower(), head.strip().lower())
+        if action not in ACTIONS:
+            raise ValueError(f"answer {answer!r}: expected {HUMAN_OPTIONS}")
+        rest = rest.strip()
+        if action == "switch":
+            verdict = Verdict(action="switch", worker=rest or None, reason="human")
+        else:
+            verdict = Verdict.model_validate({"action": action, "guidance": rest + "\n" if rest else None,
+                                              "reason": "human"})
+    else:
+        raise ValueError(f"answer {answer!r}: expected text, a dict or a Verdict")
+    if verdict.action == "steer" and not verdict.guidance:
+        raise ValueError("steer needs guidance: steer: <text>")
+    if verdict.action == "rollback" and verdict.guidance is None and guidance:
+        verdict = verdict.model_copy(update={"guidance": guidance})
+    return verdict
+
+
+def ask(review: Review, flagged: Verdict | None = None, guidance: str | None = None) -> Verdict:
+    """Pause the run and ask a person about the latest chunk (LangGraph ``interrupt()``; the
+    relay needs a checkpointer). An answer that cannot be read is asked again."""
+    from langgraph.types import interrupt
+
+    payload: dict[str, Any] = {
+        "type": "review", "question": review.question, "worker": review.worker,
+        "chunk": review.chunk.text, "so_far": review.text, "options": HUMAN_OPTIONS}
+    if flagged is not None:
+        payload["flag"] = flagged.reason or flagged.action
+    while True:
+        answer = interrupt(payload)
+        try:
+            return human_verdict(answer, guidance)
+        except (ValueError, ValidationError) as exc:
+            payload = {**payload, "error": str(exc).splitlines()[0]}
+
+
+def ask_human(review: Review) -> Verdict:
+    """``ask:human``: a person reviews every chunk."""
+    return ask(review)
+
+
+def human_review(flag: Supervisor, guidance: str | None = None) -> Supervisor:
+    """A person reviews only the chunks ``flag`` (a rule supervisor such as
+    :func:`keyword_guard`) objects to; the rule's guidance is the default for a rollback."""
+
+    def review(review: Review) -> Verdict | None:
+        flagged = flag(review)
+        if flagged is None or flagged.action == "continue":
+            return None
+        return ask(review, flagged, guidance if guidance is not None else flagged.guidance)
+
+    return review
 
 
 JUDGE_PROMPT = (

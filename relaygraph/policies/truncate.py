@@ -7,8 +7,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Generation, StopRule, TokenStep
+from relaygraph.agents.backend import Capabilities, Generation, StopRule, TokenStep
 from relaygraph.policies.base import (
+    NOTHING,
     Decision,
     Metric,
     PolicyConfig,
@@ -51,6 +52,12 @@ class TruncatePolicy(PolicyConfig):
     def agent_names(self) -> list[str]:
         return [self.initiator, self.continuer]
 
+    def needs(self, agent: str) -> Capabilities:
+        """Log-probs of the initiator when it is cut at a confidence threshold."""
+        if agent == self.initiator and self.threshold is not None:
+            return Capabilities(token_ids=False, logprobs=True)
+        return NOTHING
+
     def first_turn(self, ctx: TurnContext) -> tuple[str, int]:
         budget = ctx.remaining
         if self.cut_tokens is not None:
@@ -77,6 +84,6 @@ class TruncatePolicy(PolicyConfig):
     def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
         if agent.name == self.continuer:
             return end_or(agent, generation, None, 0, "budget")
-        left = ctx.remaining - len(generation.token_ids)
+        left = ctx.remaining - generation.n_tokens
         confidence = score(generation.rejected, self.metric) if generation.rejected else None
         return end_or(agent, generation, self.continuer, left, "truncate", confidence=confidence)

@@ -4,6 +4,7 @@ A serve config names several relays; each is a :class:`~relaygraph.config.RelayC
 (agents, policy, max_tokens) plus two serving keys::
 
     redis = "redis://localhost:6379/0"        # optional (else --redis, $REDIS_URL, embedded)
+    # or a [store] table: url, namespace, ttl (see relaygraph.config)
 
     [relays.relay-call-token]
     description = "0.5B controller, calls the 1.5B expert"
@@ -33,10 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Backend, Prompt, Sampling
+from relaygraph.agents.backend import Backend, Prompt, Sampling, capabilities
 from relaygraph.agents.registry import AgentConfig, BackendPool
 from relaygraph.config import RelayConfig, read_config_file, validate
 from relaygraph.errors import ConfigError
@@ -44,6 +45,7 @@ from relaygraph.policies.base import PolicyConfig
 from relaygraph.policies.registry import trusted_fields
 from relaygraph.serve.runner import cancellable
 from relaygraph.serve.schemas import APIError, bad_request, validation_error
+from relaygraph.trajectory.settings import StoreConfig, fold_redis_key
 
 if TYPE_CHECKING:
     from relaygraph.relay import Relay
@@ -62,21 +64,47 @@ class ServedRelayConfig(RelayConfig):
     system prompt (the relay's prompt stays first: it may carry a protocol, such as the
     call tool's instructions), ``override`` the agents' system prompts with it, or
     ``reject`` the request with a 400."""
+    format_agent: str | None = None
+    """The agent that writes the formatting turn of a ``response_format`` request when the
+    relay's text is not the object already (default: the policy's last agent, e.g. the
+    expert)."""
 
-    @field_validator("redis")
+    @model_validator(mode="after")
+    def _format_agent_exists(self) -> ServedRelayConfig:
+        if self.format_agent is not None and self.format_agent not in self.agents:
+            raise ValueError(f"format_agent {self.format_agent!r} is not in [agents] "
+                             f"(have: {sorted(self.agents)})")
+        return self
+
+    def needed_agents(self) -> list[str]:
+        names = super().needed_agents()
+        if self.format_agent is not None and self.format_agent not in names:
+            names.append(self.format_agent)
+        return names
+
+    @model_validator(mode="before")
     @classmethod
-    def _no_redis(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError("a served relay has no store of its own; set redis at the top "
-                             "level of the serve config (or pass --redis)")
-        return value
+    def _redis_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ({"redis", "store"} & set(data)):
+            raise ValueError("a served relay has no store of its own; set redis (or a [store] "
+                             "table) at the top level of the serve config (or pass --redis)")
+        return data
 
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     relays: dict[str, ServedRelayConfig] = Field(min_length=1)
-    redis: str | None = None
+    store: StoreConfig = StoreConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_key(cls, data: Any) -> Any:
+        return fold_redis_key(data)
+
+    @property
+    def redis(self) -> str | None:
+        return self.store.url
 
     @field_validator("relays")
     @classmethod
@@ -91,9 +119,9 @@ class ServeConfig(BaseModel):
         if isinstance(data, dict) and "relays" not in data and (
                 {"agents", "policy", "max_tokens"} & set(data)):
             plain = RelayConfig.parse(data, source=source)  # a `relaygraph run` config
-            redis = data.get("redis")
-            relay = {k: v for k, v in data.items() if k != "redis"}
-            data = {"relays": {f"relay-{plain.policy.type}": relay}, "redis": redis}
+            relay = {k: v for k, v in data.items() if k not in ("redis", "store")}
+            data = {"relays": {f"relay-{plain.policy.type}": relay},
+                    "store": plain.store.model_dump(exclude_unset=True)}
         return validate(cls, data, source)
 
     @classmethod
@@ -106,11 +134,11 @@ class ServeConfig(BaseModel):
         trained relay controller) and ``relay-prompted-call``."""
         relays = {}
         for policy, text in (("call-token", "the controller calls the expert with "
-                              "<call>n</call> (RelayLLM, trained controller)"),
+                              "<call>n</call> (RelayLLM; needs a controller trained to call)"),
                              ("prompted-call", "the same, with the call tool explained in the "
                               "controller's system prompt")):
             relay = RelayConfig.from_options(controller, expert, policy)
-            cfg = relay.model_dump(exclude={"redis"})
+            cfg = relay.model_dump(exclude={"store"})
             models = f"{relay.agents['controller'].model} + {relay.agents['expert'].model}"
             relays[f"relay-{policy}"] = {**cfg, "description": f"{models}: {text}"}
         return cls.parse({"relays": relays}, source="default serve config")
@@ -141,6 +169,8 @@ class Variant:
     system: str | None = None
     policy: str = "{}"
     """JSON of the policy overrides (sorted keys)."""
+    tools: str | None = None
+    """Tool instructions appended to every agent's system prompt."""
 
 
 class ServedRelay:
@@ -156,10 +186,23 @@ class ServedRelay:
         self.store = store
         self.created = int(time.time())
         policy = config.policy.build(agents)
-        self.relay = Relay(list(agents.values()), policy, store, config.max_tokens)
+        self.relay = Relay(list(agents.values()), policy, store, config.max_tokens,
+                           record=self.record({}))
         self._variants: OrderedDict[Variant, Relay] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    def format_agent(self, relay: Relay) -> Agent | None:
+        """The agent (with the request's sampling) that writes formatting turns."""
+        name = self.config.format_agent or relay.policy.agent_names()[-1]
+        by_name = {a.name: a for a in relay.agents}
+        return by_name.get(name) or self.agents.get(name)
+
+    def record(self, variant: dict[str, Any]) -> dict[str, Any]:
+        """What a trajectory records of the relay that ran it, so any replica serving the
+        same relay can resume it: the relay's name and the request's changes (validated
+        again, as a request's would be, when they are read back)."""
+        return {"serve": {"model": self.name, "variant": variant}}
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.config.policy.type, "description": self.config.description,
@@ -169,7 +212,7 @@ class ServedRelay:
 
     def variant(self, max_tokens: int | None = None, temperature: float | None = None,
                 top_p: float | None = None, seed: int | None = None, system: str | None = None,
-                policy: dict[str, Any] | None = None) -> Relay:
+                policy: dict[str, Any] | None = None, tools: str | None = None) -> Relay:
         """The relay with a request's changes (built once per distinct change, cached);
         bad values are a 400 naming the parameter."""
         if max_tokens is not None and max_tokens > self.config.max_tokens:
@@ -181,7 +224,7 @@ class ServedRelay:
                               "messages", "unsupported_system_message")
         try:
             key = Variant(max_tokens, temperature, top_p, seed, system,
-                          json.dumps(policy or {}, sort_keys=True))
+                          json.dumps(policy or {}, sort_keys=True), tools)
         except (TypeError, ValueError):
             raise bad_request("relaygraph.policy must be a JSON object of policy fields",
                               "relaygraph.policy", "invalid_value") from None
@@ -213,6 +256,8 @@ class ServedRelay:
             if key.system is not None:
                 prompt = (key.system if self.config.system_message == "override" or not prompt
                           else f"{prompt}\n\n{key.system}")
+            if key.tools is not None:
+                prompt = f"{prompt}\n\n{key.tools}" if prompt else key.tools
             agents[n] = dataclasses.replace(
                 base, system_prompt=prompt,
                 sampling=_sampling(base.sampling, key.temperature, key.top_p, key.seed))
@@ -221,8 +266,12 @@ class ServedRelay:
         except ConfigError as exc:
             raise bad_request(f"relaygraph.policy: {exc}", "relaygraph.policy",
                               "invalid_value") from None
+        variant = {k: v for k, v in dataclasses.asdict(key).items()
+                   if k != "policy" and v is not None}
+        if overrides:
+            variant["policy"] = overrides
         return Relay(list(agents.values()), policy, self.store,
-                     key.max_tokens or self.config.max_tokens)
+                     key.max_tokens or self.config.max_tokens, record=self.record(variant))
 
     def _policy_config(self, overrides: dict[str, Any]) -> PolicyConfig:
         if not overrides:
@@ -245,10 +294,9 @@ class ServedRelay:
         counted = 0
         room: int | None = None
         for agent in relay.agents:
-            render = getattr(agent.backend, "render", None)
-            if render is None:
+            if not capabilities(agent.backend).token_ids:  # a chat API renders its own prompt
                 continue
-            n = len(render(Prompt(question, agent.system_prompt)))
+            n = len(agent.backend.render(Prompt(question, agent.system_prompt)))
             if agent.name == relay.policy.primary:
                 counted = n
             limit = getattr(agent.backend, "max_context", None)
@@ -260,9 +308,12 @@ class ServedRelay:
 class Registry:
     """The served relays by model name, and the backends they share."""
 
-    def __init__(self, relays: dict[str, ServedRelay], backends: dict[tuple[Any, ...], Any]):
+    def __init__(self, relays: dict[str, ServedRelay], backends: dict[tuple[Any, ...], Any],
+                 store: TrajectoryStore | None = None):
         self.relays = relays
         self.backends = backends
+        self.store = store if store is not None else next(
+            (r.store for r in relays.values()), None)
 
     @classmethod
     def build(cls, config: ServeConfig, store: TrajectoryStore,
@@ -275,7 +326,24 @@ class Registry:
         for name, cfg in config.relays.items():
             agents = pool.agents(cfg.agents, cfg.needed_agents())
             relays[name] = ServedRelay(name, cfg, agents, store)
-        return cls(relays, pool.backends)
+        return cls(relays, pool.backends, store)
+
+    def for_trajectory(self, config: dict[str, Any], trajectory_id: str) -> Relay:
+        """The relay (and request variant) that ran a served trajectory, from what it
+        recorded (:meth:`ServedRelay.record`): a 400 if it was not served, a 404 if this
+        server does not serve that relay."""
+        served = config.get("serve")
+        if not isinstance(served, dict) or not isinstance(served.get("model"), str):
+            raise bad_request(f"trajectory {trajectory_id} was not run by relaygraph serve; "
+                              f"resume it with `relaygraph resume {trajectory_id}`", None,
+                              "not_served")
+        entry = self.get(served["model"])
+        variant = served.get("variant") or {}
+        if not isinstance(variant, dict) or set(variant) - {f.name for f in
+                                                           dataclasses.fields(Variant)}:
+            raise bad_request(f"trajectory {trajectory_id} records a request this server "
+                              "cannot repeat", None, "invalid_value")
+        return entry.variant(**variant)
 
     def get(self, model: str) -> ServedRelay:
         relay = self.relays.get(model)

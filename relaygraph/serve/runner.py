@@ -29,6 +29,7 @@ from typing import Any
 from relaygraph.agents.backend import Backend
 from relaygraph.agents.wrapping import CancellableBackend, CancelScope
 from relaygraph.errors import Cancelled
+from relaygraph.trajectory.store import SharedStore
 
 log = logging.getLogger("relaygraph.serve")
 
@@ -53,8 +54,10 @@ class ServerClosing(Exception):
 class RunHandle:
     """One admitted request: its run's control, its events, and its outcome."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool,
+                 trajectory_id: str = "") -> None:
         self.loop = loop
+        self.trajectory_id = trajectory_id
         self.control = CancelScope()
         self.events: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
         self.started = asyncio.Event()
@@ -153,6 +156,21 @@ class Scheduler:
         future.add_done_callback(done)
         return future
 
+    def handles(self) -> dict[str, RunHandle]:
+        """Admitted runs (running or queued) by trajectory id."""
+        with self._lock:
+            return {h.trajectory_id: h for h in self._admitted if h.trajectory_id}
+
+    def keepalive(self, store: Any) -> None:
+        """One heartbeat: mark this server's trajectories as held (refreshing their TTL) and
+        cancel those whose cancellation was requested through any replica."""
+        handles = self.handles()
+        if not handles or not isinstance(store, SharedStore):
+            return
+        for tid, reason in store.keepalive(list(handles)).items():
+            if reason:
+                handles[tid].cancel(reason)
+
     def shutdown(self, reason: str = "server shutdown", timeout: float = 10.0) -> None:
         """Cancel every admitted run and wait (bounded) for the workers to stop."""
         with self._lock:
@@ -171,7 +189,7 @@ class Scheduler:
 
 
 def run_relay(relay: Any, handle: RunHandle, question: str, trajectory_id: str,
-              parent_context: Any = None) -> Any:
+              parent_context: Any = None, prefix: Any = ()) -> Any:
     """The work of one request (on a worker thread): ``relay.run`` under the request's
     control and trace context; a cancelled run's trajectory is marked ``cancelled``."""
     from opentelemetry import context as otel_context
@@ -181,7 +199,8 @@ def run_relay(relay: Any, handle: RunHandle, question: str, trajectory_id: str,
     otel_token = otel_context.attach(parent_context) if parent_context is not None else None
     try:
         control.check()  # cancelled while queued: nothing is written
-        return relay.run(question, trajectory_id=trajectory_id, on_event=handle.emit)
+        return relay.run(question, trajectory_id=trajectory_id, on_event=handle.emit,
+                         prefix=prefix)
     except Cancelled as exc:
         _mark_cancelled(relay.store, trajectory_id, exc.reason)
         raise

@@ -2,15 +2,18 @@
 
 Requests are validated strictly, as OpenAI does: an unknown top-level argument is a 400
 ("Unrecognized request argument supplied"), and OpenAI parameters a relay cannot honour
-(``n > 1``, ``stop``, tools, log-probs, penalties, ...) are accepted only at their neutral
-values. relaygraph's own options ride in one extra field, ``relaygraph`` (what the
+(``n > 1``, penalties, logit bias, audio, ...) are accepted only at their neutral values.
+``stop``, ``response_format``, ``tools``/``tool_choice`` and (chat, not streamed)
+``logprobs`` are honoured (see :mod:`relaygraph.serve.agentic`), as are vLLM's
+``continue_final_message``/``add_generation_prompt`` (the relay continues a final
+assistant message). relaygraph's own options ride in one extra field, ``relaygraph`` (what the
 ``openai`` client sends with ``extra_body={"relaygraph": {...}}``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -101,11 +104,10 @@ class RelayOptions(_Strict):
 
 # (parameter, neutral values): accepted only at these values
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "stop": (None, [], ""), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+    "n": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+    "logit_bias": (None, {}), "functions": (None, []), "function_call": (None, "none", "auto"),
+    "modalities": (None, ["text"]),
     "audio": (None,), "prediction": (None,), "web_search_options": (None,),
     "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
 }
@@ -128,9 +130,16 @@ class _Request(_Strict):
     logit_bias: dict[str, float] | None = None
     relaygraph: RelayOptions = Field(default_factory=RelayOptions)
 
+    honoured: ClassVar[frozenset[str]] = frozenset()
+    """Parameters of :data:`_NEUTRAL` this endpoint honours after all."""
+
     def unsupported(self) -> APIError | None:
         """A 400 for the first OpenAI parameter set to a value a relay cannot honour."""
+        if isinstance(self.stop, list) and len(self.stop) > 16:
+            return bad_request("At most 16 stop sequences are supported", "stop", "invalid_value")
         for name, neutral in _NEUTRAL.items():
+            if name in self.honoured:
+                continue
             if name in type(self).model_fields and getattr(self, name) not in neutral:
                 return bad_request(f"'{name}' is not supported by relaygraph relays "
                                    f"(accepted: {', '.join(map(repr, neutral))})", name,
@@ -140,6 +149,39 @@ class _Request(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stops(self) -> list[str]:
+        """The stop sequences (empty strings dropped)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        return [s for s in stops if s]
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
 
 
 class ChatCompletionRequest(_Request):
@@ -154,11 +196,46 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    continue_final_message: bool = False
+    """vLLM's extension: the last message is an assistant message the relay continues."""
+    add_generation_prompt: bool = True
+
+    honoured: ClassVar[frozenset[str]] = frozenset({"logprobs", "top_logprobs"})
+
+    def unsupported(self) -> APIError | None:
+        if error := super().unsupported():
+            return error
+        if self.logprobs and self.stream:
+            return bad_request("'logprobs' are given only without streaming (stream: false): a "
+                               "relay's log-probs come from its stored trajectory", "logprobs",
+                               "unsupported_parameter")
+        if self.top_logprobs:
+            return bad_request("'top_logprobs' is not supported: a relay keeps the log-prob of "
+                               "each token it wrote, not the alternatives", "top_logprobs",
+                               "unsupported_parameter")
+        if self.continue_final_message and self.add_generation_prompt:
+            return bad_request("continue_final_message needs add_generation_prompt: false",
+                               "add_generation_prompt", "invalid_value")
+        if self.response_format is not None and self.response_format.type == "json_schema" and (
+                self.response_format.json_schema is None
+                or self.response_format.json_schema.schema_ is None):
+            return bad_request("response_format json_schema needs json_schema.schema",
+                               "response_format.json_schema", "invalid_value")
+        if isinstance(self.tool_choice, dict):
+            name = (self.tool_choice.get("function") or {}).get("name")
+            if self.tool_choice.get("type") != "function" or not isinstance(name, str) or \
+                    name not in {t.function.name for t in self.tools or ()}:
+                return bad_request("tool_choice must be none, auto, required or "
+                                   "{type: function, function: {name}} naming one of the tools",
+                                   "tool_choice", "invalid_value")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            return bad_request("tool_choice needs tools", "tool_choice", "invalid_value")
+        return None
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None
@@ -196,9 +273,16 @@ class CompletionRequest(_Request):
 
 class RelayUsage(BaseModel):
     tokens_by_agent: dict[str, int]
+    input_tokens_by_agent: dict[str, int] = {}
     call_ratio: float
     """Tokens written by agents other than the policy's primary / all generated tokens."""
     handoffs: int
+    cost: float | None = None
+    """What the run cost from the agents' prices (None: no prices configured)."""
+    cost_by_agent: dict[str, float] | None = None
+    format: dict[str, Any] | None = None
+    """A ``response_format`` formatting turn: ``how``, its ``tokens`` (in
+    ``completion_tokens`` too) and ``input_tokens``."""
 
 
 class Usage(BaseModel):
@@ -228,15 +312,18 @@ class RelayInfo(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
+    stop_reason: str | None = None
+    """The stop sequence that ended the content (as vLLM reports it), if one did."""
 
 
 class ChatCompletion(BaseModel):
@@ -255,6 +342,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str
     logprobs: None = None
+    stop_reason: str | None = None
 
 
 class Completion(BaseModel):

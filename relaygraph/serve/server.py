@@ -12,18 +12,27 @@ from typing import Any
 from relaygraph.serve.app import ServeSettings, create_app
 from relaygraph.serve.registry import Registry, ServeConfig
 
+SERVE_TTL = 7 * 86400.0
+"""Trajectories a server creates expire a week after their last activity, unless the
+config's ``[store] ttl`` or ``--ttl`` says otherwise (``none``: kept until pruned)."""
+
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
           redis: str | None = None, settings: ServeSettings | None = None,
-          announce: Callable[[str], None] = print, log_level: str = "info") -> None:
-    """Load every relay's models, then serve until interrupted (Ctrl-C / SIGTERM)."""
+          announce: Callable[[str], None] = print, log_level: str = "info",
+          namespace: str | None = None, ttl: str | float | None = None) -> None:
+    """Load every relay's models, then serve until interrupted (Ctrl-C / SIGTERM).
+    ``redis``, ``namespace`` and ``ttl`` override the config's ``[store]``."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from relaygraph.trajectory import open_store
+    from relaygraph.trajectory.settings import format_duration
 
     settings = settings or ServeSettings()
-    store = open_store(redis or config.redis)
+    if ttl is None and "ttl" not in config.store.model_fields_set:
+        ttl = SERVE_TTL
+    store_config = config.store.override(redis, namespace, ttl)
+    store = store_config.open()
     announce(f"loading models: {', '.join(config.local_models())}")
     registry = Registry.build(config, store)
     app = create_app(registry, settings)
@@ -32,7 +41,9 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
                                                  "propagate": False}
     auth = "required" if settings.api_key else "none (anyone who can connect may use it)"
     announce(f"serving {', '.join(registry.relays)} at http://{_host(host)}:{port}/v1 · "
-             f"store {store.url} · API key {auth} · {settings.concurrency} runs at once, "
+             f"store {store.url} ({store.kind}, namespace {store.namespace}, trajectories "
+             f"expire after {format_duration(store.ttl)}) · API key {auth} · "
+             f"{settings.concurrency} runs at once, "
              f"{settings.max_queue} queued")
     server_config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                    log_config=log_config, timeout_graceful_shutdown=5,

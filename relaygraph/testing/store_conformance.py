@@ -125,7 +125,12 @@ class StoreConformance:
     def test_status(self, store: TrajectoryStore) -> None:
         tid = _new(store)
         store.set_status(tid, "failed", error="boom")
-        assert store.load(tid).status == "failed"
+        loaded = store.load(tid)
+        assert loaded.status == "failed" and loaded.info["error"] == "boom"
+        store.set_status(tid, "interrupted", thread_id="t-1")
+        loaded = store.load(tid)
+        assert loaded.status == "interrupted"
+        assert loaded.info["thread_id"] == "t-1" and loaded.info["error"] == "boom"
 
     def test_follow_sees_live_appends_and_stops_at_the_end(self, store: TrajectoryStore) -> None:
         tid = _new(store)
@@ -148,6 +153,24 @@ class StoreConformance:
         first, second = _new(store), _new(store)
         ids = store.list_ids(1000)
         assert ids.index(second) < ids.index(first)
+
+    def test_delete_removes_one_trajectory_and_nothing_else(self, store: TrajectoryStore) -> None:
+        gone, kept = _new(store), _new(store)
+        for tid in (gone, kept):
+            store.append(tid, 0, _seg("a", f"in {tid}"))
+        assert store.delete(gone)
+        assert not store.exists(gone) and store.length(gone) == 0
+        with pytest.raises(TrajectoryNotFoundError):
+            store.load(gone)
+        assert gone not in store.list_ids(1000)
+        assert store.read(kept) == [_seg("a", f"in {kept}")] and kept in store.list_ids(1000)
+        assert not store.delete(gone)
+
+    def test_append_to_an_unknown_trajectory_fails(self, store: TrajectoryStore) -> None:
+        tid = new_trajectory_id()
+        with pytest.raises(TrajectoryNotFoundError):
+            store.append(tid, 0, _seg("a", "orphan"))
+        assert store.length(tid) == 0  # nothing left behind without its metadata
 
     def test_values_are_json(self, store: TrajectoryStore) -> None:
         tid = _new(store)

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import os
-
+from relaygraph.trajectory.connect import redact_url
 from relaygraph.trajectory.models import (
     FinishReason,
+    Price,
     Segment,
     SegmentKind,
     Task,
     Trajectory,
+    check_namespace,
     check_trajectory_id,
     new_trajectory_id,
 )
-from relaygraph.trajectory.redis_store import RedisStore, redact_url
-from relaygraph.trajectory.store import TrajectoryStore
+from relaygraph.trajectory.redis_store import PruneReport, RedisStore
+from relaygraph.trajectory.settings import StoreConfig, open_store, parse_duration
+from relaygraph.trajectory.store import SharedStore, TrajectoryStore
 
-
-def open_store(url: str | None = None, namespace: str = "relaygraph", retries: int = 8) -> RedisStore:
-    """Connect to ``url``, else ``$REDIS_URL``, else the per-user embedded Valkey server."""
-    url = url or os.environ.get("REDIS_URL")
-    if not url:
-        from relaygraph.trajectory.embedded import embedded_url
-
-        url = embedded_url()
-    return RedisStore.from_url(url, namespace, retries=retries)
-
-
-__all__ = ["FinishReason", "RedisStore", "Segment", "SegmentKind", "Task", "Trajectory",
-           "TrajectoryStore", "check_trajectory_id", "new_trajectory_id", "open_store",
-           "redact_url"]
+__all__ = ["FinishReason", "Price", "PruneReport", "RedisStore", "Segment", "SegmentKind",
+           "SharedStore", "StoreConfig", "Task", "Trajectory", "TrajectoryStore", "check_namespace",
+           "check_trajectory_id", "new_trajectory_id", "open_store", "parse_duration", "redact_url"]

@@ -41,6 +41,16 @@ def check_trajectory_id(trajectory_id: str) -> str:
     return trajectory_id
 
 
+def check_namespace(namespace: str) -> str:
+    """Validate a store namespace (the prefix of every key) like an id, so one namespace
+    cannot address another's keys."""
+    if not isinstance(namespace, str) or not _ID_RE.match(namespace):
+        raise ConfigError(
+            f"invalid store namespace {namespace!r}: use 1-64 letters, digits, '-' or '_'"
+        )
+    return namespace
+
+
 class Segment(BaseModel):
     """One contiguous piece of the trajectory written by one author."""
 
@@ -55,12 +65,17 @@ class Segment(BaseModel):
     """Fingerprint of the tokenizer ``token_ids`` belong to; agents that share it reuse ids."""
     logprobs: list[float] | None = None
     finish_reason: FinishReason | None = None
+    tokens: int | None = None
+    """How many tokens ``text`` is, when the author's token ids are unknown (a hosted model
+    without a local tokenizer: its server's usage count)."""
     meta: dict[str, Any] = Field(default_factory=dict)
     """Policy details: requested call length, malformed command, handoff reason, ..."""
 
     @property
     def n_tokens(self) -> int:
-        return len(self.token_ids) if self.token_ids is not None else 0
+        if self.token_ids is not None:
+            return len(self.token_ids)
+        return self.tokens or 0
 
     @property
     def plain_text(self) -> str:
@@ -90,6 +105,18 @@ def reasoning_text(segments: Sequence[Segment]) -> str:
     return "".join(s.plain_text for s in segments if s.kind in ("text", "call"))
 
 
+class Price(BaseModel):
+    """What an agent's tokens cost, per million (in the currency the config is written in)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(0.0, ge=0, allow_inf_nan=False)
+    output: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input + output_tokens * self.output) / 1e6
+
+
 class Task(BaseModel):
     """What the agents work on: the question and the run's settings."""
 
@@ -102,6 +129,8 @@ class Task(BaseModel):
     """Agent name -> model identifier."""
     primary: str = ""
     """The agent whose tokens are not counted as help (empty: the first agent)."""
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """Agent name -> its price per million tokens (agents without one are not listed)."""
     config: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
 
@@ -120,6 +149,9 @@ class Trajectory(BaseModel):
     task: Task
     segments: list[Segment] = Field(default_factory=list)
     status: str = "running"
+    info: dict[str, str] = Field(default_factory=dict)
+    """Small facts recorded with the status (``set_status(..., **info)``): an error, where
+    an interrupted run waits (``thread_id``, ``interrupt``), its trace (``traceparent``)."""
 
     @property
     def text(self) -> str:
@@ -137,6 +169,8 @@ class StepRecord(BaseModel):
     """The agent who wrote the step (for a supervisor review: the worker reviewed)."""
     tokens: int = 0
     """Tokens generated in the step."""
+    input_tokens: int = 0
+    """Prompt tokens the step's generation read (what a hosted model bills as input)."""
     to: str
     """Who writes next: an agent, ``supervisor`` or ``finish``."""
     budget: int = 0

@@ -1,34 +1,76 @@
-"""Trajectory store on Redis Streams (any Redis >= 6.2 or Valkey server).
+"""Trajectory store on Redis Streams: one Redis/Valkey server, a Cluster, or a
+Sentinel-managed primary (see :mod:`relaygraph.trajectory.connect` for the URLs).
 
-Layout, with ``{id}`` a hash tag so one trajectory stays on one Cluster slot:
+Layout, with ``{id}`` a hash tag so one trajectory's keys share one Cluster slot:
 
 - ``<ns>:{<id>}:segments`` — a Stream; the segment at position ``seq`` has the explicit
   stream id ``0-<seq+1>`` and one field ``s`` holding the segment as JSON;
-- ``<ns>:{<id>}:meta`` — a hash: ``task`` (JSON), ``status``, ``error``, ...;
-- ``<ns>:index`` — a sorted set of ids by creation time (for ``relaygraph show`` listings).
+- ``<ns>:{<id>}:meta`` — a hash: ``task`` (JSON), ``status``, ``created_at``, ``ttl_ms``
+  (when the trajectory expires), ``heartbeat`` (a server running it), ``error``, ...;
+- ``<ns>:index`` — a sorted set of ids by creation time (listings, ``store prune``).
 
-Appends run one Lua script that checks the expected position, so they are exactly-once
-under retries and concurrent writers. Values are JSON; nothing is ever unpickled.
+Every command touches one key, or the two keys of one trajectory (same slot), so nothing
+is cross-slot on a Cluster; the index is one key per namespace. Appends run one Lua script
+that checks the expected position, so they are exactly-once under retries and concurrent
+writers. With a TTL, both keys of a trajectory expire that long after its last activity
+(create, append, status change, heartbeat): the TTL is recorded in the trajectory's own
+metadata, so whichever process continues it keeps it. Index entries of expired
+trajectories are dropped as listings and creations meet them, and by :meth:`prune`.
+Values are JSON; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from relaygraph.errors import (
     PositionConflictError,
     StoreUnavailableError,
     TrajectoryNotFoundError,
 )
-from relaygraph.trajectory.models import Segment, Task, Trajectory, check_trajectory_id
+from relaygraph.trajectory.connect import (
+    Kind,
+    connect,
+    redact_url,
+    refused,
+    unreachable,
+)
+from relaygraph.trajectory.models import (
+    Segment,
+    Task,
+    Trajectory,
+    check_namespace,
+    check_trajectory_id,
+)
 
-_APPEND = """
+_CREATE = """
+if redis.call('HSETNX', KEYS[1], 'task', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'created_at', ARGV[2])
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('HSET', KEYS[1], 'ttl_ms', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+
+_REFRESH = """
+local function refresh()
+  local ttl = tonumber(redis.call('HGET', KEYS[2], 'ttl_ms') or '0')
+  if ttl and ttl > 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+end
+"""
+
+_APPEND = _REFRESH + """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 'missing' end
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local length = 0
 if #top > 0 then
@@ -37,6 +79,7 @@ end
 local seq = tonumber(ARGV[1])
 if seq == length then
   redis.call('XADD', KEYS[1], '0-' .. (seq + 1), 's', ARGV[2])
+  refresh()
   return 'ok'
 elseif seq < length then
   local have = redis.call('XRANGE', KEYS[1], '0-' .. (seq + 1), '0-' .. (seq + 1))
@@ -46,55 +89,96 @@ end
 return 'gap:' .. length
 """
 
+_SET = _REFRESH + """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV))
+refresh()
+return 1
+"""
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for logs, spans and errors)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable redis url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+_TOUCH = _REFRESH + """
+if redis.call('EXISTS', KEYS[2]) == 0 then return {0, ''} end
+redis.call('HSET', KEYS[2], 'heartbeat', ARGV[1])
+refresh()
+return {1, redis.call('HGET', KEYS[2], 'cancel_requested') or ''}
+"""
+
+_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+local status = redis.call('HGET', KEYS[1], 'status') or 'running'
+if status ~= 'running' then return status end
+redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
+return 'running'
+"""
+
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+local status = redis.call('HGET', KEYS[1], 'status') or 'running'
+local beat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat') or '0') or 0
+if status == 'running' and beat >= tonumber(ARGV[2]) then return 'held' end
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[1])
+redis.call('HDEL', KEYS[1], 'cancel_requested')
+return status
+"""
+
+HEARTBEAT_STALE_S = 15.0
+"""A running trajectory whose heartbeat is older than this is not held by a live server."""
+
+
+@dataclass
+class PruneReport:
+    """What :meth:`RedisStore.prune` did (or, with ``dry_run``, would do)."""
+
+    deleted: list[str] = field(default_factory=list)
+    """Trajectories deleted (keys and index entries)."""
+    expired: int = 0
+    """Index entries whose trajectory had already expired, removed."""
+    held: list[str] = field(default_factory=list)
+    """Matching trajectories left alone: a live server is running them (fresh heartbeat)."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisStore:
-    """A :class:`~relaygraph.trajectory.store.TrajectoryStore` on one Redis/Valkey server.
+    """A :class:`~relaygraph.trajectory.store.TrajectoryStore` on Redis/Valkey.
 
-    ``RedisStore.from_url("redis://:secret@host:6379/0")`` and ``rediss://`` URLs work;
-    pass ``client=`` to reuse a configured ``redis.Redis``.
+    ``RedisStore.from_url(url)`` takes ``redis://``, ``rediss://``, ``unix://``,
+    ``redis+cluster://`` and ``redis+sentinel://`` URLs; pass ``client=`` to reuse a
+    configured ``redis.Redis`` or ``redis.cluster.RedisCluster``. ``namespace`` prefixes
+    every key (tenants, experiments); ``ttl`` (seconds) makes new trajectories expire that
+    long after their last activity.
     """
 
-    def __init__(self, client: redis.Redis, namespace: str = "relaygraph", url: str = "") -> None:
+    def __init__(self, client: Any, namespace: str = "relaygraph", url: str = "",
+                 ttl: float | None = None, kind: Kind | None = None) -> None:
         self.client: Any = client  # redis-py's reply types are unions of every protocol's
-        self.namespace = namespace
+        self.namespace = check_namespace(namespace)
         self.url = redact_url(url) if url else ""
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl must be > 0 seconds (or None: never expire), got {ttl}")
+        self.ttl = ttl
+        self.kind: Kind = kind or _kind_of(client)
+        self._create = client.register_script(_CREATE)
         self._append = client.register_script(_APPEND)
+        self._set = client.register_script(_SET)
+        self._touch = client.register_script(_TOUCH)
+        self._cancel = client.register_script(_CANCEL)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "relaygraph", retries: int = 8,
-                 **kwargs: object) -> RedisStore:
-        """Connect to ``url`` (redis://, rediss://, unix://) and check the server answers.
+                 ttl: float | None = None, **kwargs: object) -> RedisStore:
+        """Connect to ``url`` and check the server answers.
 
         Commands that hit a dropped connection are retried ``retries`` times with
         exponential backoff (0.1 s doubling to 2 s: about 9 s for the default 8), so a
-        server restart is ridden out; appends stay exactly-once because a retried append
-        that had landed is recognised as a duplicate.
+        server restart or a Sentinel failover is ridden out; appends stay exactly-once
+        because a retried append that had landed is recognised as a duplicate.
         """
-        retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries,
-                      (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
-        try:
-            client = redis.Redis.from_url(url, retry=retry, **kwargs)
-        except ValueError as exc:
-            raise StoreUnavailableError(
-                f"invalid Redis URL {redact_url(url)!r}: {exc}; expected e.g. "
-                "redis://[:password@]host:6379/0 or rediss://..."
-            ) from None
-        store = cls(client, namespace, url)
+        client, kind = connect(url, retries, **kwargs)
+        store = cls(client, namespace, url, ttl, kind)
         store.ping()
         return store
 
@@ -102,16 +186,9 @@ class RedisStore:
         try:
             self.client.ping()
         except redis.AuthenticationError:
-            raise StoreUnavailableError(
-                f"Redis at {self.url or 'the given client'} refused the credentials; "
-                "check the password in the URL"
-            ) from None
+            raise StoreUnavailableError(refused(self.url)) from None
         except redis.RedisError as exc:
-            raise StoreUnavailableError(
-                f"cannot reach Redis at {self.url or 'the given client'} "
-                f"({type(exc).__name__}); start the server, fix --redis/REDIS_URL, or omit "
-                "them to use the embedded server"
-            ) from None
+            raise StoreUnavailableError(unreachable(self.url, exc)) from None
 
     # keys -------------------------------------------------------------------------------
     def _seg_key(self, tid: str) -> str:
@@ -120,17 +197,28 @@ class RedisStore:
     def _meta_key(self, tid: str) -> str:
         return f"{self.namespace}:{{{check_trajectory_id(tid)}}}:meta"
 
+    def _keys(self, tid: str) -> list[str]:
+        return [self._seg_key(tid), self._meta_key(tid)]
+
     @property
     def _index_key(self) -> str:
         return f"{self.namespace}:index"
 
+    def _missing(self, trajectory_id: str) -> TrajectoryNotFoundError:
+        return TrajectoryNotFoundError(
+            f"no trajectory {trajectory_id!r} in {self.url or 'this store'}"
+            f"{'' if self.namespace == 'relaygraph' else f' (namespace {self.namespace})'}; "
+            "it may have expired or been deleted; `relaygraph show` lists recent ids")
+
     # protocol ---------------------------------------------------------------------------
     def create(self, trajectory_id: str, task: Task) -> None:
-        meta = self._meta_key(trajectory_id)
-        if not self.client.hsetnx(meta, "task", task.model_dump_json()):
+        ttl_ms = int(self.ttl * 1000) if self.ttl else 0
+        if not self._create(keys=[self._meta_key(trajectory_id)],
+                            args=[task.model_dump_json(), str(task.created_at), ttl_ms]):
             raise ValueError(f"trajectory {trajectory_id!r} already exists")
-        self.client.hset(meta, mapping={"status": "running", "created_at": str(task.created_at)})
         self.client.zadd(self._index_key, {trajectory_id: task.created_at})
+        if ttl_ms:
+            self._trim_oldest()
 
     def exists(self, trajectory_id: str) -> bool:
         return bool(self.client.exists(self._meta_key(trajectory_id)))
@@ -138,11 +226,12 @@ class RedisStore:
     def append(self, trajectory_id: str, seq: int, segment: Segment) -> None:
         if seq < 0:
             raise ValueError(f"position must be >= 0, got {seq}")
-        result = self._append(keys=[self._seg_key(trajectory_id)],
-                              args=[seq, segment.model_dump_json()])
-        result = result.decode() if isinstance(result, bytes) else result
+        result = _text(self._append(keys=self._keys(trajectory_id),
+                                    args=[seq, segment.model_dump_json()]))
         if result in ("ok", "dup"):
             return
+        if result == "missing":
+            raise self._missing(trajectory_id)
         if result == "taken":
             raise PositionConflictError(trajectory_id, seq)
         raise PositionConflictError(
@@ -162,11 +251,15 @@ class RedisStore:
     def _meta(self, trajectory_id: str) -> dict[str, str]:
         raw = self.client.hgetall(self._meta_key(trajectory_id))
         if not raw:
-            raise TrajectoryNotFoundError(
-                f"no trajectory {trajectory_id!r} in {self.url or 'this store'}; "
-                "`relaygraph show` lists recent ids"
-            )
-        return {k.decode(): v.decode() for k, v in raw.items()}
+            raise self._missing(trajectory_id)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def info(self, trajectory_id: str) -> dict[str, str]:
+        """The trajectory's metadata without its task: ``status``, ``created_at``,
+        ``finish_reason``, ``error``, ``cancel_reason``, ``heartbeat``, ``ttl_ms``, ..."""
+        meta = self._meta(trajectory_id)
+        meta.pop("task", None)
+        return meta
 
     def load(self, trajectory_id: str) -> Trajectory:
         meta = self._meta(trajectory_id)
@@ -175,10 +268,13 @@ class RedisStore:
             task=Task.model_validate_json(meta["task"]),
             segments=self.read(trajectory_id),
             status=meta.get("status", "running"),
+            info={k: v for k, v in meta.items() if k not in ("task", "status", "created_at")},
         )
 
     def set_status(self, trajectory_id: str, status: str, **info: str) -> None:
-        self.client.hset(self._meta_key(trajectory_id), mapping={"status": status, **info})
+        fields = [x for pair in {"status": status, **info}.items() for x in pair]
+        if not self._set(keys=self._keys(trajectory_id), args=fields):
+            raise self._missing(trajectory_id)
 
     def status(self, trajectory_id: str) -> str:
         return self._meta(trajectory_id).get("status", "running")
@@ -193,7 +289,7 @@ class RedisStore:
             reply = self.client.xread({key: last_id}, block=block_ms, count=100)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
-                    last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    last_id = _text(entry_id)
                     yield seq, Segment.model_validate_json(fields[b"s"])
                     seq += 1
             if not reply and self.status(trajectory_id) != "running":
@@ -201,8 +297,187 @@ class RedisStore:
                     return
 
     def list_ids(self, limit: int = 20) -> list[str]:
-        return [i.decode() for i in self.client.zrevrange(self._index_key, 0, limit - 1)]
+        """The newest ``limit`` trajectories; index entries of expired ones are dropped."""
+        found: list[str] = []
+        start = 0
+        while 0 < limit and len(found) < limit:
+            page = [_text(i) for i in self.client.zrevrange(self._index_key, start,
+                                                            start + limit - len(found) - 1)]
+            if not page:
+                break
+            alive = self._alive(page)
+            if gone := [i for i, ok in zip(page, alive, strict=True) if not ok]:
+                self.client.zrem(self._index_key, *gone)
+            found += [i for i, ok in zip(page, alive, strict=True) if ok]
+            start += len(page) - len(gone)
+        return found
+
+    def delete(self, trajectory_id: str) -> bool:
+        """Remove the trajectory (both keys and its index entry); False if it did not exist."""
+        existed = bool(self.client.delete(*self._keys(trajectory_id)))
+        removed = bool(self.client.zrem(self._index_key, trajectory_id))
+        return existed or removed
 
     def close(self) -> None:
         self.client.close()
 
+    # retention, replicas ----------------------------------------------------------------
+    def _alive(self, ids: Sequence[str]) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for tid in ids:
+            pipe.exists(self._meta_key(tid))
+        return [bool(x) for x in pipe.execute()]
+
+    def _trim_oldest(self, count: int = 8) -> None:
+        """Drop the index entries of expired trajectories among the oldest ``count``: with
+        TTLs, creations keep the index about as long as the live trajectories."""
+        oldest = [_text(i) for i in self.client.zrange(self._index_key, 0, count - 1)]
+        if gone := [i for i, ok in zip(oldest, self._alive(oldest), strict=True) if not ok]:
+            self.client.zrem(self._index_key, *gone)
+
+    def count(self) -> int:
+        """Index entries (trajectories, and expired ones not yet trimmed)."""
+        return int(self.client.zcard(self._index_key))
+
+    def keepalive(self, trajectory_ids: Iterable[str]) -> dict[str, str | None]:
+        """Record that this process is running these trajectories (``heartbeat``) and
+        refresh their TTL. Returns, per id, the reason of a cancellation requested through
+        any server (:meth:`request_cancel`), ``""`` if none — or None if the trajectory is
+        gone (expired or deleted)."""
+        now = f"{time.time():.3f}"
+        out: dict[str, str | None] = {}
+        for tid in trajectory_ids:
+            found, reason = self._touch(keys=self._keys(tid), args=[now])
+            out[tid] = _text(reason) if found else None
+        return out
+
+    def request_cancel(self, trajectory_id: str, reason: str = "cancelled") -> str:
+        """Ask whichever server runs the trajectory to stop it (it sees the request at its
+        next heartbeat). Returns the trajectory's status: only a ``running`` one is asked."""
+        status = _text(self._cancel(keys=[self._meta_key(trajectory_id)], args=[reason]))
+        if status == "missing":
+            raise self._missing(trajectory_id)
+        return status
+
+    def claim(self, trajectory_id: str, stale: float = HEARTBEAT_STALE_S) -> str | None:
+        """Take a trajectory over to continue it here: refused (None) while a live server
+        holds it; otherwise its heartbeat becomes this process's and an old cancellation
+        request is cleared. Returns the status it had (``finished`` runs need no work)."""
+        now = time.time()
+        status = _text(self._claim(keys=[self._meta_key(trajectory_id)],
+                                   args=[f"{now:.3f}", f"{now - stale:.3f}"]))
+        if status == "missing":
+            raise self._missing(trajectory_id)
+        return None if status == "held" else status
+
+    def held(self, trajectory_id: str, stale: float = HEARTBEAT_STALE_S) -> bool:
+        """Whether a live server runs the trajectory now (running, with a fresh heartbeat)."""
+        meta = self.info(trajectory_id)
+        return _held(meta.get("status"), meta.get("heartbeat"), time.time() - stale)
+
+    def prune(self, older_than: float, status: Sequence[str] = (), dry_run: bool = False,
+              now: float | None = None, batch: int = 500) -> PruneReport:
+        """Delete trajectories created more than ``older_than`` seconds ago (only those
+        whose status is in ``status``, when given), except running ones a live server holds;
+        and drop index entries of trajectories that have expired. Touches nothing else."""
+        now = time.time() if now is None else now
+        cutoff, stale = now - older_than, now - HEARTBEAT_STALE_S
+        report = PruneReport()
+        candidates = [_text(i) for i in self.client.zrangebyscore(self._index_key, "-inf",
+                                                                  f"({cutoff}")]
+        for chunk in _chunks(candidates, batch):
+            pipe = self.client.pipeline(transaction=False)
+            for tid in chunk:
+                pipe.hmget(self._meta_key(tid), "task", "status", "heartbeat")
+            doomed, gone = [], []
+            for tid, (task, state, beat) in zip(chunk, pipe.execute(), strict=True):
+                state = _text(state) if state is not None else "running"
+                if task is None:
+                    gone.append(tid)
+                elif status and state not in status:
+                    continue
+                elif _held(state, beat, stale):
+                    report.held.append(tid)
+                else:
+                    doomed.append(tid)
+            report.deleted += doomed
+            report.expired += len(gone)
+            if dry_run or not (doomed or gone):
+                continue
+            pipe = self.client.pipeline(transaction=False)
+            for key in (k for tid in doomed for k in self._keys(tid)):
+                pipe.delete(key)  # one key per command: a Cluster pipeline splits no DEL
+            pipe.zrem(self._index_key, *doomed, *gone)
+            pipe.execute()
+        report.expired += self._trim_expired(skip=set(candidates), dry_run=dry_run, batch=batch)
+        return report
+
+    def _trim_expired(self, skip: set[str], dry_run: bool, batch: int) -> int:
+        removed = 0
+        for chunk in _chunks([_text(i) for i in self.client.zrange(self._index_key, 0, -1)],
+                             batch):
+            chunk = [tid for tid in chunk if tid not in skip]
+            if gone := [t for t, ok in zip(chunk, self._alive(chunk), strict=True) if not ok]:
+                removed += len(gone)
+                if not dry_run:
+                    self.client.zrem(self._index_key, *gone)
+        return removed
+
+    def memory(self, sample: int = 100) -> dict[str, Any]:
+        """What the namespace holds: ``trajectories`` (index entries), ``sampled`` (the
+        newest ones measured), ``bytes_per_trajectory`` (mean ``MEMORY USAGE`` of both keys,
+        every stream entry counted), ``segments_per_trajectory``, ``index_bytes``, and the
+        server's ``used_memory`` (summed over a Cluster's primaries)."""
+        ids = self.list_ids(sample)
+        pipe = self.client.pipeline(transaction=False)
+        for tid in ids:
+            for key in self._keys(tid):
+                pipe.memory_usage(key, samples=0)
+            pipe.xlen(self._seg_key(tid))
+        replies = pipe.execute() if ids else []
+        sizes = [sum(int(x or 0) for x in replies[i:i + 2]) for i in range(0, len(replies), 3)]
+        lengths = [int(x or 0) for x in replies[2::3]]
+        return {
+            "trajectories": self.count(), "sampled": len(ids),
+            "bytes_per_trajectory": sum(sizes) / len(sizes) if sizes else 0.0,
+            "segments_per_trajectory": sum(lengths) / len(lengths) if lengths else 0.0,
+            "index_bytes": int(self.client.memory_usage(self._index_key, samples=0) or 0),
+            "used_memory": self.used_memory(),
+        }
+
+    def used_memory(self) -> int:
+        """Bytes the server holds (all primaries of a Cluster)."""
+        if self.kind == "cluster":
+            from redis.cluster import RedisCluster
+
+            per_node = self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            return sum(int(n["used_memory"]) for n in per_node.values())
+        return int(self.client.info("memory")["used_memory"])
+
+
+def _held(status: Any, heartbeat: Any, since: float) -> bool:
+    if status is not None and _text(status) != "running":
+        return False
+    try:
+        return heartbeat is not None and float(_text(heartbeat)) >= since
+    except ValueError:
+        return False
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _kind_of(client: Any) -> Kind:
+    from redis.cluster import RedisCluster
+    from redis.sentinel import SentinelConnectionPool
+
+    if isinstance(client, RedisCluster):
+        return "cluster"
+    if isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool):
+        return "sentinel"
+    return "single"
+
+
+__all__ = ["HEARTBEAT_STALE_S", "PruneReport", "RedisStore", "redact_url"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 from relaygraph.trajectory.models import Segment, Task, Trajectory
 
 Status = str
-"""``running``, ``finished`` or ``failed``."""
+"""``running``, ``finished``, ``failed`` or ``cancelled``."""
 
 
 @runtime_checkable
@@ -42,11 +42,13 @@ class TrajectoryStore(Protocol):
         ...
 
     def load(self, trajectory_id: str) -> Trajectory:
-        """The whole trajectory; raises ``TrajectoryNotFoundError`` if unknown."""
+        """The whole trajectory, with its status and the ``info`` recorded with it; raises
+        ``TrajectoryNotFoundError`` if unknown."""
         ...
 
     def set_status(self, trajectory_id: str, status: Status, **info: str) -> None:
-        """Record the run's status (and small string facts such as an error message)."""
+        """Record the run's status (and small string facts such as an error message; facts
+        recorded earlier stay unless given again)."""
         ...
 
     def follow(
@@ -59,4 +61,36 @@ class TrajectoryStore(Protocol):
         """Most recently created trajectory ids, newest first."""
         ...
 
+    def delete(self, trajectory_id: str) -> bool:
+        """Remove the trajectory and every trace of it (it leaves listings); False if there
+        was none."""
+        ...
+
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharedStore(TrajectoryStore, Protocol):
+    """A store several servers share (``relaygraph serve`` replicas): trajectories are held
+    by the process running them (a heartbeat) and can be cancelled or taken over by any."""
+
+    def info(self, trajectory_id: str) -> dict[str, str]:
+        """The trajectory's metadata (status, reasons, heartbeat, ...) without its task."""
+        ...
+
+    def keepalive(self, trajectory_ids: Iterable[str]) -> dict[str, str | None]:
+        """Mark these trajectories held by this process; per id, a requested cancellation's
+        reason (``""``: none) or None if the trajectory is gone."""
+        ...
+
+    def request_cancel(self, trajectory_id: str, reason: str = "cancelled") -> Status:
+        """Ask the process running the trajectory to stop it; returns its status."""
+        ...
+
+    def held(self, trajectory_id: str) -> bool:
+        """Whether a live process runs it now."""
+        ...
+
+    def claim(self, trajectory_id: str) -> Status | None:
+        """Take it over to continue it here (None: a live process holds it)."""
+        ...

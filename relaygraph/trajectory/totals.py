@@ -8,13 +8,13 @@ the same handoffs, tokens, counters, call ratio and finish reason.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from relaygraph.trajectory.models import Segment, StepRecord, step_of
+from relaygraph.trajectory.models import Price, Segment, StepRecord, step_of
 
 FINISH = "finish"
 ENDINGS = ("eos", "stop", "budget", "empty")
@@ -40,6 +40,8 @@ class Totals:
     """What a run's steps add up to."""
 
     tokens_by_agent: dict[str, int] = field(default_factory=dict)
+    input_tokens_by_agent: dict[str, int] = field(default_factory=dict)
+    """Prompt tokens each agent's generations read (its billed input)."""
     counters: dict[str, int] = field(default_factory=dict)
     handoff_records: list[dict[str, Any]] = field(default_factory=list)
     """:class:`HandoffRecord` dumps (``from``, ``to``, ``reason``, ...), in order."""
@@ -64,10 +66,26 @@ class Totals:
         total = self.generated
         return (total - self.tokens_by_agent.get(primary, 0)) / total if total else 0.0
 
+    def cost_by_agent(self, prices: Mapping[str, Price]) -> dict[str, float] | None:
+        """Money each priced agent's tokens cost (None when no agent has a price)."""
+        if not prices:
+            return None
+        return {name: price.cost(self.input_tokens_by_agent.get(name, 0),
+                                 self.tokens_by_agent.get(name, 0))
+                for name, price in prices.items()}
+
+    def cost(self, prices: Mapping[str, Price]) -> float | None:
+        """What the run cost: the sum over priced agents (None when no agent has a price)."""
+        by_agent = self.cost_by_agent(prices)
+        return None if by_agent is None else sum(by_agent.values())
+
     def add(self, step: StepRecord, position: int, max_tokens: int | None = None) -> None:
         """Count one step whose last segment ends before ``position``."""
         if step.tokens:
             self.tokens_by_agent[step.author] = self.tokens_by_agent.get(step.author, 0) + step.tokens
+        if step.input_tokens:
+            self.input_tokens_by_agent[step.author] = (
+                self.input_tokens_by_agent.get(step.author, 0) + step.input_tokens)
         for key, value in step.counters.items():
             self.counters[key] = self.counters.get(key, 0) + value
         if step.moved:
@@ -82,6 +100,7 @@ class Totals:
     @classmethod
     def from_state(cls, state: Any) -> Totals:
         return cls(tokens_by_agent=dict(state.get("tokens_by_agent") or {}),
+                   input_tokens_by_agent=dict(state.get("input_tokens_by_agent") or {}),
                    counters=dict(state.get("counters") or {}),
                    handoff_records=list(state.get("handoff_records") or ()),
                    finish_reason=state.get("finish_reason") or "", turn=state.get("turn", ""),
@@ -92,7 +111,8 @@ def tally(segments: Sequence[Segment], agents: Sequence[str] = ()) -> tuple[Tota
     """The totals of the completed steps of ``segments`` and how many segments they span
     (segments after that belong to a step that did not complete: a crash between its
     appends). ``agents`` are listed in ``tokens_by_agent`` even if they wrote nothing."""
-    totals = Totals(tokens_by_agent={a: 0 for a in agents})
+    totals = Totals(tokens_by_agent={a: 0 for a in agents},
+                    input_tokens_by_agent={a: 0 for a in agents})
     done = 0
     for position, seg in enumerate(segments, start=1):
         step = step_of(seg)

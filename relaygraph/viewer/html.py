@@ -21,6 +21,7 @@ from relaygraph.viewer.summary import (
     Handoff,
     HandoffTracker,
     Summary,
+    format_cost,
     load_decoders,
     summarize,
     token_pieces,
@@ -200,6 +201,9 @@ def _cards(totals: Summary, authors: _Authors) -> str:
         ("tokens", str(totals.total_tokens),
          f"<div class='bar'>{bar}</div><small class='muted'>{per_agent}</small>"),
         ("call ratio", f"{totals.call_ratio:.1%}", ""),
+        *([("cost", format_cost(totals.cost), "<small class='muted'>" + " · ".join(
+            f"{_esc(a)} {format_cost(c)}" for a, c in (totals.cost_by_agent or {}).items())
+            + "</small>")] if totals.cost is not None else []),
         ("handoffs", str(totals.handoffs), ""),
         ("segments", str(totals.segments),
          f"<small class='muted'>{totals.retracted} rolled back</small>" if totals.retracted else ""),

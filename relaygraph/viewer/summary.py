@@ -57,6 +57,15 @@ class Summary:
     answer: str = ""
     finish_reason: str = ""
     """Why the run ended, when it has."""
+    input_tokens_by_agent: dict[str, int] = field(default_factory=dict)
+    cost: float | None = None
+    """What the run cost from the agents' prices stored with the task (None: no prices)."""
+    cost_by_agent: dict[str, float] | None = None
+
+
+def format_cost(cost: float) -> str:
+    """Money with enough digits for fractions of a cent: ``0.000123``, ``1.50``."""
+    return f"{cost:.2f}" if cost >= 1 else f"{cost:.6f}".rstrip("0").rstrip(".") or "0"
 
 
 class HandoffTracker:
@@ -86,7 +95,9 @@ def summarize(trajectory: Trajectory) -> Summary:
     totals, _ = tally(segments, agents)
     summary = Summary(segments=len(segments), retracted=len(retracted(segments)),
                       tokens_by_agent=totals.tokens_by_agent, total_tokens=totals.generated,
-                      handoffs=totals.handoffs, finish_reason=totals.finish_reason)
+                      handoffs=totals.handoffs, finish_reason=totals.finish_reason,
+                      input_tokens_by_agent=totals.input_tokens_by_agent,
+                      cost=totals.cost(task.prices), cost_by_agent=totals.cost_by_agent(task.prices))
     primary = task.primary or (agents[0] if agents else "")
     summary.call_ratio = totals.call_ratio(primary)
     probs: dict[str, list[float]] = {}

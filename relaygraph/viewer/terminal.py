@@ -7,6 +7,7 @@ run is going (``relaygraph show ID --follow`` feeds it from blocking stream read
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,9 +15,17 @@ from rich.console import Console
 from rich.text import Text
 
 from relaygraph.trajectory.models import Segment, Trajectory, retracted
-from relaygraph.viewer.summary import Handoff, HandoffTracker, Summary, summarize
+from relaygraph.viewer.summary import Handoff, HandoffTracker, Summary, format_cost, summarize
 
 PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red")
+_SHOWN = {"\n", "\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences, bells, C1 controls,
+    bidirectional overrides) shown escaped, so stored text cannot drive the terminal."""
+    return "".join(ch if ch in _SHOWN or unicodedata.category(ch) not in ("Cc", "Cf")
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 class Styles:
@@ -37,7 +46,7 @@ class Styles:
         text.append("authors: ", style="dim")
         for author, style in self._styles.items():
             model = f" ({models[author]})" if models and author in models else ""
-            text.append(f"■ {author}{model}  ", style=style)
+            text.append(printable(f"■ {author}{model}  "), style=style)
         return text
 
 
@@ -47,25 +56,26 @@ def segment_text(segment: Segment, styles: Styles, retracted: bool = False) -> T
     if segment.kind == "call":
         granted = segment.meta.get("granted")
         text = Text()
-        text.append(segment.text, style=f"bold {style} reverse")
-        text.append(f"[→ {granted} tokens]" if granted else
-                    f"[refused: {segment.meta.get('refused')}]", style="dim")
+        text.append(printable(segment.text), style=f"bold {style} reverse")
+        text.append(printable(f"[→ {granted} tokens]" if granted else
+                    f"[refused: {segment.meta.get('refused')}]"), style="dim")
         return text
     if segment.kind in ("steer", "error"):
-        return Text(f"\n[{segment.kind} by {segment.author}] {segment.text}\n", style=f"italic {style}")
+        return Text(printable(f"\n[{segment.kind} by {segment.author}] {segment.text}\n"),
+                    style=f"italic {style}")
     if segment.kind == "mark":
         return Text("")
     if segment.kind == "retract":
         gone = ", ".join(f"#{i}" for i in segment.meta.get("retracts", ()))
         why = f": {segment.meta['reason']}" if segment.meta.get("reason") else ""
-        return Text(f" ⟲ rollback of {gone}{why} ", style="bold red")
-    return Text(segment.text, style=style)
+        return Text(printable(f" ⟲ rollback of {gone}{why} "), style="bold red")
+    return Text(printable(segment.text), style=style)
 
 
 def handoff_marker(handoff: Handoff) -> Text:
     """``⟨from→to: reason⟩`` (the live printer's marker), dim."""
     note = f" ({handoff.note})" if handoff.note else ""
-    return Text(f" ⟨{handoff.label}{note}⟩ ", style="dim")
+    return Text(printable(f" ⟨{handoff.label}{note}⟩ "), style="dim")
 
 
 class TrajectoryPrinter:
@@ -92,19 +102,21 @@ class TrajectoryPrinter:
 
 
 def header(trajectory: Trajectory, console: Console, styles: Styles) -> None:
-    console.print(Text(trajectory.task.question, style="bold"))
+    console.print(Text(printable(trajectory.task.question), style="bold"))
     console.print(styles.legend(trajectory.task.agents))
 
 
 def footer(trajectory: Trajectory, totals: Summary, status: str, console: Console) -> None:
     tokens = ", ".join(f"{k} {v}" for k, v in totals.tokens_by_agent.items())
     console.print()
-    console.print(Text(f"answer: {totals.answer or '(none)'}", style="bold"))
-    console.print(Text(
+    console.print(Text(printable(f"answer: {totals.answer or '(none)'}"), style="bold"))
+    console.print(Text(printable(
         f"status {status}" + (f" ({totals.finish_reason})" if totals.finish_reason else "")
         + f" · {totals.segments} segments · policy {trajectory.task.policy} · "
         f"tokens {tokens} · call ratio {totals.call_ratio:.1%} · handoffs {totals.handoffs}"
-        + (f" · {totals.retracted} rolled back" if totals.retracted else ""), style="dim"))
+        + (f" · cost {format_cost(totals.cost)}" if totals.cost is not None else "")
+        + (f" · {totals.retracted} rolled back" if totals.retracted else "")), style="dim"))
+
 
 
 def render_trajectory(trajectory: Trajectory, console: Console, status: str | None = None) -> None:
@@ -145,8 +157,9 @@ class LivePrinter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("type") == "token":
-            self.console.print(Text(event["text"], style=self.styles[event["agent"]]), end="",
+            self.console.print(Text(printable(event["text"]), style=self.styles[event["agent"]]),
+                               end="",
                                soft_wrap=True)
         elif event.get("type") == "handoff" and event["to"] != "finish":
-            self.console.print(Text(f" ⟨{event['from']}→{event['to']}: {event['reason']}⟩ ",
+            self.console.print(Text(printable(f" ⟨{event['from']}→{event['to']}: {event['reason']}⟩ "),
                                     style="dim"), end="")
