@@ -137,3 +137,35 @@ def test_the_pipeline_runs_the_three_stages_on_one_adapter_and_resumes(tiny_pair
 
     again = invoke("train", "pipeline", str(tmp_path / "pipeline.toml"))
     assert "warm-up already finished" in again.output and "GRPO already finished" in again.output
+
+
+def test_the_pipeline_can_stop_after_the_warmup_and_ships_its_adapter(tiny_pair, tmp_path: Path) -> None:
+    """``stop_after = "warmup"``: no filter, no GRPO; the warm-up's adapter is exported with a
+    card that says the later stages did not run."""
+    import torch
+    from safetensors.torch import load_file
+
+    controller, expert = tiny_pair
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": tiny.QUESTION, "answer": "7"}) + "\n")
+    system = json.dumps(tiny.SYSTEM_PROMPT)
+    out = tmp_path / "run"
+    (tmp_path / "pipeline.toml").write_text(
+        f'output_dir = "{out}"\nmodel = "{controller}"\nexpert = "{expert}"\ndata = "{data}"\n'
+        'stop_after = "warmup"\n'
+        f'[warmup]\nsystem_prompt = {system}\nmax_tokens = 40\ntemperature = 0.0\n'
+        'device = "cpu"\ndtype = "float32"\n[warmup.sft]\nlearning_rate = 1e-3\nmax_steps = 1\n'
+        'batch_size = 1\nlogging_steps = 1\ntrl = { disable_tqdm = true }\n'
+        '[warmup.lora]\nr = 2\nalpha = 4\n[filter]\n[grpo]\n')
+    result = invoke("train", "pipeline", str(tmp_path / "pipeline.toml"))
+    assert result.stdout.strip().endswith(str(out / "warmup" / "model"))
+    assert "stage 1/1: warm-up" in result.output and "GRPO" not in result.output
+    assert not (out / "filtered.jsonl").exists() and not (out / "grpo").exists()
+    card = json.loads((out / "training.json").read_text())
+    assert card["stages"] == ["warmup"] and card["grpo"]["log"] == []
+    assert "teacher-pass filter: not run; GRPO: not run; LoRA r=2" in card["summary"]
+    warm = load_file(out / "warmup" / "adapter" / "adapter_model.safetensors")
+    shipped = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert warm.keys() == shipped.keys()
+    for key, value in warm.items():
+        torch.testing.assert_close(shipped[key].float(), value.float(), atol=1e-2, rtol=1e-2)

@@ -8,6 +8,8 @@ warm-up trained one). Each stage resumes from its checkpoints and a finished sta
 skipped, so running the same command again continues an interrupted run. At the end
 ``OUTPUT_DIR/training.json`` sums the run up: the settings, the warm-up data, the filter's
 pass rates and the per-step logs of both trainings (loss; reward, accuracy, call ratio).
+``stop_after = "warmup"`` (or ``"filter"``) ends the run early; the card says which
+stages ran.
 
 ```toml
 output_dir = "runs/relay"
@@ -38,7 +40,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import model_validator
 
@@ -62,6 +64,13 @@ class PipelineSettings(Strict):
     warmup: WarmupSettings
     filter: FilterSettings
     grpo: GrpoSettings
+    stop_after: Literal["warmup", "filter", "grpo"] = "grpo"
+    """The last stage to run (``warmup``: ship the warm-up's controller when GRPO does not
+    fit the time budget; the training card says which stages ran)."""
+
+    def runs(self, stage: str) -> bool:
+        order = ("warmup", "filter", "grpo")
+        return order.index(stage) <= order.index(self.stop_after)
 
     @model_validator(mode="before")
     @classmethod
@@ -86,8 +95,9 @@ class PipelineSettings(Strict):
 
 
 def run_pipeline(settings: PipelineSettings, progress: Progress = print) -> Path:
-    """Run (or continue) the three stages; returns GRPO's model folder. The trained LoRA
-    adapter, when there is one, is in ``OUTPUT_DIR/grpo/adapter``."""
+    """Run (or continue) the stages up to ``stop_after``; returns the last trained model
+    folder (GRPO's, or the warm-up's). The trained LoRA adapter, when there is one, is
+    exported with its training card to ``OUTPUT_DIR/adapter``."""
     from relaygraph.train.filtering import run_filter
     from relaygraph.train.grpo import run_grpo
     from relaygraph.train.warmup import run_warmup
@@ -95,18 +105,22 @@ def run_pipeline(settings: PipelineSettings, progress: Progress = print) -> Path
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     (settings.output_dir / "pipeline.json").write_text(
         settings.model_dump_json(indent=1) + "\n")
-    progress("stage 1/3: warm-up")
-    run_warmup(settings.warmup, progress)
-    progress("stage 2/3: teacher-pass filter")
-    run_filter(settings.filter, progress)
-    progress("stage 3/3: GRPO")
-    final = run_grpo(settings.grpo, progress)
+    count = ("warmup", "filter", "grpo").index(settings.stop_after) + 1
+    progress(f"stage 1/{count}: warm-up")
+    final = run_warmup(settings.warmup, progress)
+    trained = settings.warmup.output_dir / "adapter"
+    if settings.runs("filter"):
+        progress(f"stage 2/{count}: teacher-pass filter")
+        run_filter(settings.filter, progress)
+    if settings.runs("grpo"):
+        progress(f"stage 3/{count}: GRPO")
+        final = run_grpo(settings.grpo, progress)
+        trained = settings.grpo.output_dir / "adapter"
     summary = summarize(settings)
     (settings.output_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     plotted = plot_training(summary, settings.output_dir / "training.png")
     progress(f"summary in {settings.output_dir / 'training.json'}"
              + (" and training.png" if plotted else ""))
-    trained = settings.grpo.output_dir / "adapter"
     if (trained / "adapter_config.json").is_file():
         export_adapter(trained, settings.output_dir / "adapter", summary)
         progress(f"adapter to ship (bfloat16, with its training card): {settings.output_dir / 'adapter'}")
@@ -134,8 +148,10 @@ def plot_training(summary: dict[str, Any], path: Path) -> bool:
         points = [(e["step"], e[key]) for e in log if e.get(key) is not None]
         if points:
             grpo.plot(*zip(*points, strict=True), marker="o", color=colour, label=key)
-    grpo.set(title="GRPO (means over the step's rollouts)", xlabel="optimizer step")
-    grpo.legend(fontsize=8)
+    grpo.set(title="GRPO (means over the step's rollouts)" if log else "GRPO: not run",
+             xlabel="optimizer step")
+    if log:
+        grpo.legend(fontsize=8)
     for ax in (warm, grpo):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -177,16 +193,21 @@ def summarize(settings: PipelineSettings) -> dict[str, Any]:
         f"responses to {warm.data.name} questions with <call>n</call> inserted "
         f"({sum(len(r['calls']) for r in warm_rows)} commands"
         + (f", at {warm.expert}'s disagreements in responses graded wrong" if graded else "")
-        + f"); teacher-pass filter: {len(kept)} of {len(rates)} questions kept ({settings.filter.k} "
-        f"samples of {settings.filter.expert}); GRPO: {len(steps)} steps x "
-        f"{grpo.questions_per_step} questions x {grpo.num_generations} relay rollouts with "
-        f"{grpo.expert} (difficulty-aware reward, the expert's tokens masked from the loss)"
+        + "); teacher-pass filter: "
+        + (f"{len(kept)} of {len(rates)} questions kept ({settings.filter.k} samples of "
+           f"{settings.filter.expert})" if settings.runs("filter") else "not run")
+        + "; GRPO: "
+        + (f"{len(steps)} steps x {grpo.questions_per_step} questions x "
+           f"{grpo.num_generations} relay rollouts with {grpo.expert} (difficulty-aware "
+           "reward, the expert's tokens masked from the loss)" if settings.runs("grpo")
+           else "not run")
         + (f"; LoRA r={lora.r}" if lora else ""))
     keys = {"reward": "reward", "accuracy": "rewards/accuracy/mean",
             "call_ratio": "rewards/call_ratio/mean", "reward_std": "reward_std",
             "completion_length": "completions/mean_length", "step_seconds": "step_time"}
     return {
         "summary": summary,
+        "stages": [s for s in ("warmup", "filter", "grpo") if settings.runs(s)],
         "settings": json.loads(settings.model_dump_json()),
         "warmup": {
             "responses": len(warm_rows),
