@@ -128,3 +128,40 @@ def test_an_adapter_entry_pulls_as_the_merged_base(relay_entry, tiny_pair) -> No
     catalog.pull("tiny-relay")
     again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     assert any(not torch.equal(again[k], merged[k]) for k in merged)
+
+
+def test_the_shipped_relay_adapter_is_in_the_catalog() -> None:
+    from typer.testing import CliRunner
+
+    from relaygraph.cli import app
+
+    spec = catalog.CATALOG[catalog.RELAY_CONTROLLER]
+    assert isinstance(spec, catalog.AdapterModel) and spec.base == catalog.DEFAULT_CONTROLLER
+    config = json.loads((spec.folder / "adapter_config.json").read_text())
+    size = (spec.folder / "adapter_model.safetensors").stat().st_size
+    assert config["peft_type"] == "LORA" and size < 12_000_000  # a few MB, shipped in the package
+    card = json.loads((spec.folder / "training.json").read_text())
+    assert {"summary", "warmup", "filter", "grpo"} <= set(card)
+    listed = CliRunner().invoke(app, ["models", "list"])
+    assert listed.exit_code == 0
+    line = next(i for i, x in enumerate(listed.output.splitlines()) if x.startswith(catalog.RELAY_CONTROLLER))
+    assert listed.output.splitlines()[line + 1].strip() == f"trained: {spec.training}"
+
+
+@pytest.mark.slow
+def test_the_shipped_controller_calls_the_expert_on_a_gsm8k_question(redis_server) -> None:
+    """``relaygraph run`` with no options: the trained relay controller calls the expert."""
+    from typer.testing import CliRunner
+
+    from relaygraph.cli import app
+
+    question = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning "
+                "and bakes muffins for her friends every day with four. She sells the remainder "
+                "at the farmers' market daily for $2 per fresh duck egg. How much in dollars does "
+                "she make every day at the farmers' market?")
+    result = CliRunner().invoke(app, ["run", question, "--json", "--redis", redis_server.url])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["policy"] == "call-token"
+    assert out["tokens_by_agent"].get("expert", 0) > 0 and 0 < out["call_ratio"] < 1
+    assert any(s["kind"] == "call" for s in out["segments"])
