@@ -149,8 +149,10 @@ def test_the_shipped_relay_adapter_is_in_the_catalog() -> None:
 
 
 @pytest.mark.slow
-def test_the_shipped_controller_calls_the_expert_on_a_gsm8k_question(redis_server) -> None:
-    """``relaygraph run`` with no options: the trained relay controller calls the expert."""
+def test_the_shipped_controller_runs_the_call_token_relay(redis_server) -> None:
+    """The shipped relay controller, by its catalog name, loads (pulled = merged) and answers
+    a GSM8K question under call-token. (Whether it calls is measured by the sweep in the
+    README: after its short warm-up it does not yet, so it is not the default controller.)"""
     from typer.testing import CliRunner
 
     from relaygraph.cli import app
@@ -159,9 +161,9 @@ def test_the_shipped_controller_calls_the_expert_on_a_gsm8k_question(redis_serve
                 "and bakes muffins for her friends every day with four. She sells the remainder "
                 "at the farmers' market daily for $2 per fresh duck egg. How much in dollars does "
                 "she make every day at the farmers' market?")
-    result = CliRunner().invoke(app, ["run", question, "--json", "--redis", redis_server.url])
+    result = CliRunner().invoke(app, ["run", question, "--json", "--redis", redis_server.url,
+                                      "--controller", catalog.RELAY_CONTROLLER])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["policy"] == "call-token"
-    assert out["tokens_by_agent"].get("expert", 0) > 0 and 0 < out["call_ratio"] < 1
-    assert any(s["kind"] == "call" for s in out["segments"])
+    assert out["policy"] == "call-token" and out["finish_reason"] == "eos"
+    assert out["tokens_by_agent"].get("controller", 0) > 0 and out["answer"]

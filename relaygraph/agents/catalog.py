@@ -112,8 +112,8 @@ CATALOG: dict[str, CatalogModel | AdapterModel] = {
             name="qwen2.5-coder-0.5b-relay",
             base="qwen2.5-coder-0.5b",
             adapter="qwen2.5-coder-0.5b-relay",
-            description="qwen2.5-coder-0.5b + relaygraph's call-token LoRA adapter (default "
-                        "controller of the call-token policy; calls qwen2.5-coder-1.5b)",
+            description="qwen2.5-coder-0.5b + relaygraph's call-token LoRA adapter for "
+                        "qwen2.5-coder-1.5b (a short warm-up only: it does not call yet)",
         ),
     )
 }
@@ -121,7 +121,8 @@ CATALOG: dict[str, CatalogModel | AdapterModel] = {
 DEFAULT_CONTROLLER = "qwen2.5-coder-0.5b"
 DEFAULT_EXPERT = "qwen2.5-coder-1.5b"
 RELAY_CONTROLLER = "qwen2.5-coder-0.5b-relay"
-"""The controller trained to call :data:`DEFAULT_EXPERT` (the call-token policy's default)."""
+"""The controller trained to call :data:`DEFAULT_EXPERT` (README, "The shipped controller":
+after its short warm-up it does not call yet, so no policy defaults to it)."""
 
 Progress = Callable[[str], None]
 
