@@ -164,6 +164,7 @@ def test_the_pipeline_can_stop_after_the_warmup_and_ships_its_adapter(tiny_pair,
     card = json.loads((out / "training.json").read_text())
     assert card["stages"] == ["warmup"] and card["grpo"]["log"] == []
     assert "teacher-pass filter: not run; GRPO: not run; LoRA r=2" in card["summary"]
+    assert "warm-up: 1 SFT steps on " in card["summary"]
     warm = load_file(out / "warmup" / "adapter" / "adapter_model.safetensors")
     shipped = load_file(out / "adapter" / "adapter_model.safetensors")
     assert warm.keys() == shipped.keys()

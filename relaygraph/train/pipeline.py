@@ -187,9 +187,12 @@ def summarize(settings: PipelineSettings) -> dict[str, Any]:
     grpo_log = read_log(settings.grpo.output_dir / "log.jsonl")
     steps = [e for e in grpo_log if "reward" in e]
     warm, grpo = settings.warmup, settings.grpo
+    warm_log = read_log(settings.warmup.output_dir / "log.jsonl")
+    sft_steps = max((e["step"] for e in warm_log if "loss" in e), default=0)
     lora = warm.lora or grpo.lora
     summary = (
-        f"{warm.placement}-placement warm-up: SFT on {len(warm_rows)} of the base model's own "
+        f"{warm.placement}-placement warm-up: {sft_steps} SFT steps on {len(warm_rows)} of the "
+        "base model's own "
         f"responses to {warm.data.name} questions with <call>n</call> inserted "
         f"({sum(len(r['calls']) for r in warm_rows)} commands"
         + (f", at {warm.expert}'s disagreements in responses graded wrong" if graded else "")
@@ -214,8 +217,7 @@ def summarize(settings: PipelineSettings) -> dict[str, Any]:
             "with_commands": sum(bool(r["calls"]) for r in warm_rows),
             "commands": sum(len(r["calls"]) for r in warm_rows),
             "graded_correct": sum(bool(r["correct"]) for r in graded) if graded else None,
-            "log": [{"step": e["step"], "loss": e.get("loss")} for e in
-                    read_log(settings.warmup.output_dir / "log.jsonl") if "loss" in e],
+            "log": [{"step": e["step"], "loss": e.get("loss")} for e in warm_log if "loss" in e],
         },
         "filter": {"scored": len(rates), "kept": len(kept), "k": settings.filter.k,
                    "pass_rate_histogram": {f"{x:g}": sum(r == x for r in rates)
