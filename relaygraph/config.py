@@ -100,6 +100,10 @@ class RelayConfig(BaseModel):
 
     @model_validator(mode="after")
     def _agents_exist(self) -> RelayConfig:
+        if "agents" not in self.model_fields_set:  # the default pair, as the policy wants it
+            for name in self.agents:
+                if model := self.policy.default_model(name):
+                    self.agents[name] = parse_agent_config({"model": model})
         missing = sorted({*self.policy.required_agents(), *self.fallbacks,
                           *self.fallbacks.values()} - set(self.agents))
         if missing:
@@ -127,8 +131,9 @@ class RelayConfig(BaseModel):
                      redis: str | None = None, dtype: str = "bfloat16",
                      controller_url: str | None = None, expert_url: str | None = None,
                      **options: Any) -> RelayConfig:
-        """A two-agent config (``controller``, ``expert``; the catalog's default pair unless
-        given) from command-line style options; ``*_url`` serve that agent's model from an
+        """A two-agent config (``controller``, ``expert``; unless given, the policy's own
+        default model (:attr:`PolicyConfig.default_models`), else the catalog's default
+        pair) from command-line style options; ``*_url`` serve that agent's model from an
         OpenAI-compatible server (the model is then the served name); ``options`` are the
         policy's fields (e.g. ``threshold=-2.5``)."""
         try:
@@ -136,8 +141,9 @@ class RelayConfig(BaseModel):
         except ValueError as exc:
             raise ConfigError(f"options: {exc}") from None
         needed = policy_cfg.required_agents()
-        models = {"controller": controller or DEFAULT_CONTROLLER,
-                  "expert": expert or DEFAULT_EXPERT}
+        models = {"controller": controller or policy_cfg.default_model("controller")
+                  or DEFAULT_CONTROLLER,
+                  "expert": expert or policy_cfg.default_model("expert") or DEFAULT_EXPERT}
         urls = {"controller": controller_url, "expert": expert_url}
         agents: dict[str, dict[str, Any]] = {}
         for name in ("controller", "expert"):

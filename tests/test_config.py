@@ -31,6 +31,33 @@ def test_defaults_are_the_offline_pair_with_call_token() -> None:
     assert cfg.policy.type == "call-token" and cfg.max_tokens == 512
 
 
+def test_a_policy_can_name_its_own_default_models(monkeypatch) -> None:
+    """``PolicyConfig.default_models``: the models a policy's roles get when the user names
+    none (on the command line, in a config file without [agents], in serve's defaults)."""
+    from relaygraph.policies.call_token import CallTokenPolicy
+    from relaygraph.serve.registry import ServeConfig
+
+    monkeypatch.setattr(CallTokenPolicy, "default_models", {"controller": "trained-0.5b"})
+    plain, expert = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
+
+    def models(cfg):
+        return cfg.agents["controller"].model, cfg.agents["expert"].model
+
+    assert models(RelayConfig.from_options()) == ("trained-0.5b", expert)
+    assert models(RelayConfig.from_options(policy="call-token", teacher_free=True)) == ("trained-0.5b", expert)
+    for policy in ("prompted-call", "confidence", "fixed-interval"):
+        assert models(RelayConfig.from_options(policy=policy)) == (plain, expert), policy
+    assert models(RelayConfig.from_options(controller="./mine")) == ("./mine", expert)
+    assert models(RelayConfig.parse({"policy": {"type": "call-token"}})) == ("trained-0.5b", expert)
+    assert models(RelayConfig.parse({"policy": {"type": "confidence"}})) == (plain, expert)
+    given = {"agents": {"controller": {"model": plain}, "expert": {"model": expert}}}
+    assert models(RelayConfig.parse({**given, "policy": {"type": "call-token"}})) == (plain, expert)
+    served = ServeConfig.default()
+    assert models(served.relays["relay-call-token"]) == ("trained-0.5b", expert)
+    assert models(served.relays["relay-prompted-call"]) == (plain, expert)
+    assert served.relays["relay-call-token"].description.startswith(f"trained-0.5b + {expert}")
+
+
 def test_toml_config_builds_each_policy(tmp_path: Path) -> None:
     solo = tmp_path / "solo.json"
     solo.write_text(json.dumps({"q1": True, "q2": False}))

@@ -166,3 +166,24 @@ def test_the_benchmark_sweep_config_is_valid() -> None:
     names = [p.name for p in plan(config)]
     assert names[:2] == ["solo-small", "solo-large"] and len(names) == len(set(names)) > 4
     assert config.limit >= 50
+
+
+def test_wilson_interval() -> None:
+    # reference values (Wilson 1927; e.g. statsmodels proportion_confint(method="wilson"))
+    assert metrics.wilson(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert metrics.wilson(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert metrics.wilson(90, 300) == pytest.approx((0.25094, 0.35412), abs=1e-5)
+    assert metrics.wilson(10, 10)[1] == pytest.approx(1.0)
+    lo, hi = metrics.wilson(30, 100)
+    assert lo < 0.30 < hi and hi - lo < metrics.wilson(3, 10)[1] - metrics.wilson(3, 10)[0]
+    with pytest.raises(ValueError):
+        metrics.wilson(0, 0)
+    summary = metrics.summarize([{"correct": c, "parsed": True, "tokens_by_agent": {"a": 1},
+                                  "seconds": 1.0} for c in (True, False, False, False)], "b")
+    assert summary["ci95"] == pytest.approx(list(metrics.wilson(1, 4)))
+
+
+def test_random_router_at_a_call_ratio_lies_on_the_expected_line() -> None:
+    line = metrics.random_router_expected(0.2, 0.5, 300.0, 250.0, steps=10)
+    for ratio, accuracy in line:
+        assert metrics.random_router_at(ratio, 0.2, 0.5, 300.0, 250.0) == pytest.approx(accuracy)

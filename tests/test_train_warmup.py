@@ -150,3 +150,111 @@ def test_warmup_samples_inserts_and_fine_tunes(tiny_pair, tmp_path: Path) -> Non
     again: list[str] = []
     assert run_warmup(settings, progress=again.append) == final
     assert again == [f"warm-up already finished: {final}"]
+
+
+# disagreement placement (beyond the paper: R2R-style, where the expert disagrees) ------------
+def test_call_lengths_snap_up_to_the_grid() -> None:
+    from relaygraph.train.warmup import snap_call_length
+
+    assert [snap_call_length(n) for n in (1, 9, 10, 11, 23, 99, 101, 950)] == \
+        [1, 9, 10, 20, 30, 100, 200, 1000]
+    assert snap_call_length(3, low=10) == 10 and snap_call_length(230, high=100) == 100
+
+
+def test_disagreement_calls_go_where_the_expert_prefers_another_token() -> None:
+    from relaygraph.train.warmup import DisagreementSettings, ExpertScore, disagreement_calls
+
+    ids = list(range(100, 160))                    # 60 response tokens
+    own = [-0.1] * 60
+    top_id = list(ids)
+    top = [-0.1] * 60
+    for t, margin in ((5, 3.0), (8, 5.0), (30, 1.0), (40, 2.5), (50, 4.0)):
+        top_id[t] = 7                              # the expert would write token 7 there
+        own[t] = top[t] - margin
+    score = ExpertScore(own, top_id, top)
+    line_ends = [t in (20, 45) for t in range(60)]  # lines end after tokens 20 and 45
+    settings = DisagreementSettings(min_margin=2.0, min_call_tokens=10, max_call_tokens=100)
+    calls = disagreement_calls(ids, score, line_ends, settings, max_calls=3)
+    # t=5: to the end of line (16 tokens) -> 20; t=8 is inside that call; t=30 is too weak;
+    # t=40: 6 tokens to the line end -> min 10; t=50: 10 tokens left (no line end)
+    assert [(c.position, c.n) for c in calls] == [(5, 20), (40, 10), (50, 10)]
+    assert [(c.position, c.n) for c in disagreement_calls(ids, score, line_ends, settings, 1)] == [(5, 20)]
+    # a token where the expert agrees (its top choice is the token) is never a disagreement
+    agree = ExpertScore([-5.0] * 60, list(ids), [-0.1] * 60)
+    assert disagreement_calls(ids, agree, line_ends, settings, 3) == []
+    # a position that may not be split (inside a character) is passed over
+    calls = disagreement_calls(ids, score, line_ends, settings, 3, splittable=lambda t: t != 5)
+    assert calls[0].position == 8
+    # numeric_only: only where the expert's own token is a number (here: its choice at t=40)
+    top_id[40] = 9
+    numeric = DisagreementSettings(min_margin=2.0, min_call_tokens=10, numeric_only=True)
+    calls = disagreement_calls(ids, score, line_ends, numeric, 3, numeric=lambda i: i == 9)
+    assert [(c.position, c.n) for c in calls] == [(40, 10)]
+
+
+def test_called_tokens_are_masked_and_commands_trained() -> None:
+    from relaygraph.train.warmup import Insertion, called_mask, splice_calls
+
+    encode = lambda s: [0] * len(s)  # noqa: E731  - one id per character
+    ids = list(range(1, 11))
+    insertions = [Insertion(2, 3), Insertion(7, 5)]
+    spliced = splice_calls(ids, insertions, encode)
+    mask = called_mask(ids, insertions, encode)
+    c3, c5 = len(call_text(3)), len(call_text(5))
+    assert spliced == [1, 2] + [0] * c3 + [3, 4, 5, 6, 7] + [0] * c5 + [8, 9, 10]
+    assert mask == [1, 1] + [1] * c3 + [0, 0, 0, 1, 1] + [1] * c5 + [0, 0, 0]
+    assert len(mask) == len(spliced)
+
+
+def test_warmup_with_disagreement_placement(tiny_pair, tmp_path: Path) -> None:
+    """The tiny controller answers 2 + 5 with a call after "Let me think." where the tiny
+    expert would go on with " two ...": graded wrong (gold 8 here), that response gets a
+    command at a disagreement; 1 + 1 (graded right) gets none."""
+    from relaygraph.agents.backend import Prompt
+    from relaygraph.agents.transformers_backend import TransformersBackend
+
+    controller, expert = tiny_pair
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": tiny.QUESTION, "answer": "8"}) + "\n"
+                    + json.dumps({"question": tiny.NOCALL_QUESTION, "answer": "2"}) + "\n"
+                    + json.dumps({"question": "unused", "answer": "0"}) + "\n")
+    settings = WarmupSettings(
+        model=str(controller), expert=str(expert), data=data, limit=2,
+        output_dir=tmp_path / "warm", system_prompt=tiny.SYSTEM_PROMPT,
+        expert_system_prompt=tiny.SYSTEM_PROMPT, max_tokens=40, temperature=0.0,
+        placement="disagreement", max_calls=1, mask_called_tokens=True, device="cpu",
+        dtype="float32",
+        disagreement={"min_margin": 1.0, "min_call_tokens": 2, "max_call_tokens": 4},
+        sft=SftSettings(learning_rate=1e-3, max_steps=1, batch_size=2,
+                        gradient_accumulation_steps=1, trl={"disable_tqdm": True}))
+    run_warmup(settings, progress=lambda _: None)
+
+    rows = [json.loads(x) for x in (tmp_path / "warm" / "warmup.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == [tiny.QUESTION, tiny.NOCALL_QUESTION]  # limit = 2
+    wrong, right = rows
+    assert (wrong["correct"], right["correct"]) == (False, True)
+    assert right["calls"] == [] and set(right["completion_mask"][right["completion_mask"].index(1):]) == {1}
+    assert len(wrong["calls"]) == 1
+    position, n = wrong["calls"][0]
+    assert 2 <= n <= 4
+    # the command sits where the expert, reading the controller's response, prefers another token
+    scores = [json.loads(x) for x in (tmp_path / "warm" / "expert_scores.jsonl").read_text().splitlines()]
+    first = next(s for s in scores if s["index"] == 0)
+    sample = next(json.loads(x) for x in (tmp_path / "warm" / "samples.jsonl").read_text().splitlines()
+                  if json.loads(x)["index"] == 0)
+    ids = sample["response_ids"]
+    assert first["top_id"][position] != ids[position]
+    assert first["top_logprob"][position] - first["token_logprob"][position] >= 1.0
+    assert all(first["top_id"][t] == ids[t] or first["top_logprob"][t] - first["token_logprob"][t] < 1.0
+               for t in range(position))
+    # the scores are the expert's own teacher-forced log-probs
+    backend = TransformersBackend(str(expert), dtype="float32")
+    import torch
+    prompt = backend.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT))
+    with torch.no_grad():
+        logits = backend.model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1]
+    logp = torch.log_softmax(logits.float(), -1)
+    assert first["token_logprob"] == pytest.approx([float(logp[t, i]) for t, i in enumerate(ids)], abs=2e-3)
+    # the n tokens the command hands to the expert carry no loss
+    assert wrong["completion_mask"].count(0) == wrong["completion_mask"].index(1) + n
+    assert (tmp_path / "warm" / "model" / "config.json").exists()

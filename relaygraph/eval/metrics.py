@@ -20,6 +20,10 @@ Definitions (RelayLLM paper, section 3.2 and Table 1; RouteLLM, Ong et al. 2024,
   when L > S.
 - **call ratio for x% of the gap** (RouteLLM's CPT(x%)): the smallest call ratio at which
   the curve reaches ``acc_small + x * (acc_large - acc_small)``.
+- **95% interval** of an accuracy: Wilson's score interval for a binomial proportion
+  (:func:`wilson`), sound at 0% and 100% and for small samples, unlike mean +- 1.96 SE.
+- **random router at the same call ratio**: the accuracy the random router is expected to
+  reach at a policy's call ratio (:func:`random_router_at`): the fair baseline for it.
 
 Gap-relative numbers are None when the large model is not more accurate than the small one.
 """
@@ -27,6 +31,7 @@ Gap-relative numbers are None when the large model is not more accurate than the
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from math import sqrt
 from typing import Any
 
 Point = tuple[float, float]
@@ -40,11 +45,13 @@ def summarize(records: Sequence[dict[str, Any]], large: str) -> dict[str, Any]:
     tokens = sum(sum(r["tokens_by_agent"].values()) for r in records)
     large_tokens = sum(r["tokens_by_agent"].get(large, 0) for r in records)
     ratios = [item_call_ratio(r["tokens_by_agent"], large) for r in records]
+    correct = sum(bool(r["correct"]) for r in records)
     costs = [r["cost"] for r in records if r.get("cost") is not None]
     return {
         "n": n,
-        "correct": sum(bool(r["correct"]) for r in records),
-        "accuracy": sum(bool(r["correct"]) for r in records) / n if n else None,
+        "correct": correct,
+        "accuracy": correct / n if n else None,
+        "ci95": list(wilson(correct, n)) if n else None,
         "unparseable": sum(not r["parsed"] for r in records),
         "call_ratio": large_tokens / tokens if tokens else 0.0,
         "mean_call_ratio": sum(ratios) / n if n else None,
@@ -55,6 +62,16 @@ def summarize(records: Sequence[dict[str, Any]], large: str) -> dict[str, Any]:
         # mean cost of a problem from the agents' prices (None: no prices set)
         "cost_per_problem": sum(costs) / len(costs) if costs else None,
     }
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's score interval (95% by default) for ``successes`` out of ``n``."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one trial")
+    share = successes / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def item_call_ratio(tokens_by_agent: dict[str, int], large: str) -> float:
@@ -127,3 +144,11 @@ def random_router_expected(small_acc: float, large_acc: float, small_tokens: flo
         spent = p * large_tokens + (1 - p) * small_tokens
         out.append((p * large_tokens / spent if spent else p, (1 - p) * small_acc + p * large_acc))
     return out
+
+
+def random_router_at(call_ratio: float, small_acc: float, large_acc: float, small_tokens: float,
+                     large_tokens: float) -> float:
+    """The random router's expected accuracy at ``call_ratio``: routing with the p whose
+    expected token call ratio is ``call_ratio`` (:func:`random_router_p`)."""
+    p = random_router_p(small_tokens, large_tokens, call_ratio)
+    return (1 - p) * small_acc + p * large_acc

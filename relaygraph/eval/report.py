@@ -22,11 +22,22 @@ def num(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def interval(bounds: Sequence[float] | None) -> str:
+    """``[lo, hi]`` as ``12.3-45.6%``."""
+    return "n/a" if not bounds else f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}%"
+
+
 def write_outputs(result: dict[str, Any], out: Path, markdown: str) -> None:
     """``results.json`` and ``table.md`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     (out / "table.md").write_text(markdown + "\n")
+
+
+INTERVAL_NOTE = ("95% interval: Wilson score interval of the accuracy over the runs (with "
+                 "--samples k a problem's k runs are not independent: too narrow then); random "
+                 "router at this call ratio: the random router's expected accuracy at the "
+                 "policy's call ratio")
 
 
 def sweep_markdown(result: dict[str, Any]) -> str:
@@ -37,19 +48,21 @@ def sweep_markdown(result: dict[str, Any]) -> str:
             f"max_tokens {result['config']['max_tokens']}")
     priced = any(p.get("cost_per_problem") is not None for p in result["policies"])
     rows = [[p["name"], "derived" if p["derived_from"] else "run", p["n"], pct(p["accuracy"]),
-             p["unparseable"], pct(p["call_ratio"]), pct(p.get("gap_recovered"), 0),
+             interval(p.get("ci95")), p["unparseable"], pct(p["call_ratio"]),
+             pct(p.get("gap_recovered"), 0), pct(p.get("random_router_same_ratio")),
              num(p["tokens_per_problem"], 0), num(p["seconds_per_problem"], 1),
              *([num(p.get("cost_per_problem"), 6)] if priced else [])]
             for p in result["policies"]]
-    table = markdown_table(["policy", "", "problems", "accuracy", "unparseable", "call ratio",
-                            "gap recovered", "tokens / problem", "s / problem",
+    table = markdown_table(["policy", "", "problems", "accuracy", "95% interval", "unparseable",
+                            "call ratio", "gap recovered", "random router at this call ratio",
+                            "tokens / problem", "s / problem",
                             *(["cost / problem"] if priced else [])], rows)
     fam_rows = [[name, len(f["policies"]) or "line", num(f["auc"], 3), num(f["apgr"]),
                  pct(f["call_ratio_50"]), pct(f["call_ratio_80"])]
                 for name, f in result["families"].items()]
     families = markdown_table(["family", "points", "AUC", "APGR", "call ratio for 50% of gap",
                                "call ratio for 80% of gap"], fam_rows)
-    notes = "\n".join(f"- {n}" for n in result["notes"])
+    notes = "\n".join(f"- {n}" for n in [*result["notes"], INTERVAL_NOTE])
     return f"{head}\n\n{table}\n\n{families}\n\n{notes}"
 
 

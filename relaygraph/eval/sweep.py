@@ -322,16 +322,19 @@ def assemble(sweep: SweepConfig, problems: list[Problem], plans: list[PolicyPlan
     acc_large = by_name["solo-large"]["accuracy"]
     families: dict[str, Any] = {}
     if acc_small is not None and acc_large is not None:
+        small_t = by_name["solo-small"]["tokens_per_problem"] or 0.0
+        large_t = by_name["solo-large"]["tokens_per_problem"] or 0.0
         for p in policies:
             p["gap_recovered"] = (metrics.gap_recovered(p["accuracy"], acc_small, acc_large)
                                   if p["accuracy"] is not None else None)
+            p["random_router_same_ratio"] = (
+                metrics.random_router_at(p["call_ratio"], acc_small, acc_large, small_t, large_t)
+                if p["type"] != "solo" and p["n"] else None)
         for kind in dict.fromkeys(p["type"] for p in policies if p["type"] != "solo"):
             points = [(p["call_ratio"], p["accuracy"]) for p in policies
                       if p["type"] == kind and p["accuracy"] is not None]
             families[kind] = {"policies": [p["name"] for p in policies if p["type"] == kind],
                               **metrics.family_summary(points, acc_small, acc_large)}
-        small_t = by_name["solo-small"]["tokens_per_problem"] or 0.0
-        large_t = by_name["solo-large"]["tokens_per_problem"] or 0.0
         expected = metrics.random_router_expected(acc_small, acc_large, small_t, large_t)
         families["random-router (expected)"] = {
             "policies": [], **metrics.family_summary(expected[1:-1], acc_small, acc_large)}

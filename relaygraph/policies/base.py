@@ -130,6 +130,17 @@ class PolicyConfig(BaseModel):
     system_prompts: ClassVar[Mapping[str, str]] = {}
     """Role field -> system prompt given to that agent when its config sets none (e.g. the
     prompted call-token policy explains the call tool to its controller)."""
+    default_models: ClassVar[Mapping[str, str]] = {}
+    """Role field -> model that agent runs when the user names none (e.g. the call-token
+    policy's controller is the catalog's trained relay controller); roles not listed get
+    the catalog's default pair."""
+
+    def default_model(self, agent: str) -> str | None:
+        """The model this policy wants for agent ``agent`` when none is named."""
+        for role, model in self.default_models.items():
+            if getattr(self, role, None) == agent:
+                return model
+        return None
 
     @property
     def name(self) -> str:

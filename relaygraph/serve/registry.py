@@ -38,7 +38,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from relaygraph.agents.agent import Agent
 from relaygraph.agents.backend import Backend, Prompt, Sampling, capabilities
-from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
 from relaygraph.agents.registry import AgentConfig, BackendPool
 from relaygraph.config import RelayConfig, read_config_file, validate
 from relaygraph.errors import ConfigError
@@ -130,17 +129,18 @@ class ServeConfig(BaseModel):
         return cls.parse(read_config_file(path), source=str(path))
 
     @classmethod
-    def default(cls, controller: str = DEFAULT_CONTROLLER,
-                expert: str = DEFAULT_EXPERT) -> ServeConfig:
-        """The offline pair as ``relay-call-token`` and ``relay-prompted-call``."""
+    def default(cls, controller: str | None = None, expert: str | None = None) -> ServeConfig:
+        """The offline pair as ``relay-call-token`` (its controller, unless given, the
+        trained relay controller) and ``relay-prompted-call``."""
         relays = {}
         for policy, text in (("call-token", "the controller calls the expert with "
                               "<call>n</call> (RelayLLM; needs a controller trained to call)"),
                              ("prompted-call", "the same, with the call tool explained in the "
                               "controller's system prompt")):
-            cfg = RelayConfig.from_options(controller, expert, policy).model_dump(
-                exclude={"store"})
-            relays[f"relay-{policy}"] = {**cfg, "description": f"{controller} + {expert}: {text}"}
+            relay = RelayConfig.from_options(controller, expert, policy)
+            cfg = relay.model_dump(exclude={"store"})
+            models = f"{relay.agents['controller'].model} + {relay.agents['expert'].model}"
+            relays[f"relay-{policy}"] = {**cfg, "description": f"{models}: {text}"}
         return cls.parse({"relays": relays}, source="default serve config")
 
     def local_models(self) -> list[str]:

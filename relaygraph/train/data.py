@@ -66,6 +66,15 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def select(rows: list[dict[str, Any]], skip: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows ``skip .. skip + limit`` (a stage's share of a question file); a ConfigError
+    when none are left."""
+    chosen = rows[skip:None if limit is None else skip + limit]
+    if not chosen:
+        raise ConfigError(f"no questions left after skipping {skip} of {len(rows)}")
+    return chosen
+
+
 def is_correct(text: str, gold: str, complete: bool = True) -> bool:
     """Whether the reasoning ``text`` answers ``gold`` — graded exactly as evaluation grades
     (:func:`relaygraph.eval.checking.check_math`: math-verify on the last ``\\boxed{}``, else
@@ -92,6 +101,31 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def log_callback(path: Path) -> Any:
+    """A transformers ``TrainerCallback`` that appends every log entry (with its step and
+    the wall time) to the JSONL file ``path``: the stage's training log, kept across
+    resumed runs (a step logged twice keeps its last entry: :func:`read_log`)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class LogFile(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            append_jsonl(path, [{"step": state.global_step, "time": round(time.time(), 1),
+                                 **(logs or {})}])
+
+    return LogFile()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """A stage's training log (:func:`log_callback`), one entry per step and kind, last
+    entry wins."""
+    entries: dict[tuple[int, bool], dict[str, Any]] = {}
+    for row in read_jsonl(path):
+        entries[row.get("step", 0), "train_runtime" in row] = row
+    return [entries[k] for k in sorted(entries)]
 
 
 def pick_device(device: str) -> str:
@@ -121,16 +155,32 @@ def load_causal_lm(model: str, dtype: Dtype, device: str) -> tuple[Any, Any]:
     return lm.to(pick_device(device)), tokenizer
 
 
-def save_model(model: Any, tokenizer: Any, path: Path) -> Path:
+def save_model(model: Any, tokenizer: Any, path: Path, adapter: Path | None = None) -> Path:
     """Save a plain transformers folder (a LoRA adapter is merged in) with the tokenizer and
-    its chat template, so ``relaygraph run --controller PATH`` loads it as it is."""
+    its chat template, so ``relaygraph run --controller PATH`` loads it as it is. With a
+    LoRA adapter and ``adapter`` given, the adapter alone is saved there first (peft's
+    format: ``adapter_config.json`` + ``adapter_model.safetensors``)."""
     try:
         from peft import PeftModel
     except ImportError:  # peft is optional
         PeftModel = ()
     if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
+        if adapter is not None:
+            model.save_pretrained(adapter, selected_adapters=["default"])
+        model = model.merge_and_unload(adapter_names=["default"])
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)  # with its chat template: the relay renders prompts with it
     return path
+
+
+def load_adapter(model: Any, adapter: Path) -> Any:
+    """``model`` with the peft LoRA adapter in folder ``adapter`` applied, trainable."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError("training an adapter needs peft: pip install 'relaygraph[train]'") from None
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter {adapter}: no adapter_config.json (expected a folder saved "
+                          "by a stage with [lora], e.g. the warm-up's adapter/)")
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)

@@ -25,6 +25,7 @@ from relaygraph.train.data import (
     pick_device,
     read_jsonl,
     read_questions,
+    select,
 )
 
 Progress = Callable[[str], None]
@@ -35,6 +36,9 @@ class FilterSettings(Strict):
 
     expert: str
     data: Path
+    skip: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1)
+    """Score questions ``skip .. skip + limit`` of the file (default: all)."""
     output: Path
     """JSONL of the kept questions (each with ``teacher_pass_rate``)."""
     k: int = Field(10, ge=1)
@@ -87,7 +91,7 @@ def run_filter(settings: FilterSettings, progress: Progress = print) -> Path:
     """Score every question (resumably) and write the kept ones to ``settings.output``."""
     from relaygraph.agents.transformers_backend import TransformersBackend
 
-    rows = read_questions(settings.data)
+    rows = select(read_questions(settings.data), settings.skip, settings.limit)
     for i, row in enumerate(rows):
         row["_index"] = i
     log = settings.output.with_name(settings.output.name + ".progress.jsonl")

@@ -43,10 +43,13 @@ from relaygraph.train.data import (
     LoraSettings,
     Strict,
     is_correct,
+    load_adapter,
     load_causal_lm,
+    log_callback,
     pick_device,
     read_questions,
     save_model,
+    select,
 )
 from relaygraph.trajectory.models import Segment, active, reasoning_text
 
@@ -78,10 +81,18 @@ class GrpoSettings(Strict):
 
     preset: Literal["cpu", "paper"] = "cpu"
     controller: str
-    """The warmed-up small model (``relaygraph train warmup``'s ``model/`` folder)."""
+    """The warmed-up small model (``relaygraph train warmup``'s ``model/`` folder), or the
+    base model that ``adapter`` was trained on."""
+    adapter: Path | None = None
+    """A LoRA adapter (peft folder, e.g. the warm-up's ``adapter/``) applied to
+    ``controller`` and trained further, instead of a new one from ``[lora]``: the result
+    stays one adapter of the same rank."""
     expert: str
     data: Path
     """Question file, e.g. the output of ``relaygraph train filter``."""
+    skip: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1)
+    """Use questions ``skip .. skip + limit`` of the file (default: all)."""
     output_dir: Path
     system_prompt: str | None = MATH_SYSTEM_PROMPT
     expert_system_prompt: str | None = MATH_SYSTEM_PROMPT
@@ -129,6 +140,9 @@ class GrpoSettings(Strict):
 
     @model_validator(mode="after")
     def _passes(self) -> GrpoSettings:
+        if self.adapter is not None and self.lora is not None:
+            raise ValueError("give either adapter (train an existing LoRA adapter further) or "
+                             "[lora] (a new one), not both")
         if (self.questions_per_step * self.num_generations) % self.gradient_accumulation_steps:
             raise ValueError("gradient_accumulation_steps must divide questions_per_step x "
                              "num_generations")
@@ -323,9 +337,11 @@ def run_grpo(settings: GrpoSettings, progress: Progress = print) -> Path:
     if (final / "config.json").exists():
         progress(f"GRPO already finished: {final}")
         return final
-    rows = read_questions(settings.data)
+    rows = select(read_questions(settings.data), settings.skip, settings.limit)
     device = pick_device(settings.device)
     model, tokenizer = load_causal_lm(settings.controller, settings.dtype, device)
+    if settings.adapter is not None:
+        model = load_adapter(model, settings.adapter)
     expert = Agent(EXPERT, TransformersBackend(settings.expert, settings.expert_dtype or settings.dtype,
                                                device), settings.expert_system_prompt,
                    Sampling(settings.expert_temperature))
@@ -366,12 +382,13 @@ def run_grpo(settings: GrpoSettings, progress: Progress = print) -> Path:
         reward_funcs=[GroupReward(settings.reward, settings.num_generations), accuracy,
                       call_ratio_metric],
         rollout_func=rollouts, peft_config=settings.lora.peft_config() if settings.lora else None,
-        callbacks=[Report()])
+        callbacks=[Report(), log_callback(settings.output_dir / "log.jsonl")])
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
     if last:
         progress(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
-    path = save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final)
+    path = save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final,
+                      adapter=settings.output_dir / "adapter")
     progress(f"trained controller saved to {path}: relaygraph run --policy call-token "
              f"--controller {path} --expert {settings.expert}")
     return path

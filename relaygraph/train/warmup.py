@@ -7,34 +7,51 @@
    (command included), optionally through a LoRA adapter.
 
 How many commands one response gets is drawn uniformly from ``min_calls..max_calls``
-(default 0..3, as in the published code; the paper does not say). Output folder:
-``samples.jsonl`` (resumable), ``warmup.jsonl`` (the SFT data, readable), ``checkpoints/``
-(resumable) and ``model/`` (the warmed-up controller, tokenizer and chat template).
+(default 0..3, as in the published code; the paper does not say).
+
+``placement = "disagreement"`` (beyond the paper, after R2R's router labels) puts the
+commands where the expert disagrees with the small model instead: the expert reads the
+small model's own response teacher-forced, and a command goes before a token the expert
+would not have written (its own choice ahead by at least ``min_margin`` nats; with
+``numeric_only``, a choice that is a number), asking for the tokens to the end of that
+line; responses graded correct get none (their disagreements did not matter).
+``mask_called_tokens`` keeps the loss off the tokens a command hands to the expert (at
+inference the expert writes them).
+
+Output folder: ``samples.jsonl`` (resumable), ``expert_scores.jsonl`` (disagreement
+placement, resumable), ``warmup.jsonl`` (the SFT data, readable), ``checkpoints/``
+(resumable), ``adapter/`` (with ``[lora]``: the LoRA adapter alone) and ``model/`` (the
+warmed-up controller, tokenizer and chat template).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT
+from relaygraph.errors import ConfigError
 from relaygraph.policies.call_token import CALL_CLOSE, CALL_OPEN
 from relaygraph.train.data import (
     Dtype,
     LoraSettings,
     Strict,
     append_jsonl,
+    is_correct,
     load_causal_lm,
+    log_callback,
     pick_device,
     read_jsonl,
     read_questions,
     save_model,
+    select,
 )
 
 Progress = Callable[[str], None]
@@ -58,13 +75,35 @@ class SftSettings(Strict):
     """Any other ``trl.SFTConfig`` field, passed as it is (e.g. ``bf16 = true``)."""
 
 
+class DisagreementSettings(Strict):
+    """Where ``placement = "disagreement"`` puts commands and how long they ask for."""
+
+    min_margin: float = Field(2.0, ge=0)
+    """A token is a disagreement when the expert's log-prob of its own top choice exceeds
+    its log-prob of the small model's token by at least this (nats)."""
+    min_call_tokens: int = Field(10, ge=1)
+    max_call_tokens: int = Field(100, ge=1)
+    """A command asks for the tokens to the end of the line, rounded up to d x 10^k and
+    kept within these bounds (and within what is left of the response)."""
+    numeric_only: bool = False
+    """Count only disagreements where the expert's own choice holds a digit: it would write
+    another number (an arithmetic or reading-off error, the kind that changes a math
+    answer; most other disagreements are wording)."""
+    calls_on_correct: bool = False
+    """Also place commands in responses graded correct."""
+
+
 class WarmupSettings(Strict):
     """``relaygraph train warmup`` configuration."""
 
     model: str
     """The small model: catalog name, local folder or hub id."""
     data: Path
-    """Question file (JSONL with ``question``; ``answer`` is kept but not used here)."""
+    """Question file (JSONL with ``question``; ``answer`` grades responses for
+    ``placement = "disagreement"``)."""
+    skip: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1)
+    """Use questions ``skip .. skip + limit`` of the file (default: all)."""
     output_dir: Path
     system_prompt: str | None = MATH_SYSTEM_PROMPT
     """The controller's system prompt (the relay renders the same one)."""
@@ -74,6 +113,17 @@ class WarmupSettings(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     min_calls: int = Field(0, ge=0)
     max_calls: int = Field(3, ge=0)
+    """Commands per response: drawn from ``min_calls..max_calls`` (random placement); at
+    most ``max_calls`` (disagreement placement)."""
+    placement: Literal["random", "disagreement"] = "random"
+    """``random``: the paper's random token positions; ``disagreement``: where ``expert``
+    disagrees with the small model's response (see the module docstring)."""
+    expert: str | None = None
+    """The expert whose disagreements place commands (``placement = "disagreement"``)."""
+    expert_system_prompt: str | None = MATH_SYSTEM_PROMPT
+    disagreement: DisagreementSettings = DisagreementSettings()
+    mask_called_tokens: bool = False
+    """No loss on the tokens after a command that it hands to the expert."""
     seed: int = 0
     dtype: Dtype = "float32"
     device: str = "auto"
@@ -86,6 +136,8 @@ class WarmupSettings(Strict):
     def _calls_range(self) -> WarmupSettings:
         if self.min_calls > self.max_calls:
             raise ValueError("min_calls must be <= max_calls")
+        if self.placement == "disagreement" and not self.expert:
+            raise ValueError("placement = 'disagreement' needs an expert")
         return self
 
 
@@ -158,32 +210,171 @@ def sample_responses(backend: Any, rows: Sequence[dict[str, Any]], settings: War
     return out
 
 
+def snap_call_length(n: int, low: int = 1, high: int | None = None) -> int:
+    """``n`` rounded up to the d x 10^k grid of the paper's call lengths, within
+    ``low..high``."""
+    n = max(n, low)
+    k = len(str(n)) - 1
+    d = -(-n // 10**k)
+    snapped = d * 10**k  # d may reach 10: 10 x 10^k is on the grid too
+    return min(snapped, high) if high is not None else snapped
+
+
+@dataclass(frozen=True)
+class ExpertScore:
+    """The expert reading a response teacher-forced, one entry per response token."""
+
+    token_logprob: list[float]
+    """The expert's log-prob of the small model's token."""
+    top_id: list[int]
+    """The expert's own most likely token there."""
+    top_logprob: list[float]
+
+
+def score_with_expert(expert: Any, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> ExpertScore:
+    """Teacher-forced: the expert's view of every token of ``response_ids`` after
+    ``prompt_ids`` (its own rendering of the task; both share a tokenizer)."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=expert.device)
+    with expert.batcher.lock, torch.inference_mode():
+        logits = expert.model(input_ids=ids, logits_to_keep=len(response_ids) + 1).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    own = logp.gather(-1, torch.tensor(list(response_ids), device=logp.device)[:, None])[:, 0]
+    top = logp.max(dim=-1)
+    return ExpertScore([round(float(x), 3) for x in own], [int(x) for x in top.indices],
+                       [round(float(x), 3) for x in top.values])
+
+
+def disagreement_calls(response_ids: Sequence[int], score: ExpertScore, line_ends: Sequence[bool],
+                       settings: DisagreementSettings, max_calls: int,
+                       splittable: Callable[[int], bool] = lambda _: True,
+                       numeric: Callable[[int], bool] = lambda _: True) -> list[Insertion]:
+    """Commands before the first ``max_calls`` disagreements, each asking for the tokens
+    to the end of its line (snapped to the d x 10^k grid, within the settings' bounds and
+    what is left); a later disagreement counts only after the previous command's tokens.
+
+    ``line_ends[t]``: token ``t`` ends a line (its text holds a newline); ``numeric(id)``:
+    the token's text holds a digit (used with ``numeric_only``)."""
+    out: list[Insertion] = []
+    t, size = 0, len(response_ids)
+    while t < size and len(out) < max_calls:
+        margin = score.top_logprob[t] - score.token_logprob[t]
+        if score.top_id[t] != response_ids[t] and margin >= settings.min_margin and splittable(t) \
+                and (not settings.numeric_only or numeric(score.top_id[t])):
+            end = next((u + 1 for u in range(t, size) if line_ends[u]), size)
+            n = snap_call_length(end - t, settings.min_call_tokens, settings.max_call_tokens)
+            n = min(n, size - t)
+            out.append(Insertion(t, n))
+            t += n
+            continue
+        t += 1
+    return out
+
+
 def build_sft_rows(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], backend: Any,
-                   settings: WarmupSettings) -> list[dict[str, Any]]:
-    """SFT examples: prompt ids (masked) + response with commands inserted (+ EOS) (trained)."""
+                   settings: WarmupSettings,
+                   scores: dict[tuple[int, int], ExpertScore] | None = None) -> list[dict[str, Any]]:
+    """SFT examples: prompt ids (masked) + response with commands inserted (+ EOS) (trained;
+    with ``mask_called_tokens`` the tokens each command hands to the expert are masked).
+
+    Commands go at random positions, or (``placement = "disagreement"``, ``scores`` from
+    :func:`score_with_expert`) at the expert's disagreements in responses graded wrong."""
     from relaygraph.agents.backend import Prompt
 
     rng = random.Random(settings.seed)
     eos = backend.tokenizer.eos_token_id
+    line_end = functools.lru_cache(maxsize=None)(lambda t: "\n" in backend.decode([t]))
+    numeric = functools.lru_cache(maxsize=None)(
+        lambda t: any(c.isdigit() for c in backend.decode([t])))
     out = []
     for sample in sorted(samples, key=lambda s: (s["index"], s["sample"])):
         ids = sample["response_ids"]
         if not ids:
             continue
-        question = rows[sample["index"]]["question"]
-        prompt_ids = backend.render(Prompt(question, settings.system_prompt))
-
-        count = rng.randint(settings.min_calls, settings.max_calls)
-        new_ids, insertions = insert_calls(ids, count, backend.encode, rng,
-                                           on_char_boundary(backend.decode, ids))
+        row = rows[sample["index"]]
+        prompt_ids = backend.render(Prompt(row["question"], settings.system_prompt))
+        splittable = on_char_boundary(backend.decode, ids)
+        correct = None
+        if settings.placement == "disagreement":
+            assert scores is not None
+            correct = is_correct(sample["text"], row["answer"], complete=sample["finished"])
+            insertions = [] if correct and not settings.disagreement.calls_on_correct else \
+                disagreement_calls(ids, scores[sample["index"], sample["sample"]],
+                                   [line_end(t) for t in ids], settings.disagreement,
+                                   settings.max_calls, splittable, numeric)
+            new_ids = splice_calls(ids, insertions, backend.encode)
+        else:
+            count = rng.randint(settings.min_calls, settings.max_calls)
+            new_ids, insertions = insert_calls(ids, count, backend.encode, rng, splittable)
+        mask = [1] * len(new_ids)
+        if settings.mask_called_tokens:
+            mask = called_mask(ids, insertions, backend.encode)
         response = new_ids + ([eos] if sample["finished"] else [])
+        mask += [1] * (len(response) - len(new_ids))
         out.append({
-            "question": question, "text": backend.decode(new_ids),
+            "question": row["question"], "text": backend.decode(new_ids),
             "calls": [[ins.position, ins.n] for ins in insertions],
+            **({"correct": correct} if correct is not None else {}),
             "input_ids": prompt_ids + response,
-            "completion_mask": [0] * len(prompt_ids) + [1] * len(response),
+            "completion_mask": [0] * len(prompt_ids) + mask,
         })
     return out
+
+
+def splice_calls(token_ids: Sequence[int], insertions: Sequence[Insertion],
+                 encode: Callable[[str], list[int]]) -> list[int]:
+    """``token_ids`` with each insertion's command before its position."""
+    out = list(token_ids)
+    for ins in sorted(insertions, key=lambda i: i.position, reverse=True):
+        out[ins.position:ins.position] = encode(call_text(ins.n))
+    return out
+
+
+def called_mask(token_ids: Sequence[int], insertions: Sequence[Insertion],
+                encode: Callable[[str], list[int]]) -> list[int]:
+    """Loss mask of the spliced response: 0 on the ``n`` tokens after each command (the
+    expert writes them at inference), 1 elsewhere (the commands included)."""
+    handed: set[int] = set()
+    for ins in insertions:
+        handed.update(range(ins.position, min(ins.position + ins.n, len(token_ids))))
+    starts: dict[int, int] = {ins.position: len(encode(call_text(ins.n))) for ins in insertions}
+    mask: list[int] = []
+    for t in range(len(token_ids)):
+        mask += [1] * starts.get(t, 0)
+        mask.append(0 if t in handed else 1)
+    return mask
+
+
+def score_samples(settings: WarmupSettings, rows: Sequence[dict[str, Any]],
+                  samples: Sequence[dict[str, Any]], device: str, tokenizer_id: str,
+                  progress: Progress) -> dict[tuple[int, int], ExpertScore]:
+    """The expert's teacher-forced scores of every sample (``expert_scores.jsonl``,
+    resumable)."""
+    from relaygraph.agents.backend import Prompt
+    from relaygraph.agents.transformers_backend import TransformersBackend
+
+    path = settings.output_dir / "expert_scores.jsonl"
+    scores = {(r["index"], r["sample"]): ExpertScore(r["token_logprob"], r["top_id"], r["top_logprob"])
+              for r in read_jsonl(path)}
+    todo = [s for s in samples if (s["index"], s["sample"]) not in scores and s["response_ids"]]
+    if not todo:
+        return scores
+    assert settings.expert is not None
+    expert = TransformersBackend(settings.expert, dtype=settings.dtype, device=device)
+    if expert.tokenizer_id != tokenizer_id:
+        raise ConfigError("placement = 'disagreement' needs an expert with the small model's "
+                          "tokenizer (it reads the small model's token ids)")
+    for done, sample in enumerate(sorted(todo, key=lambda s: (s["index"], s["sample"])), 1):
+        prompt = expert.render(Prompt(rows[sample["index"]]["question"], settings.expert_system_prompt))
+        score = score_with_expert(expert, prompt, sample["response_ids"])
+        scores[sample["index"], sample["sample"]] = score
+        append_jsonl(path, [{"index": sample["index"], "sample": sample["sample"],
+                             "token_logprob": score.token_logprob, "top_id": score.top_id,
+                             "top_logprob": score.top_logprob}])
+        if done % 10 == 0 or done == len(todo):
+            progress(f"expert scored {done}/{len(todo)} responses")
+    return scores
 
 
 def run_warmup(settings: WarmupSettings, progress: Progress = print) -> Path:
@@ -196,14 +387,17 @@ def run_warmup(settings: WarmupSettings, progress: Progress = print) -> Path:
     if (final / "config.json").exists():
         progress(f"warm-up already finished: {final}")
         return final
-    rows = read_questions(settings.data)
+    rows = select(read_questions(settings.data), settings.skip, settings.limit)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(settings.device)
     backend = TransformersBackend(settings.model, dtype=settings.dtype, device=device)
     samples = [s for s in read_jsonl(settings.output_dir / "samples.jsonl") if s["index"] < len(rows)]
     done = {(s["index"], s["sample"]) for s in samples}
     samples += sample_responses(backend, rows, settings, done, progress)
-    sft_rows = build_sft_rows(samples, rows, backend, settings)
+    scores = None
+    if settings.placement == "disagreement":
+        scores = score_samples(settings, rows, samples, device, backend.tokenizer_id, progress)
+    sft_rows = build_sft_rows(samples, rows, backend, settings, scores)
     (settings.output_dir / "warmup.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_rows))
     calls = sum(len(r["calls"]) for r in sft_rows)
@@ -223,7 +417,7 @@ def finetune(settings: WarmupSettings, sft_rows: list[dict[str, Any]], progress:
         progress(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
     final = save_model(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
-                       settings.output_dir / "model")
+                       settings.output_dir / "model", adapter=settings.output_dir / "adapter")
     progress(f"warmed-up controller saved to {final}")
     return final
 
@@ -232,8 +426,6 @@ def sft_trainer(settings: WarmupSettings, sft_rows: list[dict[str, Any]]) -> Any
     """TRL's ``SFTTrainer`` on pre-tokenized rows: loss where ``completion_mask`` is 1."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
-
-    from relaygraph.errors import ConfigError
 
     model, tokenizer = load_causal_lm(settings.model, settings.dtype, settings.device)
     sft = settings.sft
@@ -255,4 +447,5 @@ def sft_trainer(settings: WarmupSettings, sft_rows: list[dict[str, Any]]) -> Any
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]}
                                  for r in sft_rows])
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=settings.lora.peft_config() if settings.lora else None)
+                      peft_config=settings.lora.peft_config() if settings.lora else None,
+                      callbacks=[log_callback(settings.output_dir / "log.jsonl")])
