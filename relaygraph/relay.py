@@ -128,6 +128,26 @@ class Relay:
                    config=config, fallbacks=config.fallbacks, checkpointer=checkpointer)
 
     @classmethod
+    def from_trajectory(cls, trajectory_id: str, store: TrajectoryStore,
+                        config: RelayConfig | str | Path | None = None,
+                        trust_stored: bool = False, pool: BackendPool | None = None,
+                        checkpointer: Any = None) -> Relay:
+        """The relay to resume a stored trajectory with (``relay.resume(trajectory_id)``
+        then continues it), under the store's trust model: ``config`` is your own (the file
+        the run started from); without it the config stored with the trajectory is used
+        only if it names catalog models and no endpoint, credential variable, code or file
+        — or if ``trust_stored`` says you trust whoever can write to the store with those
+        (:meth:`RelayConfig.for_resume`). Trajectories run by ``relaygraph serve`` are
+        rebuilt by :func:`relaygraph.serve.served_relay`."""
+        task = store.load(trajectory_id).task
+        if isinstance(task.config.get("serve"), dict):
+            raise ConfigError(f"trajectory {trajectory_id} was run by relaygraph serve: "
+                              "rebuild its relay with relaygraph.serve.served_relay(id, store, "
+                              "config) (`relaygraph resume ID --config serve.toml`)")
+        cfg = RelayConfig.for_resume(task, trajectory_id, config, trust_stored)
+        return cls.from_config(cfg, store, pool, checkpointer)
+
+    @classmethod
     def from_models(cls, controller: str | None = None, expert: str | None = None,
                     policy: str = "call-token", store: TrajectoryStore | None = None,
                     max_tokens: int = 512, dtype: str = "bfloat16", checkpointer: Any = None,

@@ -206,7 +206,7 @@ class Crash(BaseException):
     """Stands for the process dying (not an Exception: nothing handles it)."""
 
 
-def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server) -> None:
+def test_cli_resume_rebuilds_the_relay_from_the_stored_config_once_confirmed(dirs, redis_server) -> None:
     from relaygraph.config import RelayConfig
     from tests.test_cli import cli
 
@@ -227,7 +227,7 @@ def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server
     with pytest.raises(Crash):
         Relay.from_config(cfg, crashing).run(tiny.QUESTION, trajectory_id=tid)
     assert store.length(tid) == 2
-    proc = cli("resume", tid, "--redis", redis_server.url, "--json")
+    proc = cli("resume", tid, "--redis", redis_server.url, "--trust-stored", "--json")  # local model paths: confirmed
     assert proc.returncode == 0, proc.stderr
     assert same(store.read(tid), reference)
     assert '"answer": "7"' in proc.stdout

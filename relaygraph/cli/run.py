@@ -129,6 +129,8 @@ def ask_person(result: Any) -> str:
 @friendly
 def resume(
     trajectory_id: Annotated[str, typer.Argument(help="Id of the interrupted run.")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The config the run started from (a relay config; for a served trajectory the serve config naming its relay). Without it, only a stored config that names catalog models and no endpoint, credential variable, code or file is used.")] = None,
+    trust_stored: Annotated[bool, typer.Option("--trust-stored", help="Use the config stored with the trajectory even where it names endpoints, credential variables, code, files or models outside the catalog (only if you trust whoever can write to the store).")] = False,
     redis: Redis = None,
     namespace: Namespace = None,
     answer: Annotated[str | None, typer.Option("--answer", help="A run waiting for a person: the answer to what it asked (e.g. continue, rollback, 'steer: TEXT', stop); later questions are asked at the terminal.")] = None,
@@ -143,17 +145,13 @@ def resume(
 
     store = open_cli_store(redis, namespace)
     task = store.load(check_trajectory_id(trajectory_id)).task
-    if "serve" in task.config and "relay" not in task.config:
-        raise ConfigError(f"trajectory {trajectory_id} was served by relaygraph serve (relay "
-                          f"{task.config['serve'].get('model')!r}); resume it through any "
-                          f"replica: POST /v1/trajectories/{trajectory_id}/resume")
-    if "relay" not in task.config:
-        raise ConfigError(f"trajectory {trajectory_id} was not started from a config (a Relay "
-                          "built in Python); resume it in Python with Relay.resume(id)")
-    cfg = RelayConfig.parse(task.config["relay"], source=f"trajectory {trajectory_id}")
-    ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
-    with err.status("loading models…"):
-        relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
+    if isinstance(task.config.get("serve"), dict):
+        relay = served_relay(trajectory_id, store, config, trust_stored)
+    else:
+        cfg = RelayConfig.for_resume(task, trajectory_id, config, trust_stored)
+        ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
+        with err.status("loading models…"):
+            relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
     result = answer_humans(relay, relay.resume(trajectory_id, answer))
     if as_json:
         print(result.model_dump_json(indent=2, by_alias=True))
@@ -163,3 +161,19 @@ def resume(
         console().print(printable(f"answer: {result.answer or '(none)'} · status "
                                   f"{store.status(trajectory_id)} · {len(result.segments)} "
                                   "segments"))
+
+
+def served_relay(trajectory_id: str, store: Any, config: Path | None, trust_stored: bool) -> Any:
+    """The relay of a trajectory ``relaygraph serve`` ran, its models pulled and loaded."""
+    try:
+        from relaygraph.serve.registry import served_relay as rebuild
+    except ImportError as exc:
+        raise ConfigError(f"resuming a served trajectory needs the serve extra ({exc.name} is "
+                          "missing): pip install 'relaygraph[serve]'") from None
+
+    def build(agent: Any) -> Any:
+        ensure_pulled(agent.local_model)
+        return agent.build()
+
+    with err.status("loading models…"):
+        return rebuild(trajectory_id, store, config, trust_stored, backend_factory=build)

@@ -111,6 +111,14 @@ class SupervisorPolicy(PolicyConfig):
     def _dump_supervisor(self, spec: Any) -> str:
         return spec if isinstance(spec, str) else f"python:{getattr(spec, '__qualname__', spec)}"
 
+    def untrusted(self) -> dict[str, Any]:
+        """A ``module:function`` (code to import) or a Python callable; ``judge:AGENT``,
+        ``score:AGENT`` and ``ask:human`` name no code."""
+        if isinstance(self.supervisor, str) and self.supervisor.partition(":")[0] in (
+                "judge", "score", "ask"):
+            return {}
+        return {"supervisor": self._dump_supervisor(self.supervisor)}
+
     def _model_agent(self) -> str | None:
         if isinstance(self.supervisor, str):
             kind, _, agent = self.supervisor.partition(":")
