@@ -262,3 +262,13 @@ def test_a_served_relay_of_catalog_models_is_rebuilt_from_the_store(redis_server
         served_relay(tid, store)
     with pytest.raises(ConfigError, match="serve config given has"):
         served_relay(tid, store, ServeConfig.parse({"relays": {"x": recorded}}))
+
+
+def test_the_viewer_loads_tokenizers_only_from_catalog_names_unless_trusted(tiny_pair) -> None:
+    from relaygraph.trajectory.models import Trajectory
+    from relaygraph.viewer.summary import load_decoders
+
+    planted = Trajectory(id="t4", task=Task(question="q", agents={
+        "controller": str(tiny_pair[0]), "expert": "/etc/passwd"}))
+    assert load_decoders(planted) == {}  # the store named two paths: neither is read
+    assert set(load_decoders(planted, trust_stored=True)) == {"controller"}  # confirmed

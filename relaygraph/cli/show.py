@@ -19,6 +19,7 @@ def show(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Watch a running trajectory live.")] = False,
     html: Annotated[Path | None, typer.Option("--html", help="Write one self-contained HTML page of the trajectory to this file.")] = None,
     limit: Annotated[int, typer.Option(help="How many recent ids to list.")] = 20,
+    trust_stored: Annotated[bool, typer.Option("--trust-stored", help="--html: load tokenizers from the local folders the trajectory names (default: catalog models only), for per-token shading.")] = False,
 ) -> None:
     """Render a stored trajectory coloured by author, with handoff markers (or list recent ones)."""
     from relaygraph.trajectory import check_trajectory_id
@@ -42,7 +43,7 @@ def show(
         from relaygraph.viewer.html import write_html
 
         try:
-            path = write_html(trajectory, html)
+            path = write_html(trajectory, html, trust_stored=trust_stored)
         except OSError as exc:
             raise ConfigError(f"cannot write {html}: {exc.strerror or exc}") from None
         out.print(f"wrote {path} — open it in a browser", soft_wrap=True)
