@@ -133,7 +133,6 @@ SECRET_FORMS = [
     "unix://{sock}?db=0&password={s}",
     "redis+cluster://:{s}@127.0.0.1:{port},127.0.0.1:{port}",
     "redis+sentinel://:{s}@127.0.0.1:{port}/svc?sentinel_password={s}",
-    "rediss://127.0.0.1:{port}/0?ssl_password={s}&password={s}",
 ]
 WRONG = "WrOng-Pw%21-77"  # percent-encoded: neither the raw nor the decoded form may show
 
@@ -165,6 +164,18 @@ def test_no_secret_of_a_store_url_reaches_an_error(form, passworded) -> None:
         shown = res.output  # stdout and stderr
         assert res.exit_code == 2 and shown.startswith("error:"), (args, shown)
         assert "WrOng" not in shown and "Pw!" not in shown, shown
+
+
+def test_no_secret_of_a_tls_store_url_reaches_an_error(passworded) -> None:
+    """TLS to a plain server times out (5 s a try): one try, outside the CLI loop above."""
+    from relaygraph.errors import StoreUnavailableError
+
+    server, _ = passworded
+    url = f"rediss://127.0.0.1:{server.port}/0?ssl_password={WRONG}&password={WRONG}"
+    with pytest.raises(StoreUnavailableError) as caught:
+        RedisStore.from_url(url, retries=0)
+    assert "WrOng" not in str(caught.value) and "Pw!" not in str(caught.value)
+    assert "ssl_password=***" in str(caught.value)
 
 
 def test_refused_credentials_are_reported_at_once(passworded) -> None:
