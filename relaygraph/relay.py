@@ -120,6 +120,7 @@ class Relay:
         Redis, else ``$REDIS_URL``, else the embedded server."""
         if not isinstance(config, RelayConfig):
             config = RelayConfig.load(config)
+        config.policy.check()  # code and files it names, before any model loads
         pool = pool or BackendPool()
         agents = pool.agents(config.agents, config.needed_agents())
         policy = config.policy.build(agents)

@@ -163,6 +163,11 @@ class PolicyConfig(BaseModel):
         starts, so a hosted model without log-probs fails up front): nothing by default."""
         return NOTHING
 
+    def check(self) -> None:
+        """Resolve and type-check what the :attr:`trusted_fields` name (code, files) before
+        any model loads or anything is stored (a ``ConfigError`` if unusable); called on the
+        user's own config only. Nothing to check by default."""
+
     def build(self, agents: Mapping[str, Agent]) -> Policy:
         """The policy to run with these loaded agents (itself, for most policies)."""
         return self

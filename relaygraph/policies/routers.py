@@ -78,6 +78,10 @@ class PerfectRouter(_QueryRouter):
         """A file to read (results given inline are data)."""
         return {"solo_results": str(self.solo_results)} if isinstance(self.solo_results, Path) else {}
 
+    def check(self) -> None:
+        if isinstance(self.solo_results, Path):
+            load_solo_results(self.solo_results)
+
     def build(self, agents: Mapping[str, Agent]) -> PerfectRouter:
         if isinstance(self.solo_results, Path):
             return self.model_copy(update={"solo_results": load_solo_results(self.solo_results)})
