@@ -35,6 +35,7 @@ def main(question: str) -> None:
 
     from relaygraph import Relay
 
+    print("loading qwen2.5-coder-0.5b and qwen2.5-coder-1.5b…", file=sys.stderr, flush=True)
     relay = Relay.from_models("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", policy="supervisor",
                               supervisor=guard, workers=["controller", "expert"], max_tokens=256,
                               checkpointer=InMemorySaver())

@@ -45,6 +45,7 @@ if __name__ == "__main__":
     question = sys.argv[1] if len(sys.argv) > 1 else (
         "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
         "clips in May. How many clips did Natalia sell altogether? Use Python.")
+    print("loading qwen2.5-coder-0.5b and qwen2.5-coder-1.5b…", file=sys.stderr, flush=True)
     relay = Relay.from_models("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", policy="supervisor",
                               supervisor="examples.safety_supervisor:guard",
                               workers=["controller", "expert"], max_tokens=256)

@@ -9,7 +9,7 @@ The relay graph takes ``{"question": ...}`` and returns ``answer``, ``trajectory
 from __future__ import annotations
 
 import sys
-from typing import TypedDict
+from typing import Any, TextIO, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 
@@ -38,10 +38,28 @@ def build_app(relay: Relay):
     return app.compile()
 
 
+def run(app: Any, question: str, out: TextIO = sys.stdout) -> dict:
+    """Run the app, printing the relay's text as it is written (``stream_mode="custom"``
+    from inside the subgraph: tokens, handoffs), and return its final state."""
+    final: dict = {}
+    for namespace, mode, chunk in app.stream({"question": question}, {"recursion_limit": 1000},
+                                             stream_mode=["custom", "values"], subgraphs=True):
+        if mode == "values" and not namespace:  # the parent graph's state
+            final = chunk
+        elif mode == "custom" and chunk.get("type") == "token":
+            out.write(chunk["text"])
+            out.flush()
+        elif mode == "custom" and chunk.get("type") == "handoff" and chunk.get("moved"):
+            out.write(f" ⟨{chunk.get('from')}→{chunk.get('to')}⟩ ")
+            out.flush()
+    out.write("\n")
+    return final
+
+
 if __name__ == "__main__":
     question = sys.argv[1] if len(sys.argv) > 1 else "What is 17 * 23?"
     controller, expert = (sys.argv[2:4] if len(sys.argv) >= 4
                           else ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"))
+    print(f"loading {controller} and {expert}…", file=sys.stderr, flush=True)
     relay = Relay.from_models(controller, expert, policy="call-token", max_tokens=256)
-    final = build_app(relay).invoke({"question": question}, {"recursion_limit": 1000})
-    print(final["report"])
+    print(run(build_app(relay), question)["report"])

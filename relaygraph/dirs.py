@@ -20,3 +20,9 @@ def cache_dir() -> Path:
         return Path(cache).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "relaygraph"
+
+
+def results_dir() -> Path:
+    """Per-user results of ``relaygraph bench`` and ``relaygraph eval`` (when no ``--out`` is
+    given): ``data_dir()/results``, never the folder the command happens to run in."""
+    return data_dir() / "results"

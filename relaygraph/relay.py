@@ -18,6 +18,7 @@ continued with ``relay.resume(trajectory_id, answer)``.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -32,8 +33,17 @@ from relaygraph.agents.registry import BackendPool
 from relaygraph.config import RelayConfig
 from relaygraph.errors import BackendError, ConfigError, StoreUnavailableError
 from relaygraph.graphs.retry import RetryPolicy
-from relaygraph.trajectory import Segment, TrajectoryStore, new_trajectory_id, open_store
-from relaygraph.trajectory.totals import HandoffRecord
+from relaygraph.trajectory import (
+    Segment,
+    Trajectory,
+    TrajectoryStore,
+    liveness,
+    new_trajectory_id,
+    open_store,
+)
+from relaygraph.trajectory.answers import extract_answer
+from relaygraph.trajectory.models import active, reasoning_text
+from relaygraph.trajectory.totals import HandoffRecord, tally
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
@@ -78,6 +88,43 @@ class RunResult(BaseModel):
     """What the step asked (the ``interrupt()`` payload) when ``status`` is ``interrupted``."""
     thread_id: str | None = None
     """The checkpointer thread the run is on (None without a checkpointer)."""
+
+    @classmethod
+    def from_trajectory(cls, trajectory: Trajectory) -> RunResult:
+        """What the run of a stored trajectory returned, read back from the store: every
+        number folded from its step records (:func:`~relaygraph.trajectory.totals.tally`,
+        as the run itself did), and the answer, wall time and thread recorded when it
+        finished. For a finished run it equals the :class:`RunResult` the run returned;
+        ``relaygraph show ID --json`` prints it."""
+        task, segments, info = trajectory.task, trajectory.segments, trajectory.info
+        agents = list(task.agents)
+        totals, _ = tally(segments, agents)
+        primary = task.primary or (agents[0] if agents else "")
+        waiting = trajectory.status == "interrupted"
+        interrupt: Any = None
+        if waiting and info.get("interrupt"):
+            try:
+                interrupt = json.loads(info["interrupt"])
+            except ValueError:
+                interrupt = info["interrupt"]
+        try:
+            seconds = float(info.get("seconds") or 0.0)
+        except ValueError:
+            seconds = 0.0
+        return cls(
+            trajectory_id=trajectory.id, policy=task.policy,
+            answer=extract_answer(reasoning_text(active(segments))),
+            finish_reason=totals.finish_reason,
+            segments=[SegmentSummary(author=s.author, kind=s.kind, text=s.text,
+                                     n_tokens=s.n_tokens) for s in segments],
+            tokens_by_agent=totals.tokens_by_agent,
+            input_tokens_by_agent=totals.input_tokens_by_agent,
+            cost=totals.cost(task.prices), cost_by_agent=totals.cost_by_agent(task.prices),
+            call_ratio=totals.call_ratio(primary), handoffs=totals.handoffs,
+            handoff_records=totals.records(), counters=totals.counters, seconds=seconds,
+            status="interrupted" if waiting else "finished", interrupt=interrupt,
+            thread_id=info.get("thread_id") or None,
+        )
 
 
 class Relay:
@@ -259,8 +306,13 @@ class Relay:
         store — a step that asked a human asks again, and ``answer`` is given to it.
         Segments of a step that did not complete are written again at the same positions
         (identical under greedy decoding, so the exactly-once appends keep one copy). A
-        finished run is returned as it is.
+        finished run is returned as it is (:meth:`RunResult.from_trajectory`: what its run
+        returned).
         """
+        stored = self.store.load(trajectory_id)
+        if stored.status == "finished":
+            return RunResult.from_trajectory(stored)
+        _check_not_running(stored)
         graph_input, cfg = self._continuation(trajectory_id, answer)
         if graph_input is not None or cfg is not None:
             return self._collect(self._stream(graph_input, cfg or {}, trajectory_id), on_event)
@@ -274,6 +326,10 @@ class Relay:
     async def aresume(self, trajectory_id: str, answer: Any = None,
                       on_event: Callable[[Event], None] | None = None) -> RunResult:
         """:meth:`resume` on the event loop."""
+        stored = await asyncio.to_thread(self.store.load, trajectory_id)
+        if stored.status == "finished":
+            return RunResult.from_trajectory(stored)
+        _check_not_running(stored)
         graph_input, cfg = self._continuation(trajectory_id, answer)
         if graph_input is not None or cfg is not None:
             result = None
@@ -350,6 +406,8 @@ class Relay:
             if (error := run.failed(exc)) is exc:
                 raise
             raise error from None
+        finally:  # a stream its consumer left mid-run runs no more: no heartbeat
+            liveness.release(run.tid)
         yield {"type": "result", "result": run.result()}
 
     async def _astream(self, graph_input: Any, cfg: RunnableConfig, tid: str) -> AsyncIterator[Event]:
@@ -362,6 +420,8 @@ class Relay:
             if (error := run.failed(exc)) is exc:
                 raise
             raise error from None
+        finally:  # a stream its consumer left mid-run runs no more: no heartbeat
+            liveness.release(run.tid)
         yield {"type": "result", "result": run.result()}
 
     @staticmethod
@@ -430,11 +490,25 @@ class _Run:
             call_ratio=final.get("call_ratio", 0.0), handoffs=final.get("handoffs", 0),
             handoff_records=[HandoffRecord.model_validate(h)
                              for h in final.get("handoff_records", ())],
-            counters=final.get("counters", {}), seconds=time.perf_counter() - self.started,
+            counters=final.get("counters", {}),
+            # a finished run's wall time as the graph recorded it with the trajectory
+            seconds=(final["seconds"] if "seconds" in final and not values
+                     else time.perf_counter() - self.started),
             status="interrupted" if values else "finished",
             interrupt=(values[0] if len(values) == 1 else values) if values else None,
             thread_id=self.thread_id,
         )
+
+
+def _check_not_running(stored: Trajectory) -> None:
+    """A :class:`ConfigError` when a live process runs the trajectory now (resuming it too
+    would have two writers)."""
+    if stored.status == "running" and liveness.alive(stored.id, stored.info):
+        holder = stored.info.get("holder") or "another process"
+        raise ConfigError(
+            f"trajectory {stored.id} is running now ({holder}, heartbeat "
+            f"{time.time() - float(stored.info.get('heartbeat') or 0):.0f} s ago); watch it "
+            f"with `relaygraph show {stored.id} --follow`, or resume it once it has stopped")
 
 
 def _raise_first(results: list[Any], return_exceptions: bool) -> list[Any]:

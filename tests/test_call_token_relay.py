@@ -174,6 +174,13 @@ def test_relay_graph_works_as_a_subgraph(backends, redis_store) -> None:
     assert final["answer"] == "7"
     assert redis_store.exists(final["trajectory_id"])
     assert "answer '7'" in final["report"]
+    # run from the command line, it prints the text as the relay writes it, handoffs marked
+    import io
+
+    shown = io.StringIO()
+    streamed = example.run(app, tiny.QUESTION, shown)
+    assert streamed["answer"] == "7" and "answer '7'" in streamed["report"]
+    assert "⟨controller→expert⟩" in shown.getvalue() and "<call>" in shown.getvalue()
 
 
 def test_teacher_free_bans_the_command_at_decode_time(backends, redis_store) -> None:

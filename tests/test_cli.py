@@ -86,7 +86,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, tiny_pai
     proc = cli(*args)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == lines[-1:] and message in errors[0], proc.stderr  # progress lines before it
+    assert all(line.startswith("the trajectory store does not answer") for line in lines[:-1])
     assert "Traceback" not in proc.stderr and "hunter2" not in proc.stderr
     assert store.list_ids(10_000) == before
 

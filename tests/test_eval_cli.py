@@ -97,6 +97,21 @@ def test_every_default_policy_runs(data, models, redis_server, tmp_path: Path) -
     assert result["complete"] and not result["errors"]
 
 
+def test_without_out_results_go_to_the_per_user_folder(data, models, redis_server, tmp_path,
+                                                       monkeypatch) -> None:
+    """Not into the folder the command runs in (a checkout): ``$RELAYGRAPH_HOME/results``."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("RELAYGRAPH_HOME", str(home))
+    monkeypatch.chdir(work)
+    result = invoke("sweep", str(data), "--small", models[0], "--large", models[1], "--dtype",
+                    "float32", "--max-tokens", "8", "--limit", "1", "--policies", "none",
+                    "--redis", redis_server.url)
+    assert load(home / "results" / "eval-sweep")["complete"]
+    assert f"results in {home / 'results' / 'eval-sweep'}/" in " ".join(result.output.split())
+    assert list(work.iterdir()) == []
+
+
 def test_sweep_from_a_config_file(data, models, redis_server, tmp_path: Path) -> None:
     config = tmp_path / "sweep.toml"
     config.write_text(f"""

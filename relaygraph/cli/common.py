@@ -36,7 +36,30 @@ def open_cli_store(redis: str | None, namespace: str | None = None, ttl: str | N
     ``[store]``), else ``$REDIS_URL``, else the embedded server."""
     from relaygraph.trajectory.settings import StoreConfig
 
-    return (base or StoreConfig()).override(redis, namespace, ttl).open()
+    return (base or StoreConfig()).override(redis, namespace, ttl).open(on_retry=store_retrying)
+
+
+class _RetryReport:
+    """A status line on stderr while the store's commands are retried (at most one every
+    few seconds): a server that does not answer is never waited for in silence."""
+
+    def __init__(self, every: float = 3.0) -> None:
+        self.every = every
+        self.last = 0.0
+
+    def __call__(self, error: Exception, attempt: int, retries: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        say(f"the trajectory store does not answer ({type(error).__name__}); retrying "
+            f"(attempt {attempt} of {retries})…")
+
+
+store_retrying = _RetryReport()
+"""``on_retry`` for the stores the CLI opens."""
 
 
 def friendly(func: F) -> F:

@@ -38,13 +38,21 @@ Dataset = Annotated[str, typer.Argument(help="JSONL/JSON/CSV file (question + an
 Limit = Annotated[int | None, typer.Option(min=1, help="Use this many problems (default: all).")]
 Seed = Annotated[int | None, typer.Option(help="Pick the --limit problems with this seed (default: the first ones).")]
 MaxTokens = Annotated[int, typer.Option(min=1, help="Budget of generated tokens per run.")]
-Out = Annotated[Path, typer.Option(help="Output folder: results.json, table.md (and curve.png), items.jsonl for resuming.")]
+Out = Annotated[Path | None, typer.Option(help="Output folder: results.json, table.md (and curve.png), items.jsonl for resuming (default: eval-COMMAND in the per-user results folder, ~/.local/share/relaygraph/results).")]
 Concurrency = Annotated[int, typer.Option(min=1, help="Problems run at once (threads; one model batches concurrent requests).")]
 Shared = Annotated[str | None, typer.Option(help="Split this experiment with other workers: results and claims live in Redis under this name.")]
 Lease = Annotated[float, typer.Option(min=1, help="--shared: seconds before a crashed worker's claimed item is taken over.")]
 Dtype = Annotated[str, typer.Option(help="bfloat16 | float16 | float32")]
 QField = Annotated[str | None, typer.Option(help="Dataset field holding the question (default: found by name).")]
 AField = Annotated[str | None, typer.Option(help="Dataset field holding the answer (default: found by name).")]
+
+
+def _out(out: Path | None, command: str) -> Path:
+    """``--out``, else ``eval-COMMAND`` in the per-user results folder (never the folder
+    the command runs in)."""
+    from relaygraph.dirs import results_dir
+
+    return out if out is not None else results_dir() / f"eval-{command}"
 
 
 def _cuts(text: str, what: str) -> list[float]:
@@ -108,7 +116,7 @@ def sweep(
     p: Annotated[str | None, typer.Option("--p", help="random-router p values, comma-separated (default 0.1,0.25,0.5,0.75,0.9).")] = None,
     limit: Limit = None, seed: Seed = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Budget of generated tokens per run (default 256).")] = None,
-    out: Out = Path("eval-results/sweep"), concurrency: Concurrency = 1,
+    out: Out = None, concurrency: Concurrency = 1,
     redis: Redis = None, namespace: Namespace = None, ttl: Ttl = None, shared: Shared = None, lease: Lease = 1800.0,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32 for both models.")] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="Runs per problem: 1 is greedy pass@1 (default); k > 1 samples every agent (seeds 0..k-1) and reports avg@k.")] = None,
@@ -117,6 +125,7 @@ def sweep(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Policies x problems: accuracy, call ratio, tokens, time; the cost curve with AUC and APGR."""
+    out = _out(out, "sweep")
     from relaygraph.config import validate
     from relaygraph.eval.report import write_sweep
     from relaygraph.eval.sweep import DEFAULT_POLICIES, SweepConfig, plan, run_sweep
@@ -178,12 +187,13 @@ def relay(
     self_pairs: Annotated[bool, typer.Option(help="Also let a model continue its own chain.")] = False,
     prm: Annotated[str | None, typer.Option(help="Model used as a step judge (process reward model) to score every chain's steps.")] = None,
     limit: Limit = None, seed: Seed = None, max_tokens: MaxTokens = 256,
-    out: Out = Path("eval-results/relay"), concurrency: Concurrency = 1,
+    out: Out = None, concurrency: Concurrency = 1,
     redis: Redis = None, namespace: Namespace = None, ttl: Ttl = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
     question_field: QField = None, answer_field: AField = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Reasoning relay: cut each model's solution (log-prob threshold, fraction), another finishes it."""
+    out = _out(out, "relay")
     from relaygraph.eval.datasets import load_problems
     from relaygraph.eval.models import agent_config, label
     from relaygraph.eval.relay_experiment import JudgePRM, relay_markdown, run_relay_experiment
@@ -216,12 +226,13 @@ def recoverability(
     restatement: Annotated[bool, typer.Option(help="Also run the variant that keeps the initial restatement before the distractor.")] = True,
     distractor_seed: Annotated[int, typer.Option(help="Seed picking each problem's distractor problem.")] = 0,
     limit: Limit = None, seed: Seed = None, max_tokens: MaxTokens = 256,
-    out: Out = Path("eval-results/recoverability"), concurrency: Concurrency = 1,
+    out: Out = None, concurrency: Concurrency = 1,
     redis: Redis = None, namespace: Namespace = None, ttl: Ttl = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
     question_field: QField = None, answer_field: AField = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Twin test: does the model recover from its own reasoning on another problem inserted?"""
+    out = _out(out, "recoverability")
     from relaygraph.eval.datasets import load_problems
     from relaygraph.eval.models import agent_config
     from relaygraph.eval.report import write_outputs
@@ -249,12 +260,13 @@ def guidability(
     max_solved: Annotated[int, typer.Option(min=0, help="A problem qualifies if at most this many of the k samples are right.")] = 1,
     fractions: Annotated[str, typer.Option(help="Shares of the steer trajectory given (m = 0).")] = "0.2,0.4,0.6,0.8",
     limit: Limit = None, seed: Seed = None, max_tokens: MaxTokens = 256,
-    out: Out = Path("eval-results/guidability"), concurrency: Concurrency = 1,
+    out: Out = None, concurrency: Concurrency = 1,
     redis: Redis = None, namespace: Namespace = None, ttl: Ttl = None, shared: Shared = None, lease: Lease = 1800.0, dtype: Dtype = "bfloat16",
     question_field: QField = None, answer_field: AField = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Twin test: does a stronger model's partial solution help where the model fails alone?"""
+    out = _out(out, "guidability")
     from relaygraph.eval.datasets import load_problems
     from relaygraph.eval.models import agent_config
     from relaygraph.eval.report import write_outputs

@@ -38,6 +38,9 @@ def serve(
         raise ConfigError(f"serving needs the serve extra ({exc.name} is missing): "
                           "pip install 'relaygraph[serve]'") from None
 
+    from relaygraph.serve.server import check_listen
+
+    check_listen(host, port)  # a busy port fails before any model is pulled or loaded
     cfg = ServeConfig.load(config) if config is not None else ServeConfig.default()
     ensure_pulled(*cfg.local_models())
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -53,6 +53,7 @@ from relaygraph.graphs.start import start_node
 from relaygraph.graphs.state import Node, RelayInput, RelayOutput, RelayState
 from relaygraph.observability import tracing
 from relaygraph.policies.base import SUPERVISOR, Decision, Policy, SupervisedPolicy, TurnContext
+from relaygraph.trajectory import liveness
 from relaygraph.trajectory.answers import extract_answer
 from relaygraph.trajectory.models import Price, Segment, StepRecord, active, reasoning_text
 from relaygraph.trajectory.store import TrajectoryStore
@@ -162,13 +163,19 @@ def _step(policy: Policy, store: TrajectoryStore, body: Node) -> Node:
         tid = state["trajectory_id"]
         with tracing.in_run(tid, policy.name, state.get("trace", "")):
             try:
+                if not liveness.held_here(tid):  # continued on its thread (a person answered)
+                    store.set_status(tid, "running", **liveness.holding())
+                    liveness.hold(store, tid)
                 return body(state)
             except GraphInterrupt as exc:
+                liveness.release(tid)
                 _paused(store, tid, exc)
                 raise
             except GraphBubbleUp:  # control flow of a parent graph (Command(graph=PARENT))
+                liveness.release(tid)
                 raise
             except BaseException as exc:
+                liveness.release(tid, store, clear=True)  # not running here any more
                 tracing.end_run(tid, "error", error=exc)
                 raise
 
@@ -413,14 +420,19 @@ def _finish_node(policy: Policy, store: TrajectoryStore, prices: dict[str, Price
         totals = Totals.from_state(state)
         call_ratio = totals.call_ratio(policy.primary)
         cost = totals.cost(prices)
+        seconds = max(0.0, time.time() - state.get("started_at", time.time()))
+        thread = str((get_config().get("configurable") or {}).get("thread_id") or "")
+        # what a finished run returned, for every later reader (resume, show --json)
         store.set_status(tid, "finished", finish_reason=state.get("finish_reason") or "",
-                         answer=answer)
+                         answer=answer, seconds=repr(seconds),
+                         **({"thread_id": thread} if thread else {}))
+        liveness.release(tid)
         cost_by_agent = totals.cost_by_agent(prices)
         tracing.end_run(tid, "ok", totals={"tokens_by_agent": state.get("tokens_by_agent") or {},
                                            "handoffs": state.get("handoffs", 0),
                                            "call_ratio": call_ratio, "cost": cost,
                                            "cost_by_agent": cost_by_agent})
         return {"answer": answer, "call_ratio": call_ratio, "cost_by_agent": cost_by_agent,
-                "cost": cost}
+                "cost": cost, "seconds": seconds}
 
     return finish

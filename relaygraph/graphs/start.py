@@ -25,6 +25,7 @@ new input from leftovers:
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +41,7 @@ from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.graphs.state import Node, RelayState
 from relaygraph.observability import tracing
 from relaygraph.policies.base import Policy, TurnContext
+from relaygraph.trajectory import liveness
 from relaygraph.trajectory.models import (
     Segment,
     Task,
@@ -101,8 +103,10 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
         try:
             if fresh_run:
                 store.create(tid, task)
-            if traceparent:
-                store.set_status(tid, "running", traceparent=traceparent)
+            # this process runs it now: a heartbeat until it finishes (liveness)
+            store.set_status(tid, "running", **({"traceparent": traceparent} if traceparent
+                                                else {}), **liveness.holding())
+            liveness.hold(store, tid)
             for position, seg in enumerate(given):  # exactly-once: a resumed run re-appends no-ops
                 store.append(tid, position, seg)
         except BaseException as exc:
@@ -113,12 +117,14 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
             **fresh, "cursor": len(given), "turn": first, "budget": budget, "finish_reason": "",
             "answer": "", "call_ratio": 0.0, "asked": question, "started": tid,
             "trace": traceparent, "retry": retry_config, "messages": asked,
+            "started_at": time.time(),
             **state_of(Totals(tokens_by_agent={n: 0 for n in names},
                               input_tokens_by_agent={n: 0 for n in names}))})
 
     def _resume(tid: str, task: Task, segments: list[Segment], totals: Totals, done: int,
                 traceparent: str) -> Command:
-        store.set_status(tid, "running")
+        store.set_status(tid, "running", **liveness.holding())
+        liveness.hold(store, tid)
         question = task.config.get("asked") or task.question
         traceparent = tracing.begin_run(tid, policy.name, task.question, parent=traceparent,
                                         resumed=True)
@@ -127,7 +133,7 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
             "max_tokens": task.config.get("max_tokens", max_tokens), "cursor": done,
             "turn": totals.turn, "budget": totals.budget, "finish_reason": totals.finish_reason,
             "asked": question, "started": tid, "trace": traceparent, "answer": "", "call_ratio": 0.0,
-            "retry": task.config.get("retry") or retry.model_dump(),
+            "retry": task.config.get("retry") or retry.model_dump(), "started_at": time.time(),
             "messages": messages_of(tid, question, segments), **state_of(totals)})
 
     return start

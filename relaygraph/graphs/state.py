@@ -53,6 +53,9 @@ class RelayOutput(TypedDict, total=False):
     """Each handoff: ``from``, ``to``, ``reason``, ``position``, ``requested_tokens``,
     ``confidence`` (see :class:`~relaygraph.trajectory.totals.HandoffRecord`)."""
     counters: dict[str, int]
+    seconds: float
+    """Wall time of the run, from its start step to its finish (of this invocation, for a
+    resumed run); recorded with the trajectory."""
     messages: Annotated[list[AnyMessage], add_messages]
     """The question as a ``HumanMessage``, then one ``AIMessage`` per agent turn (``name`` =
     the agent; a supervisor's guidance is named ``supervisor``; a rolled-back turn is
@@ -84,6 +87,8 @@ class RelayState(RelayInput, RelayOutput, total=False):
     process, join the same trace."""
     retry: dict[str, Any]
     """The run's :class:`~relaygraph.graphs.retry.RetryPolicy` (recorded with the trajectory)."""
+    started_at: float
+    """When this invocation's start step ran (``time.time()``): the finish step's ``seconds``."""
 
 
 class Node(Protocol):

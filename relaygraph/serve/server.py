@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import copy
+import errno
+import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from relaygraph.errors import ConfigError
 from relaygraph.serve.app import ServeSettings, create_app
 from relaygraph.serve.registry import Registry, ServeConfig
 
@@ -32,6 +35,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
 
     from relaygraph.trajectory.settings import format_duration
 
+    check_listen(host, port)  # before loading anything, and before saying where we serve
     settings = settings or ServeSettings()
     if ttl is None and "ttl" not in config.store.model_fields_set:
         ttl = SERVE_TTL
@@ -58,6 +62,28 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
         _server_class()(server_config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a normal stop
         pass
+
+
+def check_listen(host: str, port: int) -> None:
+    """A :class:`ConfigError` naming the cause when ``host:port`` cannot be listened on (a
+    port in use, an address not on this machine, a privileged port)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {host!r}: {getattr(exc, 'strerror', None) or exc}; "
+                          "give --host an address of this machine (default 127.0.0.1)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            fix = ("another program (another relaygraph serve?) listens there: stop it or "
+                   "choose another --port" if exc.errno == errno.EADDRINUSE
+                   else "choose a port above 1023" if exc.errno == errno.EACCES
+                   else "give --host an address of this machine")
+            raise ConfigError(f"cannot listen on {_host(host)}:{port} ({why}); {fix}") from None
 
 
 def _host(host: str) -> str:

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaygraph.errors import ConfigError, StoreUnavailableError, TrajectoryNotFoundError
+from relaygraph.relay import RunResult
 from relaygraph.serve.schemas import APIError, bad_request
 from relaygraph.trajectory.models import active, check_trajectory_id
 from relaygraph.trajectory.store import SharedStore
-from relaygraph.trajectory.totals import tally
-from relaygraph.viewer.summary import summarize
 
 
 @dataclass
@@ -47,25 +46,27 @@ def store_call(func: Any, *args: Any, **kwargs: Any) -> Any:
 
 def trajectory_view(store: SharedStore, trajectory_id: str) -> dict[str, Any]:
     """A stored trajectory as JSON: status, its text, segments and the numbers its step
-    records add up to (the same fold as ``relaygraph show``)."""
+    records add up to (:meth:`RunResult.from_trajectory`: what ``relaygraph show --json``
+    and ``relaygraph run --json`` print)."""
     trajectory = store_call(store.load, trajectory_id)
     info = store_call(store.info, trajectory_id)
     task = trajectory.task
-    summary = summarize(trajectory)  # the numbers `relaygraph show` prints
-    totals, _ = tally(trajectory.segments, list(task.agents))
+    result = RunResult.from_trajectory(trajectory)
     served = task.config.get("serve") if isinstance(task.config.get("serve"), dict) else {}
     kept = active(trajectory.segments)
     return {
         "id": trajectory_id, "object": "relaygraph.trajectory", "status": trajectory.status,
         "model": served.get("model"), "question": task.question,
         "created_at": task.created_at, "policy": task.policy, "agents": task.agents,
-        "answer": summary.answer, "finish_reason": summary.finish_reason or None,
+        "answer": result.answer, "finish_reason": result.finish_reason or None,
         "cancel_reason": info.get("cancel_reason"), "error": info.get("error"),
         "held": bool(store_call(store.held, trajectory_id)),
         "content": "".join(s.text for s in kept if s.kind in ("text", "call")),
-        "segments": [{"author": s.author, "kind": s.kind, "text": s.text,
-                      "n_tokens": s.n_tokens} for s in trajectory.segments],
-        "usage": {"tokens_by_agent": summary.tokens_by_agent,
-                  "call_ratio": summary.call_ratio, "handoffs": summary.handoffs},
-        "handoff_records": totals.handoff_records,
+        "segments": [s.model_dump() for s in result.segments],
+        "usage": {"tokens_by_agent": result.tokens_by_agent,
+                  "input_tokens_by_agent": result.input_tokens_by_agent,
+                  "call_ratio": result.call_ratio, "handoffs": result.handoffs,
+                  "counters": result.counters, "cost": result.cost,
+                  "cost_by_agent": result.cost_by_agent},
+        "handoff_records": [r.model_dump(by_alias=True) for r in result.handoff_records],
     }

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 import redis
@@ -182,34 +183,60 @@ def parse_target(url: str) -> Target:
     return Target(kind, scheme, nodes, service, db, node_url, sentinel_auth)
 
 
-class _Retry(Retry):
-    """redis-py's retry, except for refused credentials: ``AuthenticationError`` is a
-    ``ConnectionError`` to redis-py, but a wrong password does not get better with time."""
+T = TypeVar("T")
+OnRetry = Callable[[Exception, int, int], None]
+"""Told of each failed attempt that will be retried: (error, attempt, retries)."""
 
-    def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
-                        with_failure_count: bool = False) -> Any:
+
+class ReportingRetry(Retry):
+    """redis-py's retry that tells ``on_retry`` of each failed attempt it retries (so a
+    command line can say that it is waiting for the server)."""
+
+    def __init__(self, *args: Any, on_retry: OnRetry | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_retry = on_retry
+
+    def call_with_retry(self, do: Callable[[], T], fail: Callable[..., Any],
+                        is_retryable: Callable[[Exception], bool] | None = None,
+                        with_failure_count: bool = False) -> T:
+        def failed(error: Exception, failures: int) -> None:
+            if with_failure_count:
+                fail(error, failures)
+            else:
+                fail(error)
+            if self.on_retry is not None and failures <= self._retries:
+                try:
+                    self.on_retry(error, failures, self._retries)
+                except Exception:  # noqa: BLE001 - a report never breaks a command
+                    pass
+
         def retryable(error: Exception) -> bool:
+            # AuthenticationError is a ConnectionError to redis-py, but a refused password
+            # does not get better with time: reported at once
             if isinstance(error, redis.AuthenticationError):
                 return False
             return is_retryable(error) if is_retryable is not None else True
 
-        return super().call_with_retry(do, fail, retryable, with_failure_count)
+        return super().call_with_retry(do, failed, retryable, with_failure_count=True)
 
 
-def default_retry(retries: int) -> Retry:
+def default_retry(retries: int, on_retry: OnRetry | None = None) -> Retry:
     """Exponential backoff 0.1 s doubling to 2 s: about 9 s for 8 retries (none for refused
     credentials)."""
-    return _Retry(ExponentialBackoff(cap=2.0, base=0.1), retries,
-                  (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
+    return ReportingRetry(ExponentialBackoff(cap=2.0, base=0.1), retries,
+                          (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError),
+                          on_retry=on_retry)
 
 
-def connect(url: str, retries: int = 8, **kwargs: Any) -> tuple[Any, Kind]:
+def connect(url: str, retries: int = 8, on_retry: OnRetry | None = None,
+            **kwargs: Any) -> tuple[Any, Kind]:
     """A redis-py client for ``url`` and what it is connected to. Commands that hit a
     dropped connection (a restart, a Sentinel failover, a Cluster resharding) are retried
-    ``retries`` times with backoff. Nothing is sent except ``INFO cluster`` for a plain
-    ``redis[s]://`` URL (to tell a Cluster node from a lone server)."""
+    ``retries`` times with backoff, each retry told to ``on_retry``. Nothing is sent except
+    ``INFO cluster`` for a plain ``redis[s]://`` URL (to tell a Cluster node from a lone
+    server)."""
     target = parse_target(url)
-    retry = default_retry(retries)
+    retry = default_retry(retries, on_retry)
     try:
         if target.kind == "cluster":
             seeds = [ClusterNode(h, p) for h, p in target.nodes[1:]]

@@ -6,6 +6,7 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -203,3 +204,25 @@ def step_of(segment: Segment) -> StepRecord | None:
         return StepRecord.model_validate(raw)
     except ValueError:
         return None
+
+
+@dataclass
+class PruneReport:
+    """What ``RedisStore.prune`` did (or, with ``dry_run``, would do)."""
+
+    deleted: list[str] = field(default_factory=list)
+    """Trajectories deleted (keys and index entries)."""
+    expired: int = 0
+    """Index entries whose trajectory had already expired, removed."""
+    held: list[str] = field(default_factory=list)
+    """Matching trajectories left alone: a live server is running them (fresh heartbeat)."""
+
+
+@dataclass
+class TrajectoryHeader:
+    """A trajectory without its segments: its task, stored status and metadata."""
+
+    id: str
+    task: Task
+    status: str
+    info: dict[str, str]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -35,15 +34,19 @@ from relaygraph.errors import (
 )
 from relaygraph.trajectory.connect import (
     Kind,
+    OnRetry,
     connect,
     redact_url,
     refused,
     unreachable,
 )
+from relaygraph.trajectory.liveness import HEARTBEAT_STALE_S, effective_status, holder_id
 from relaygraph.trajectory.models import (
+    PruneReport,
     Segment,
     Task,
     Trajectory,
+    TrajectoryHeader,
     check_namespace,
     check_trajectory_id,
 )
@@ -116,25 +119,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 local status = redis.call('HGET', KEYS[1], 'status') or 'running'
 local beat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat') or '0') or 0
 if status == 'running' and beat >= tonumber(ARGV[2]) then return 'held' end
-redis.call('HSET', KEYS[1], 'heartbeat', ARGV[1])
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[1], 'holder', ARGV[3])
 redis.call('HDEL', KEYS[1], 'cancel_requested')
 return status
 """
-
-HEARTBEAT_STALE_S = 15.0
-"""A running trajectory whose heartbeat is older than this is not held by a live server."""
-
-
-@dataclass
-class PruneReport:
-    """What :meth:`RedisStore.prune` did (or, with ``dry_run``, would do)."""
-
-    deleted: list[str] = field(default_factory=list)
-    """Trajectories deleted (keys and index entries)."""
-    expired: int = 0
-    """Index entries whose trajectory had already expired, removed."""
-    held: list[str] = field(default_factory=list)
-    """Matching trajectories left alone: a live server is running them (fresh heartbeat)."""
 
 
 def _text(value: Any) -> str:
@@ -169,15 +157,17 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "relaygraph", retries: int = 8,
-                 ttl: float | None = None, **kwargs: object) -> RedisStore:
+                 ttl: float | None = None, on_retry: OnRetry | None = None,
+                 **kwargs: object) -> RedisStore:
         """Connect to ``url`` and check the server answers.
 
         Commands that hit a dropped connection are retried ``retries`` times with
         exponential backoff (0.1 s doubling to 2 s: about 9 s for the default 8), so a
         server restart or a Sentinel failover is ridden out; appends stay exactly-once
         because a retried append that had landed is recognised as a duplicate.
+        ``on_retry(error, attempt, retries)`` hears of each retry (a status line).
         """
-        client, kind = connect(url, retries, **kwargs)
+        client, kind = connect(url, retries, on_retry, **kwargs)
         store = cls(client, namespace, url, ttl, kind)
         store.ping()
         return store
@@ -297,8 +287,10 @@ class RedisStore:
                     last_id = _text(entry_id)
                     yield seq, Segment.model_validate_json(fields[b"s"])
                     seq += 1
-            if not reply and self.status(trajectory_id) != "running":
-                if self.length(trajectory_id) <= seq:
+            if not reply:  # quiet: over when the run ended or its process is gone
+                meta = self.info(trajectory_id)
+                status = effective_status(trajectory_id, meta.get("status", "running"), meta)
+                if status != "running" and self.length(trajectory_id) <= seq:
                     return
 
     def list_ids(self, limit: int = 20) -> list[str]:
@@ -316,6 +308,22 @@ class RedisStore:
             found += [i for i, ok in zip(page, alive, strict=True) if ok]
             start += len(page) - len(gone)
         return found
+
+    def headers(self, trajectory_ids: Sequence[str]) -> list[TrajectoryHeader | None]:
+        """What a listing shows of each trajectory (task, status, liveness facts), in one
+        round trip; None for one that is gone."""
+        pipe = self.client.pipeline(transaction=False)
+        for tid in trajectory_ids:
+            pipe.hgetall(self._meta_key(tid))
+        out: list[TrajectoryHeader | None] = []
+        for tid, raw in zip(trajectory_ids, pipe.execute(), strict=True):
+            meta = {_text(k): _text(v) for k, v in (raw or {}).items()}
+            if "task" not in meta:
+                out.append(None)
+                continue
+            task = Task.model_validate_json(meta.pop("task"))
+            out.append(TrajectoryHeader(tid, task, meta.pop("status", "running"), meta))
+        return out
 
     def delete(self, trajectory_id: str) -> bool:
         """Remove the trajectory (both keys and its index entry); False if it did not exist."""
@@ -356,6 +364,11 @@ class RedisStore:
             out[tid] = _text(reason) if found else None
         return out
 
+    def release(self, trajectory_id: str) -> None:
+        """Drop the heartbeat of a trajectory this process no longer runs (its run failed
+        but the process lives on), so it shows as interrupted at once."""
+        self._set(keys=self._keys(trajectory_id), args=["heartbeat", "0"])
+
     def request_cancel(self, trajectory_id: str, reason: str = "cancelled") -> str:
         """Ask whichever server runs the trajectory to stop it (it sees the request at its
         next heartbeat). Returns the trajectory's status: only a ``running`` one is asked."""
@@ -370,7 +383,7 @@ class RedisStore:
         request is cleared. Returns the status it had (``finished`` runs need no work)."""
         now = time.time()
         status = _text(self._claim(keys=[self._meta_key(trajectory_id)],
-                                   args=[f"{now:.3f}", f"{now - stale:.3f}"]))
+                                   args=[f"{now:.3f}", f"{now - stale:.3f}", holder_id()]))
         if status == "missing":
             raise self._missing(trajectory_id)
         return None if status == "held" else status
@@ -485,4 +498,4 @@ def _kind_of(client: Any) -> Kind:
     return "single"
 
 
-__all__ = ["HEARTBEAT_STALE_S", "PruneReport", "RedisStore", "redact_url"]
+__all__ = ["HEARTBEAT_STALE_S", "PruneReport", "RedisStore", "TrajectoryHeader", "redact_url"]

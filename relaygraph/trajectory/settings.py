@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from relaygraph.errors import ConfigError
-from relaygraph.trajectory.connect import parse_target, redact_url
+from relaygraph.trajectory.connect import OnRetry, parse_target, redact_url
 from relaygraph.trajectory.models import check_namespace
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ class StoreConfig(BaseModel):
             message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
             raise ConfigError(f"store: {message}") from None
 
-    def open(self, retries: int = 8) -> RedisStore:
-        return open_store(self.url, self.namespace, retries, self.ttl)
+    def open(self, retries: int = 8, on_retry: OnRetry | None = None) -> RedisStore:
+        return open_store(self.url, self.namespace, retries, self.ttl, on_retry)
 
 
 def fold_redis_key(data: Any) -> Any:
@@ -133,13 +133,14 @@ def fold_redis_key(data: Any) -> Any:
 
 
 def open_store(url: str | None = None, namespace: str = "relaygraph", retries: int = 8,
-               ttl: float | None = None) -> RedisStore:
+               ttl: float | None = None, on_retry: OnRetry | None = None) -> RedisStore:
     """Connect to ``url``, else ``$REDIS_URL``, else the per-user embedded Valkey server.
 
     ``url`` may name one server (``redis://``, ``rediss://``, ``unix://``; a Cluster node is
     detected), a Cluster (``redis+cluster://h1:p1,h2:p2``) or a Sentinel service
     (``redis+sentinel://h1:26379,h2:26379/SERVICE``). ``namespace`` prefixes every key;
-    ``ttl`` (seconds) makes new trajectories expire that long after their last activity.
+    ``ttl`` (seconds) makes new trajectories expire that long after their last activity;
+    ``on_retry(error, attempt, retries)`` hears of each retried command (a status line).
     """
     url = url or os.environ.get("REDIS_URL")
     if not url:
@@ -148,4 +149,4 @@ def open_store(url: str | None = None, namespace: str = "relaygraph", retries: i
         url = embedded_url()
     from relaygraph.trajectory.redis_store import RedisStore
 
-    return RedisStore.from_url(url, namespace, retries=retries, ttl=ttl)
+    return RedisStore.from_url(url, namespace, retries=retries, ttl=ttl, on_retry=on_retry)

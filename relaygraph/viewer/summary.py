@@ -162,7 +162,7 @@ def _decoder(model: str) -> Any:
 
     from relaygraph.agents.catalog import resolve
 
-    location = resolve(model)
+    location = resolve(model, network=False)
     kwargs: dict[str, Any] = {"local_files_only": True}  # a viewer never downloads
     path = Path(location)
     if path.suffix == ".gguf":

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from relaygraph.trajectory.liveness import effective_status
 from relaygraph.trajectory.models import Segment, Trajectory, retracted
 from relaygraph.viewer.summary import Handoff, HandoffTracker, Summary, format_cost, summarize
 
@@ -138,8 +139,41 @@ def follow_trajectory(store: Any, trajectory_id: str, console: Console,
     printer = TrajectoryPrinter(console, styles)
     printer.add_all(store.follow(trajectory_id, 0, block_ms=block_ms))
     trajectory = store.load(trajectory_id)
-    footer(trajectory, summarize(trajectory), trajectory.status, console)
+    footer(trajectory, summarize(trajectory),
+           effective_status(trajectory_id, trajectory.status, trajectory.info), console)
     return trajectory
+
+
+def list_trajectories(store: Any, limit: int, console: Console, width: int = 60) -> int:
+    """The newest ``limit`` trajectories, one line each: id, when, status (``interrupted``
+    for a run whose process is gone), policy and the start of the question. Returns how
+    many were listed."""
+    import time
+
+    ids = store.list_ids(limit)
+    if hasattr(store, "headers"):
+        headers = store.headers(ids)
+    else:  # another store: the whole trajectories
+        headers = [store.load(tid) for tid in ids]
+    rows = []
+    for header in headers:
+        if header is None:
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(header.task.created_at))
+        status = effective_status(header.id, header.status, header.info)
+        question = " ".join(header.task.question.split())
+        question = question if len(question) <= width else question[:width - 1] + "…"
+        rows.append((header.id, when, status, header.task.policy, question))
+    if not rows:
+        console.print("no trajectories yet — `relaygraph run \"...\"` starts one", style="dim")
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    console.print(Text("  ".join(h.ljust(w) for h, w in zip(
+        ("id", "created", "status", "policy"), widths, strict=True)) + "  question", style="dim"))
+    for row in rows:
+        line = "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True))
+        console.print(Text(printable(f"{line}  {row[4]}")), soft_wrap=True)
+    return len(rows)
 
 
 def render_segments(segments: Iterable[Segment], console: Console, styles: Styles) -> None:
