@@ -186,6 +186,10 @@ class RelayConfig(BaseModel):
         ConfigError lists what it names and how to resume."""
         stored_data = task.config.get("relay")
         source = f"trajectory {trajectory_id}"
+        if isinstance(task.config.get("serve"), dict):
+            raise ConfigError(f"{source} was run by relaygraph serve: rebuild its relay with "
+                              "relaygraph.serve.served_relay(id, store, config) (`relaygraph "
+                              "resume ID --config serve.toml`)")
         if config is not None:
             chosen = config if isinstance(config, RelayConfig) else cls.load(config)
             ran = sorted(task.agents)

@@ -33,16 +33,9 @@ from relaygraph.agents.registry import BackendPool
 from relaygraph.config import RelayConfig
 from relaygraph.errors import BackendError, ConfigError, StoreUnavailableError
 from relaygraph.graphs.retry import RetryPolicy
-from relaygraph.trajectory import (
-    Segment,
-    Trajectory,
-    TrajectoryStore,
-    liveness,
-    new_trajectory_id,
-    open_store,
-)
+from relaygraph.trajectory import Segment, Trajectory, TrajectoryStore, liveness, open_store
 from relaygraph.trajectory.answers import extract_answer
-from relaygraph.trajectory.models import active, reasoning_text
+from relaygraph.trajectory.models import active, new_trajectory_id, reasoning_text
 from relaygraph.trajectory.totals import HandoffRecord, tally
 
 if TYPE_CHECKING:
@@ -177,23 +170,11 @@ class Relay:
 
     @classmethod
     def from_trajectory(cls, trajectory_id: str, store: TrajectoryStore,
-                        config: RelayConfig | str | Path | None = None,
-                        trust_stored: bool = False, pool: BackendPool | None = None,
-                        checkpointer: Any = None) -> Relay:
-        """The relay to resume a stored trajectory with (``relay.resume(trajectory_id)``
-        then continues it), under the store's trust model: ``config`` is your own (the file
-        the run started from); without it the config stored with the trajectory is used
-        only if it names catalog models and no endpoint, credential variable, code or file
-        — or if ``trust_stored`` says you trust whoever can write to the store with those
-        (:meth:`RelayConfig.for_resume`). Trajectories run by ``relaygraph serve`` are
-        rebuilt by :func:`relaygraph.serve.served_relay`."""
-        task = store.load(trajectory_id).task
-        if isinstance(task.config.get("serve"), dict):
-            raise ConfigError(f"trajectory {trajectory_id} was run by relaygraph serve: "
-                              "rebuild its relay with relaygraph.serve.served_relay(id, store, "
-                              "config) (`relaygraph resume ID --config serve.toml`)")
-        cfg = RelayConfig.for_resume(task, trajectory_id, config, trust_stored)
-        return cls.from_config(cfg, store, pool, checkpointer)
+                        config: RelayConfig | str | Path | None = None, trust_stored: bool = False,
+                        **kwargs: Any) -> Relay:
+        """The relay to resume a stored trajectory with, under the trust model (RelayConfig.for_resume)."""
+        cfg = RelayConfig.for_resume(store.load(trajectory_id).task, trajectory_id, config, trust_stored)
+        return cls.from_config(cfg, store, **kwargs)
 
     @classmethod
     def from_models(cls, controller: str | None = None, expert: str | None = None,

@@ -223,8 +223,7 @@ class RedisStore:
         if result == "missing":
             raise self._missing(trajectory_id)
         if result == "taken":
-            # a stored segment never changes: one with the same content (a resumed step's
-            # reproduction, log-probs aside) is the one already there
+            # equal content (a resumed step's reproduction, log-probs aside) is what is stored
             stored = self.read(trajectory_id, seq, seq + 1)
             if stored and stored[0].content() == segment.content():
                 return
