@@ -53,6 +53,7 @@ from relaygraph.errors import ConfigError, validation_message
 from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.policies.base import PolicyConfig
 from relaygraph.policies.registry import parse_policy
+from relaygraph.trajectory.models import Task
 from relaygraph.trajectory.settings import StoreConfig, fold_redis_key
 
 
@@ -166,8 +167,69 @@ class RelayConfig(BaseModel):
         wanted = {*self.policy.required_agents(), *self.fallbacks.values()}
         return [n for n in self.agents if n in wanted]
 
+    def untrusted(self) -> dict[str, Any]:
+        """What this config names that a stored trajectory is not trusted to name, by
+        dotted field (``agents.expert.base_url``): endpoints, credential variable names,
+        code references and file paths — every agent's :meth:`AgentConfig.untrusted` and
+        the policy's :meth:`PolicyConfig.untrusted`. Empty: the store may rebuild it."""
+        named = {f"agents.{name}.{field}": value for name in self.needed_agents()
+                 for field, value in self.agents[name].untrusted().items()}
+        named.update({f"policy.{field}": value
+                      for field, value in self.policy.untrusted().items()})
+        return named
+
+    @classmethod
+    def for_resume(cls, task: Task, trajectory_id: str,
+                   config: RelayConfig | str | Path | None = None,
+                   trust_stored: bool = False) -> RelayConfig:
+        """The config to resume a stored trajectory with (the trust model).
+
+        ``config`` (the user's own, e.g. the file the run started from) is used as given,
+        once its agents are checked against those the trajectory recorded. Without it, the
+        config stored with the trajectory is rebuilt only if it names nothing a store is
+        not trusted with (:meth:`untrusted`: catalog models only; no endpoints, credential
+        variables, code or files), or if ``trust_stored`` confirms it; otherwise a
+        ConfigError lists what it names and how to resume."""
+        stored_data = task.config.get("relay")
+        source = f"trajectory {trajectory_id}"
+        if isinstance(task.config.get("serve"), dict):
+            raise ConfigError(f"{source} was run by relaygraph serve: rebuild its relay with "
+                              "relaygraph.serve.served_relay(id, store, config) (`relaygraph "
+                              "resume ID --config serve.toml`)")
+        if config is not None:
+            chosen = config if isinstance(config, RelayConfig) else cls.load(config)
+            ran = sorted(task.agents)
+            if ran and sorted(chosen.policy.agent_names()) != ran:
+                raise ConfigError(
+                    f"{source} ran with agents {ran} (policy {task.policy}); the config given "
+                    f"has {sorted(chosen.policy.agent_names())} (policy {chosen.policy.type}): "
+                    "resume it with the config it ran with")
+            return chosen
+        if stored_data is None:
+            raise ConfigError(f"{source} was not started from a config (a Relay built in "
+                              f"Python): resume it with `relaygraph resume {trajectory_id} "
+                              "--config relay.toml` naming its agents, or in Python with "
+                              "Relay.resume(id)")
+        stored = cls.parse(stored_data, source=f"the config stored with {source}")
+        named = stored.untrusted()
+        if named and not trust_stored:
+            listed = ", ".join(f"{field} = {shown(value)}" for field, value in named.items())
+            raise ConfigError(
+                f"the config stored with {source} names what a store is not trusted to name "
+                f"(endpoints, credential variables, code, files, models outside the catalog): "
+                f"{listed}; resume it with your own config: `relaygraph resume {trajectory_id} "
+                f"--config relay.toml` (Relay.from_trajectory(id, store, config)), or, if you "
+                f"trust whoever can write to this store with them, add --trust-stored")
+        return stored
+
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A stored value for a message: its repr (control characters escaped), cut short."""
+    text = repr(str(value) if isinstance(value, Path) else value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def read_config_file(path: str | Path) -> Any:

@@ -34,16 +34,9 @@ from relaygraph.config import RelayConfig
 from relaygraph.errors import BackendError, ConfigError, StoreUnavailableError
 from relaygraph.graphs.events import delivered_to, streamed
 from relaygraph.graphs.retry import RetryPolicy
-from relaygraph.trajectory import (
-    Segment,
-    Trajectory,
-    TrajectoryStore,
-    liveness,
-    new_trajectory_id,
-    open_store,
-)
+from relaygraph.trajectory import Segment, Trajectory, TrajectoryStore, liveness, open_store
 from relaygraph.trajectory.answers import extract_answer
-from relaygraph.trajectory.models import active, reasoning_text
+from relaygraph.trajectory.models import active, new_trajectory_id, reasoning_text
 from relaygraph.trajectory.totals import HandoffRecord, tally
 
 if TYPE_CHECKING:
@@ -168,12 +161,21 @@ class Relay:
         Redis, else ``$REDIS_URL``, else the embedded server."""
         if not isinstance(config, RelayConfig):
             config = RelayConfig.load(config)
+        config.policy.check()  # code and files it names, before any model loads
         pool = pool or BackendPool()
         agents = pool.agents(config.agents, config.needed_agents())
         policy = config.policy.build(agents)
         return cls(list(agents.values()), policy,
                    store if store is not None else config.store.open(), config.max_tokens,
                    config=config, fallbacks=config.fallbacks, checkpointer=checkpointer)
+
+    @classmethod
+    def from_trajectory(cls, trajectory_id: str, store: TrajectoryStore,
+                        config: RelayConfig | str | Path | None = None, trust_stored: bool = False,
+                        **kwargs: Any) -> Relay:
+        """The relay to resume a stored trajectory with, under the trust model (RelayConfig.for_resume)."""
+        cfg = RelayConfig.for_resume(store.load(trajectory_id).task, trajectory_id, config, trust_stored)
+        return cls.from_config(cfg, store, **kwargs)
 
     @classmethod
     def from_models(cls, controller: str | None = None, expert: str | None = None,

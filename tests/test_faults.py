@@ -222,7 +222,7 @@ class Crash(BaseException):
     """Stands for the process dying (not an Exception: nothing handles it)."""
 
 
-def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server) -> None:
+def test_cli_resume_rebuilds_the_relay_from_the_stored_config_once_confirmed(dirs, redis_server) -> None:
     from relaygraph.config import RelayConfig
     from tests.test_cli import cli
 
@@ -253,7 +253,7 @@ def test_cli_resume_rebuilds_the_relay_from_the_stored_config(dirs, redis_server
     with pytest.raises(Crash):
         Relay.from_config(cfg, crashing).run(tiny.QUESTION, trajectory_id=tid)
     assert store.length(tid) == 2
-    proc = cli("resume", tid, "--redis", redis_server.url, "--json")
+    proc = cli("resume", tid, "--redis", redis_server.url, "--trust-stored", "--json")  # local model paths: confirmed
     assert proc.returncode == 0, proc.stderr
     assert same(store.read(tid), reference)
     assert '"answer": "7"' in proc.stdout
@@ -340,3 +340,48 @@ def test_a_dead_expert_falls_back_to_the_controller_where_configured(pair, redis
     assert redis_store.status(result.trajectory_id) == "finished"
     with pytest.raises(Exception, match="unknown agents"):
         Relay(dead, CallTokenPolicy(), redis_store, fallbacks={"expert": "ghost"})
+
+
+def test_crash_between_the_two_appends_of_a_call_step_resumes_with_other_numerics(pair, dirs, redis_server) -> None:
+    """The controller's call step is two appends (its head text, then the ``call`` segment);
+    the process dies between them. The resuming process runs the same models in bf16 (other
+    numerics: another GPU, another dtype, a prefill from scratch): it regenerates the same
+    tokens with other log-probs, and its re-append of the stored head is taken as that head."""
+    store = RedisStore.from_url(redis_server.url)
+    reference = store.read(Relay(pair, CallTokenPolicy(), store, max_tokens=40).run(tiny.QUESTION).trajectory_id)
+    assert [s.kind for s in reference[:2]] == ["text", "call"]
+    crashing = RedisStore.from_url(redis_server.url)
+    real_append = crashing.append
+
+    def append(tid: str, seq: int, seg: Segment) -> None:
+        real_append(tid, seq, seg)
+        if seq == 0:
+            raise Crash()
+
+    crashing.append = append  # type: ignore[method-assign]
+    tid = f"mid-call-step-{time.time_ns()}"
+    with pytest.raises(Crash):
+        Relay(pair, CallTokenPolicy(), crashing, max_tokens=40).run(tiny.QUESTION, trajectory_id=tid)
+    head = store.read(tid)
+    assert [s.kind for s in head] == ["text"] and store.status(tid) == "running"
+
+    resuming = RedisStore.from_url(redis_server.url)
+    attempts: list[tuple[int, Segment]] = []
+    real_resume_append = resuming.append
+
+    def recorded(tid_: str, seq: int, seg: Segment) -> None:
+        attempts.append((seq, seg))
+        real_resume_append(tid_, seq, seg)
+
+    resuming.append = recorded  # type: ignore[method-assign]
+    bf16 = [Agent(a.name, TransformersBackend(str(d), dtype="bfloat16"), tiny.SYSTEM_PROMPT)
+            for a, d in zip(pair, dirs)]
+    resumed = Relay(bf16, CallTokenPolicy(), resuming, max_tokens=40).resume(tid)
+
+    again = [seg for seq, seg in attempts if seq == 0]
+    assert again, "the resumed step re-appended its head"
+    assert again[0].content() == head[0].content() and again[0].logprobs != head[0].logprobs
+    segments = store.read(tid)
+    assert segments[0] == head[0]  # the stored head stays, log-probs and all
+    assert same(segments, reference) and resumed.answer == "7"
+    assert store.status(tid) == "finished"

@@ -463,6 +463,6 @@ def test_cli_supervisor_ask_human_asks_at_the_terminal(redis_server) -> None:
     assert proc.returncode == 2 and "relaygraph resume" in proc.stderr and "--answer" in proc.stderr
     tid = proc.stderr.split("trajectory ")[1].split()[0]
     assert RedisStore.from_url(redis_server.url).load(tid).status == "interrupted"
-    proc = cli("resume", tid, "--answer", rollback, "--redis", redis_server.url, "--json", stdin="\n\n")
+    proc = cli("resume", tid, "--answer", rollback, "--redis", redis_server.url, "--trust-stored", "--json", stdin="\n\n")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["answer"] == tiny.SAFE_END

@@ -98,7 +98,8 @@ def test_a_killed_run_shows_interrupted_and_resume_continues_it(tiny_pair, redis
     assert f"`relaygraph resume {tid}` continues it" in shown.stderr
     followed = cli("show", tid, "--follow", "--redis", redis_server.url, env=env, timeout=60)
     assert followed.returncode == 0 and "status interrupted" in " ".join(followed.stdout.split())
-    resumed = cli("resume", tid, "--redis", redis_server.url, "--json", env=env)
+    resumed = cli("resume", tid, "--redis", redis_server.url, "--json", "--trust-stored",
+                  env=env)  # local model folders: confirmed (the store's trust model)
     assert resumed.returncode == 0, resumed.stderr
     assert f"trajectory {tid} is interrupted (its process ({proc.pid}) is gone" in resumed.stderr
     out = json.loads(resumed.stdout)

@@ -84,7 +84,7 @@ def test_cli_run_on_one_cluster_node_then_show_and_resume_through_others(tiny_pa
         Relay.from_config(cfg, crash_after(RedisStore.from_url(node[1]), 1)).run(
             tiny.QUESTION, trajectory_id=crashed)
     assert store.length(crashed) == 2
-    resumed = cli("resume", crashed, "--redis", node[2], "--json")
+    resumed = cli("resume", crashed, "--redis", node[2], "--trust-stored", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["answer"] == "7"
     assert texts(store.read(crashed)) == texts(reference)

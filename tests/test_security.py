@@ -4,8 +4,10 @@ no pickle, secrets kept out of outputs."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,105 @@ def test_the_password_never_reaches_json_output_or_errors(tmp_path, tmp_path_fac
         assert bad.returncode == 2 and "pw-WRONG-43" not in bad.stderr + bad.stdout
     finally:
         server.stop()
+
+
+# --- secrets in store URLs, in every form redis-py accepts, never reach an output -------------
+
+SECRET_FORMS = [
+    "redis://:{s}@127.0.0.1:{port}/0",
+    "redis://alice:{s}@127.0.0.1:{port}/0",
+    "redis://{s}@127.0.0.1:{port}/0",                       # a token as the user name
+    "redis://127.0.0.1:{port}/0?password={s}",
+    "redis://127.0.0.1:{port}/0?pass%77ord={s}",            # percent-encoded option name
+    "redis://127.0.0.1:{port}/0?password={s}#frag",
+    "redis://127.0.0.1:{port}/0?PASSWORD={s}",              # not an option: refused, masked
+    "redis://127.0.0.1:{port}/0?x=1&password={s}",          # an unknown option next to it
+    "unix://{sock}?password={s}",
+    "unix://{sock}?db=0&password={s}",
+    "redis+cluster://:{s}@127.0.0.1:{port},127.0.0.1:{port}",
+    "redis+sentinel://:{s}@127.0.0.1:{port}/svc?sentinel_password={s}",
+]
+WRONG = "WrOng-Pw%21-77"  # percent-encoded: neither the raw nor the decoded form may show
+
+
+@pytest.fixture(scope="module")
+def passworded(tmp_path_factory):
+    from tests.servers import RedisServer
+
+    workdir = tmp_path_factory.mktemp("pw")
+    sock = Path("/tmp") / f"rg-pw-{os.getpid()}.sock"
+    server = RedisServer(workdir, password="Right-Pw-5150",
+                         extra=("--unixsocket", str(sock), "--unixsocketperm", "700")).start()
+    yield server, sock
+    server.stop()
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_no_secret_of_a_store_url_reaches_an_error(form, passworded) -> None:
+    from typer.testing import CliRunner
+
+    from relaygraph.cli import app
+
+    server, sock = passworded
+    url = form.format(s=WRONG, port=server.port, sock=sock)
+    runner = CliRunner()
+    for args in (["show", "abc"], ["show"], ["resume", "abc"], ["run", "q", "--json"],
+                 ["store", "status"], ["store", "prune", "--older-than", "7d"]):
+        res = runner.invoke(app, [*args, "--redis", url])
+        shown = res.output  # stdout and stderr
+        assert res.exit_code == 2 and shown.startswith("error:"), (args, shown)
+        assert "WrOng" not in shown and "Pw!" not in shown, shown
+
+
+def test_no_secret_of_a_tls_store_url_reaches_an_error(passworded) -> None:
+    """TLS to a plain server times out (5 s a try): one try, outside the CLI loop above."""
+    from relaygraph.errors import StoreUnavailableError
+
+    server, _ = passworded
+    url = f"rediss://127.0.0.1:{server.port}/0?ssl_password={WRONG}&password={WRONG}"
+    with pytest.raises(StoreUnavailableError) as caught:
+        RedisStore.from_url(url, retries=0)
+    assert "WrOng" not in str(caught.value) and "Pw!" not in str(caught.value)
+    assert "ssl_password=***" in str(caught.value)
+
+
+def test_refused_credentials_are_reported_at_once(passworded) -> None:
+    from relaygraph.errors import StoreUnavailableError
+
+    server, sock = passworded
+    for url in (f"redis://:{WRONG}@127.0.0.1:{server.port}/0", f"unix://{sock}?password={WRONG}",
+                f"redis+sentinel://127.0.0.1:{server.port}/svc?sentinel_password={WRONG}"):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="refused the credentials"):
+            RedisStore.from_url(url)
+        # a retried connection error waits >= 9 s of backoff; a refusal is final
+        assert time.monotonic() - started < 5, url
+
+
+@pytest.mark.parametrize("form", ["unix://{sock}?password={s}", "redis://127.0.0.1:{port}/0?password={s}"])
+def test_serve_announces_its_store_without_the_password(form, passworded, tiny_pair, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.servers import free_port
+
+    server, sock = passworded
+    config = tmp_path / "serve.toml"
+    config.write_text('[relays.r]\nmax_tokens = 8\n[relays.r.agents.controller]\n'
+                      f'model = "{tiny_pair[0]}"\ndtype = "float32"\n[relays.r.policy]\ntype = "solo"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relaygraph.cli", "serve", "--config", str(config), "--port",
+         str(free_port()), "--redis", form.format(s="Right-Pw-5150", port=server.port, sock=sock)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert lines and lines[-1].startswith("serving "), "".join(lines)
+        assert "Right-Pw" not in "".join(lines)
+        assert "password=***" in lines[-1]
+    finally:
+        proc.kill()
+        proc.wait()

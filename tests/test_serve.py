@@ -308,7 +308,8 @@ def test_malformed_bodies_and_urls(server) -> None:
     huge = httpx.post(url, json={"model": "relay-call-token",
                                  "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
-    chunked = httpx.post(url, content=iter([b"{" + b" " * (1 << 20), b"}"]))  # no length given
+    chunked = httpx.post(url, content=iter([b"{" + b" " * (1 << 20), b"}"]),  # no length given
+                         headers={"content-type": "application/json"})
     assert chunked.status_code == 413
     missing = httpx.post(server.url + "/v1/embeddings", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
@@ -497,7 +498,7 @@ def test_saturation_gives_429_then_503_on_queue_timeout(tiny_pair, store) -> Non
         # once the holder is gone its run is cancelled and the server has room again
         full_speed(registry)
         wait_for(lambda: httpx.get(server.url + "/health").json() | {"relays": None}
-                 == {"status": "ok", "relays": None, "running": 0, "queued": 0,
+                 == {"status": "ok", "store": "ok", "relays": None, "running": 0, "queued": 0,
                      "concurrency": 1, "max_queue": 1})
         done = client.chat.completions.create(model="relay-call-token", messages=ASK)
         assert done.model_extra["relaygraph"]["answer"] == "7"

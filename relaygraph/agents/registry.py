@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,6 +46,27 @@ class AgentConfig(BaseModel):
     """What a million prompt tokens of this agent cost (optional; any currency)."""
     price_per_million_output_tokens: float | None = Field(None, ge=0, allow_inf_nan=False)
     """What a million generated tokens of this agent cost (optional)."""
+
+    trusted_fields: ClassVar[frozenset[str] | None] = None
+    """The backend's fields that name endpoints, credential variables, code or files: a
+    stored trajectory's config is never trusted with them (``relaygraph resume`` wants them
+    from the user's config, or confirmed). None (a plugin that does not say): every field
+    the backend adds."""
+
+    def untrusted(self) -> dict[str, Any]:
+        """What this config names that a stored trajectory may not: the set
+        :attr:`trusted_fields`, and the model unless it is a catalog name (a path or a hub
+        id is a place to load from). Empty: the store may rebuild this agent as it is."""
+        from relaygraph.agents.catalog import CATALOG
+
+        fields = self.trusted_fields
+        if fields is None:
+            fields = frozenset(type(self).model_fields) - frozenset(AgentConfig.model_fields)
+        named = {f: getattr(self, f) for f in sorted(fields)
+                 if getattr(self, f, None) not in (None, "", {}, [], ())}
+        if self.model not in CATALOG:
+            named = {"model": self.model, **named}
+        return named
 
     def key(self) -> tuple[Any, ...]:
         """Agents whose configs have equal keys share one backend (one copy of the weights,

@@ -5,6 +5,7 @@ credentials), their errors, and the config fields of a server (``base_url``,
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import model_validator
@@ -57,6 +58,8 @@ class RemoteConfig(AgentConfig):
 
     base_url: str
     api_key_env: str | None = None
+    trusted_fields: ClassVar[frozenset[str]] = frozenset({"base_url", "api_key_env", "tokenizer"})
+    """Where requests go, which variable's value they carry, where a tokenizer loads from."""
 
     @model_validator(mode="after")
     def _no_credentials(self) -> RemoteConfig:

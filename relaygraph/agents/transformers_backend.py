@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.batching import Batcher
@@ -249,6 +249,7 @@ class TransformersConfig(AgentConfig):
     backend: Literal["transformers"] = "transformers"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: str = "cpu"
+    trusted_fields: ClassVar[frozenset[str]] = frozenset()  # the model is checked by itself
 
     def key(self) -> tuple[Any, ...]:
         return ("transformers", self.model, self.dtype, self.device)

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Generator, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
 from relaygraph.agents.decoding import Sample, engine_finish, entropy_from_top, follow, token_limit
@@ -221,6 +221,8 @@ class VLLMConfig(AgentConfig):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     tokenizer: str | None = None
     engine_args: dict[str, Any] = {}
+    trusted_fields: ClassVar[frozenset[str]] = frozenset({"tokenizer", "engine_args"})
+    """``engine_args`` may name paths, download folders or ``trust_remote_code``."""
 
     def key(self) -> tuple[Any, ...]:
         return ("vllm", self.model, self.dtype, self.tokenizer,

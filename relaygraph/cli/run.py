@@ -120,6 +120,8 @@ def ask_person(result: Any) -> str:
 @friendly
 def resume(
     trajectory_id: Annotated[str, typer.Argument(metavar="TRAJECTORY_ID", help="Id of the interrupted run.")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The config the run started from (a relay config; for a served trajectory the serve config naming its relay). Without it, only a stored config that names catalog models and no endpoint, credential variable, code or file is used.")] = None,
+    trust_stored: Annotated[bool, typer.Option("--trust-stored", help="Use the config stored with the trajectory even where it names endpoints, credential variables, code, files or models outside the catalog (only if you trust whoever can write to the store).")] = False,
     redis: Redis = None,
     namespace: Namespace = None,
     answer: Annotated[str | None, typer.Option("--answer", help="A run waiting for a person: the answer to what it asked (e.g. continue, rollback, 'steer: TEXT', stop); later questions are asked at the terminal.")] = None,
@@ -145,21 +147,19 @@ def resume(
     if status == "running":
         raise ConfigError(f"trajectory {trajectory_id} is running now ({stored.info.get('holder') or 'another process'}); "
                           f"watch it with `relaygraph show {trajectory_id} --follow`, or resume it once it has stopped")
-    if "serve" in task.config and "relay" not in task.config:
-        raise ConfigError(f"trajectory {trajectory_id} was served by relaygraph serve (relay "
-                          f"{task.config['serve'].get('model')!r}); resume it through any "
-                          f"replica: POST /v1/trajectories/{trajectory_id}/resume")
-    if "relay" not in task.config:
-        raise ConfigError(f"trajectory {trajectory_id} was not started from a config (a Relay "
-                          "built in Python); resume it in Python with Relay.resume(id)")
+    served = isinstance(task.config.get("serve"), dict)
+    # the trust model: a stored config only where it names nothing a store is not trusted with
+    cfg = None if served else RelayConfig.for_resume(task, trajectory_id, config, trust_stored)
     _, done = tally(stored.segments, list(task.agents))
     why = (stopped_because(stored.info) if stored.status == "running"
            else stored.info.get("error") or stored.info.get("cancel_reason") or "")
     say(f"trajectory {trajectory_id} is {status}" + (f" ({why})" if why else "")
         + f"; continuing from its last completed step ({done} of {len(stored.segments)} segments)")
-    cfg = RelayConfig.parse(task.config["relay"], source=f"trajectory {trajectory_id}")
-    ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
-    relay = _load(cfg, store)
+    if cfg is None:
+        relay = served_relay(trajectory_id, store, config, trust_stored)
+    else:
+        ensure_pulled(*(cfg.agents[name].local_model for name in cfg.needed_agents()))
+        relay = _load(cfg, store)
     if as_json:
         result = answer_humans(relay, relay.resume(trajectory_id, answer))
     else:
@@ -209,3 +209,19 @@ def _print_result(result: Any, store: Any, as_json: bool) -> None:
                         f"{rate}"))
     out.print(f"trajectory {result.trajectory_id} — `relaygraph show {result.trajectory_id}`",
               style="dim")
+
+
+def served_relay(trajectory_id: str, store: Any, config: Path | None, trust_stored: bool) -> Any:
+    """The relay of a trajectory ``relaygraph serve`` ran, its models pulled and loaded."""
+    try:
+        from relaygraph.serve.registry import served_relay as rebuild
+    except ImportError as exc:
+        raise ConfigError(f"resuming a served trajectory needs the serve extra ({exc.name} is "
+                          "missing): pip install 'relaygraph[serve]'") from None
+
+    def build(agent: Any) -> Any:
+        ensure_pulled(agent.local_model)
+        return agent.build()
+
+    with err.status("loading models…"):
+        return rebuild(trajectory_id, store, config, trust_stored, backend_factory=build)

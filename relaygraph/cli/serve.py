@@ -25,6 +25,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a worker; more get a 429.")] = 64,
     queue_timeout: Annotated[float, typer.Option(min=0.0, help="Seconds a request may wait for a worker before a 503 (0: no limit).")] = 60.0,
     max_request_bytes: Annotated[int, typer.Option(min=1, help="Largest request body; larger get a 413.")] = 1 << 20,
+    allowed_host: Annotated[list[str] | None, typer.Option("--allowed-host", help="A name clients may use for this server besides its address (the Host header; pages there may call it). Repeat for more; '*' for any (behind a proxy that checks Host).")] = None,
+    forwarded_allow_ips: Annotated[str | None, typer.Option("--forwarded-allow-ips", help="Proxies whose X-Forwarded-For/-Proto headers are believed (comma-separated addresses, '*': any). Default: none, the access log shows the connecting address.")] = None,
     trace: Annotated[str | None, typer.Option("--trace", help="OpenTelemetry traces to: console | otlp | none | an OTLP URL (default: the OTEL_* variables). One trace per request.")] = None,
     trace_content: Annotated[bool, typer.Option("--trace-content", help="Record questions and generated text in spans (off by default).")] = False,
 ) -> None:
@@ -47,6 +49,7 @@ def serve(
                   "RELAYGRAPH_API_KEY to require one")
     settings = ServeSettings(api_key=api_key or None, concurrency=concurrency,
                              max_queue=max_queue, queue_timeout=queue_timeout,
-                             max_request_bytes=max_request_bytes)
+                             max_request_bytes=max_request_bytes,
+                             allowed_hosts=tuple(allowed_host or ()))
     run_server(cfg, host, port, redis, settings, announce=err.print, namespace=namespace,
-               ttl=ttl)
+               ttl=ttl, forwarded_allow_ips=forwarded_allow_ips)

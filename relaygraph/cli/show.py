@@ -21,6 +21,7 @@ def show(
     html: Annotated[Path | None, typer.Option("--html", help="Write one self-contained HTML page of the trajectory to this file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: what `relaygraph run --json` printed for it (its status, if it has not finished).")] = False,
     limit: Annotated[int, typer.Option(min=1, help="How many recent trajectories to list.")] = 20,
+    trust_stored: Annotated[bool, typer.Option("--trust-stored", help="--html: load tokenizers from the local folders the trajectory names (default: catalog models only), for per-token shading.")] = False,
 ) -> None:
     """Render a stored trajectory coloured by author, with handoff markers (or list recent ones)."""
     from relaygraph.trajectory import check_trajectory_id
@@ -55,7 +56,7 @@ def show(
         from relaygraph.viewer.html import write_html
 
         try:
-            path = write_html(trajectory, html, status=status)
+            path = write_html(trajectory, html, status=status, trust_stored=trust_stored)
         except OSError as exc:
             raise ConfigError(f"cannot write {html}: {exc.strerror or exc}") from None
         out.print(f"wrote {path} — open it in a browser", soft_wrap=True)

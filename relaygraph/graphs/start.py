@@ -33,6 +33,8 @@ from langchain_core.messages import HumanMessage
 from langgraph.types import Command
 
 from relaygraph.agents.agent import Agent
+from relaygraph.agents.backend import Prompt, capabilities
+from relaygraph.agents.decoding import ContextTooLongError
 from relaygraph.errors import ConfigError
 from relaygraph.graphs.chat import conversation, messages_of, transcript
 from relaygraph.graphs.retry import RetryPolicy
@@ -94,9 +96,12 @@ def start_node(policy: Policy, agents: Mapping[str, Agent], store: TrajectorySto
                     "retry": retry_config,
                     **({"asked": question} if prompt != question else {}), **task_config},
         )
+        fresh_run = not store.exists(tid)
+        if fresh_run:  # nothing is stored for a question no agent could start on
+            check_fits(agents, names, prompt)
         traceparent = tracing.begin_run(tid, policy.name, prompt)
         try:
-            if not store.exists(tid):
+            if fresh_run:
                 store.create(tid, task)
             # this process runs it now: a heartbeat until it finishes (liveness)
             store.set_status(tid, "running", **({"traceparent": traceparent} if traceparent
@@ -151,3 +156,18 @@ def _question(state: RelayState) -> tuple[str, list[tuple[str, str]], bool]:
 def _given(segment: Segment) -> Segment:
     """A segment of the run's given prefix, marked so a resumed run finds where it ends."""
     return segment.model_copy(update={"meta": {**segment.meta, "given": True}})
+
+
+def check_fits(agents: Mapping[str, Agent], names: list[str], question: str) -> None:
+    """Raise :class:`ContextTooLongError` when the question's prompt alone fills an agent's
+    context window (agents whose backends render token ids and know their window)."""
+    for name in names:
+        backend = agents[name].backend
+        limit = getattr(backend, "max_context", None)
+        if not isinstance(limit, int) or not capabilities(backend).token_ids:
+            continue
+        n = len(backend.render(Prompt(question, agents[name].system_prompt)))
+        if n >= limit:
+            raise ContextTooLongError(
+                f"the question's prompt ({n} tokens) does not fit {backend.model_id}'s context "
+                f"of {limit} tokens (agent {name!r}); shorten the question")

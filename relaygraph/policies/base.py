@@ -163,10 +163,21 @@ class PolicyConfig(BaseModel):
     """Fields that name code to import or files to read: taken only from the user's own
     config or arguments, never from a served request or a stored trajectory."""
 
+    def untrusted(self) -> dict[str, Any]:
+        """The :attr:`trusted_fields` this config sets (what a stored trajectory's config
+        may not name); empty when the store may rebuild the policy as it is."""
+        return {f: getattr(self, f) for f in sorted(self.trusted_fields)
+                if getattr(self, f, None) is not None}
+
     def needs(self, agent: str) -> Capabilities:
         """What this policy needs of ``agent``'s backend beyond text (checked before a run
         starts, so a hosted model without log-probs fails up front): nothing by default."""
         return NOTHING
+
+    def check(self) -> None:
+        """Resolve and type-check what the :attr:`trusted_fields` name (code, files) before
+        any model loads or anything is stored (a ``ConfigError`` if unusable); called on the
+        user's own config only. Nothing to check by default."""
 
     def build(self, agents: Mapping[str, Agent]) -> Policy:
         """The policy to run with these loaded agents (itself, for most policies)."""

@@ -12,7 +12,7 @@ import json
 import random
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -73,6 +73,14 @@ class PerfectRouter(_QueryRouter):
     type: Literal["perfect-router"] = "perfect-router"
     solo_results: Path | Mapping[str, bool]
     trusted_fields: ClassVar[frozenset[str]] = frozenset({"solo_results"})
+
+    def untrusted(self) -> dict[str, Any]:
+        """A file to read (results given inline are data)."""
+        return {"solo_results": str(self.solo_results)} if isinstance(self.solo_results, Path) else {}
+
+    def check(self) -> None:
+        if isinstance(self.solo_results, Path):
+            load_solo_results(self.solo_results)
 
     def build(self, agents: Mapping[str, Agent]) -> PerfectRouter:
         if isinstance(self.solo_results, Path):

@@ -20,6 +20,7 @@ A supervisor is any callable ``(Review) -> Verdict | None`` (None means continue
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -111,6 +112,14 @@ class SupervisorPolicy(PolicyConfig):
     def _dump_supervisor(self, spec: Any) -> str:
         return spec if isinstance(spec, str) else f"python:{getattr(spec, '__qualname__', spec)}"
 
+    def untrusted(self) -> dict[str, Any]:
+        """A ``module:function`` (code to import) or a Python callable; ``judge:AGENT``,
+        ``score:AGENT`` and ``ask:human`` name no code."""
+        if isinstance(self.supervisor, str) and self.supervisor.partition(":")[0] in (
+                "judge", "score", "ask"):
+            return {}
+        return {"supervisor": self._dump_supervisor(self.supervisor)}
+
     def _model_agent(self) -> str | None:
         if isinstance(self.supervisor, str):
             kind, _, agent = self.supervisor.partition(":")
@@ -124,6 +133,11 @@ class SupervisorPolicy(PolicyConfig):
     def required_agents(self) -> list[str]:
         judge = self._model_agent()
         return [*self.workers, *([judge] if judge and judge not in self.workers else [])]
+
+    def check(self) -> None:
+        if isinstance(self.supervisor, str) and self.supervisor.partition(":")[0] not in (
+                "judge", "score", "ask"):
+            load_supervisor(self.supervisor)
 
     def build(self, agents: Mapping[str, Agent]) -> SupervisorPolicy:
         """Resolve a ``judge:``/``score:``/``module:function`` supervisor into a callable."""
@@ -146,7 +160,11 @@ class SupervisorPolicy(PolicyConfig):
         if isinstance(self.supervisor, str):
             raise ConfigError("the supervisor policy must be built (Relay.from_config does it) "
                               "before it runs")
-        return self.supervisor(review)
+        verdict = self.supervisor(review)
+        if verdict is not None and not isinstance(verdict, Verdict):
+            raise ConfigError(f"the supervisor returned {type(verdict).__name__}; a supervisor "
+                              "returns a Verdict or None")
+        return verdict
 
     def first_turn(self, ctx: TurnContext) -> tuple[str, int]:
         return self.workers[0], min(self.chunk_tokens, ctx.remaining)
@@ -235,7 +253,30 @@ def load_supervisor(spec: str) -> Supervisor:
         raise ConfigError(f"cannot load supervisor {spec!r}: {exc}") from None
     if not callable(target):
         raise ConfigError(f"supervisor {spec!r} is not callable")
+    if inspect.isbuiltin(target) or getattr(target, "__module__", None) != module_name:
+        # os:system, builtins:exec, a function imported into the module from elsewhere
+        raise ConfigError(f"supervisor {spec!r} is not a function defined in {module_name!r}; "
+                          "name the module that defines your supervisor")
+    if not _takes(target, 1):
+        if not _takes(target, 0):
+            raise ConfigError(f"supervisor {spec!r} must take one argument (the Review) or, "
+                              "as a factory, none")
+        target = target()  # a factory
+        if not callable(target) or not _takes(target, 1):
+            raise ConfigError(f"supervisor factory {spec!r} must return a callable taking "
+                              "one argument (the Review)")
     return target
+
+
+def _takes(target: Callable[..., Any], n: int) -> bool:
+    """Whether ``target`` can be called with ``n`` positional arguments."""
+    try:
+        inspect.signature(target).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read: assume so
+        return True
+    return True
 
 
 # --- a person in the loop -------------------------------------------------------------------

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relaygraph.serve import agentic
 from relaygraph.serve.exchange import Answer, Ask, Run, card, log_run, outcome, response, sse
+from relaygraph.serve.guard import HostGuard
 from relaygraph.serve.registry import Registry, ServedRelay
 from relaygraph.serve.requests import chat_question, parse, read_json
 from relaygraph.serve.runner import (
@@ -51,6 +52,7 @@ from relaygraph.trajectory.store import SharedStore
 
 log = logging.getLogger("relaygraph.serve")
 TRAJECTORY_HEADER = "X-Relaygraph-Trajectory-Id"
+HEALTH_TIMEOUT = 2.0
 
 
 @dataclass
@@ -67,6 +69,9 @@ class ServeSettings:
     """Seconds a request may wait for a worker before it gets a 503 (0: no limit)."""
     max_request_bytes: int = 1 << 20
     """Largest request body; larger ones get a 413."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Names besides the server's own address that requests may give as ``Host`` (and
+    pages on them as ``Origin``); ``*``: any ``Host`` (behind a proxy that checks it)."""
     heartbeat: float = 1.0
     """Seconds between heartbeats: this server marks the trajectories it runs as held (and
     refreshes their TTL) and picks up cancellations requested through other replicas."""
@@ -96,6 +101,7 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
 
     app = FastAPI(title="relaygraph", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.add_middleware(HostGuard, allowed_hosts=settings.allowed_hosts)
     app.state.registry = registry
     app.state.scheduler = scheduler
     app.state.settings = settings
@@ -134,8 +140,20 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "relays": list(registry.relays), **scheduler.stats()}
+    async def health() -> JSONResponse:
+        """``ok`` only when the store answers (in 2 s): a server without its store cannot run
+        or show anything, so a load balancer should take it out (503)."""
+        store = "ok"
+        try:
+            if registry.store is None:
+                raise LookupError("no store")
+            await asyncio.wait_for(asyncio.to_thread(registry.store.exists, "health-check"),
+                                   HEALTH_TIMEOUT)
+        except Exception:  # noqa: BLE001 - any failure to answer is "unavailable"
+            store = "unavailable"
+        body = {"status": "ok" if store == "ok" else "unavailable", "store": store,
+                "relays": list(registry.relays), **scheduler.stats()}
+        return JSONResponse(body, status_code=200 if store == "ok" else 503)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -238,12 +256,6 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
             relay = entry.variant(max_tokens=req.budget, temperature=req.temperature,
                                   top_p=req.top_p, seed=req.seed, system=system,
                                   policy=req.relaygraph.policy, tools=tools)
-        prompt_tokens, room = await asyncio.to_thread(entry.prompt_tokens, relay, question)
-        if room is not None and room < 1:
-            raise APIError(400, f"The prompt ({prompt_tokens} tokens) does not fit the "
-                           "context window of this relay's models; shorten it",
-                           param="messages" if kind == "chat" else "prompt",
-                           code="context_length_exceeded")
         tid = trajectory_id or new_trajectory_id()
         handle = RunHandle(asyncio.get_running_loop(), stream=req.stream, trajectory_id=tid)
         parent = trace_parent(request)
@@ -256,7 +268,15 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
             return _answer(entry, relay, ask, question, result, segments)
 
         try:
-            scheduler.submit(handle, work)
+            with scheduler.admission():  # admitted before its prompt is tokenized
+                prompt_tokens, room = await asyncio.to_thread(entry.prompt_tokens, relay,
+                                                              question)
+                if room is not None and room < 1:
+                    raise APIError(400, f"The prompt ({prompt_tokens} tokens) does not fit the "
+                                   "context window of this relay's models; shorten it",
+                                   param="messages" if kind == "chat" else "prompt",
+                                   code="context_length_exceeded")
+                scheduler.submit(handle, work, admitted=True)
         except ServerBusy:
             stats = scheduler.stats()
             raise APIError(429, f"relaygraph is at capacity ({stats['running']} runs, "

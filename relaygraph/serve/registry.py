@@ -25,6 +25,7 @@ across all relays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import threading
@@ -173,6 +174,22 @@ class Variant:
     """Tool instructions appended to every agent's system prompt."""
 
 
+class StoredVariant(BaseModel):
+    """A served trajectory's recorded request changes (:class:`Variant`), validated as they
+    are read back from the store: data only (policy overrides are checked again against
+    the policy, and its trusted fields refused, by :meth:`ServedRelay.variant`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    system: str | None = None
+    policy: dict[str, Any] | None = None
+    tools: str | None = None
+
+
 class ServedRelay:
     """One named relay: its config, its agents (on shared backends), and its variants."""
 
@@ -201,8 +218,15 @@ class ServedRelay:
     def record(self, variant: dict[str, Any]) -> dict[str, Any]:
         """What a trajectory records of the relay that ran it, so any replica serving the
         same relay can resume it: the relay's name and the request's changes (validated
-        again, as a request's would be, when they are read back)."""
-        return {"serve": {"model": self.name, "variant": variant}}
+        again, as a request's would be, when they are read back); and the relay's config,
+        so ``relaygraph resume`` can rebuild it under the store's trust model
+        (:func:`served_relay`)."""
+        return {"serve": {"model": self.name, "variant": variant,
+                          "relay": self._recorded}}
+
+    @functools.cached_property
+    def _recorded(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json", exclude={"store"})
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.config.policy.type, "description": self.config.description,
@@ -330,20 +354,20 @@ class Registry:
 
     def for_trajectory(self, config: dict[str, Any], trajectory_id: str) -> Relay:
         """The relay (and request variant) that ran a served trajectory, from what it
-        recorded (:meth:`ServedRelay.record`): a 400 if it was not served, a 404 if this
-        server does not serve that relay."""
+        recorded (:meth:`ServedRelay.record`): a 400 if it was not served or records a
+        request this server would refuse, a 404 if this server does not serve that relay."""
         served = config.get("serve")
         if not isinstance(served, dict) or not isinstance(served.get("model"), str):
             raise bad_request(f"trajectory {trajectory_id} was not run by relaygraph serve; "
                               f"resume it with `relaygraph resume {trajectory_id}`", None,
                               "not_served")
         entry = self.get(served["model"])
-        variant = served.get("variant") or {}
-        if not isinstance(variant, dict) or set(variant) - {f.name for f in
-                                                           dataclasses.fields(Variant)}:
+        try:
+            variant = StoredVariant.model_validate(served.get("variant") or {})
+        except ValidationError:
             raise bad_request(f"trajectory {trajectory_id} records a request this server "
-                              "cannot repeat", None, "invalid_value")
-        return entry.variant(**variant)
+                              "cannot repeat", None, "invalid_value") from None
+        return entry.variant(**variant.model_dump(exclude_none=True))
 
     def get(self, model: str) -> ServedRelay:
         relay = self.relays.get(model)
@@ -353,3 +377,43 @@ class Registry:
                            "model", "model_not_found")
         return relay
 
+
+
+def served_relay(trajectory_id: str, store: TrajectoryStore,
+                 config: ServeConfig | RelayConfig | str | Path | None = None,
+                 trust_stored: bool = False,
+                 backend_factory: Callable[[AgentConfig], Backend] | None = None) -> Relay:
+    """The relay (with its request's changes) that ran a trajectory of ``relaygraph
+    serve``, rebuilt to resume it (``.resume(trajectory_id)``), under the store's trust
+    model (:meth:`RelayConfig.for_resume`): ``config`` is your serve config (the relay of
+    the recorded name is loaded, nothing else) or that relay's own config; without it the
+    relay config the server recorded is used only if it names catalog models and no
+    endpoint, credential variable, code or file — or if ``trust_stored`` confirms it."""
+    task = store.load(trajectory_id).task
+    served = task.config.get("serve")
+    if not isinstance(served, dict) or not isinstance(served.get("model"), str):
+        raise ConfigError(f"trajectory {trajectory_id} was not run by relaygraph serve; "
+                          "Relay.from_trajectory(id, store) rebuilds its relay")
+    name = served["model"]
+    if config is not None and not isinstance(config, (ServeConfig, RelayConfig)):
+        config = ServeConfig.load(config)
+    given: ServedRelayConfig | None = None
+    if isinstance(config, ServeConfig):
+        if name not in config.relays:
+            raise ConfigError(f"trajectory {trajectory_id} was served by relay {name!r}; the "
+                              f"serve config given has {sorted(config.relays)}")
+        given = config.relays[name]
+    elif isinstance(config, ServedRelayConfig):
+        given = config
+    elif isinstance(config, RelayConfig):
+        given = validate(ServedRelayConfig, config.model_dump(mode="json", exclude={"store"}),
+                         f"relay {name}")
+    recorded = {"relay": served["relay"]} if isinstance(served.get("relay"), dict) else {}
+    relay_config = ServedRelayConfig.for_resume(task.model_copy(update={"config": recorded}),
+                                                trajectory_id, given, trust_stored)
+    assert isinstance(relay_config, ServedRelayConfig)
+    registry = Registry.build(ServeConfig(relays={name: relay_config}), store, backend_factory)
+    try:
+        return registry.for_trajectory(task.config, trajectory_id)
+    except APIError as exc:
+        raise ConfigError(f"trajectory {trajectory_id}: {exc.message}") from None

@@ -18,10 +18,25 @@ from relaygraph.serve.schemas import (
     validation_error,
 )
 
+MAX_DEPTH = 64
+"""Deepest nesting of arrays and objects a request body may have (OpenAI's requests need
+about six levels; deeper ones are refused before a validator recurses into them)."""
+
+
+_TOO_DEEP = object()
+
 
 async def read_json(request: Request, limit: int, optional: bool = False) -> dict[str, Any]:
+    """The body as a JSON object: ``Content-Type: application/json`` (a browser can send a
+    text/plain or form body to any site without a preflight: those are refused), at most
+    ``limit`` bytes and :data:`MAX_DEPTH` levels deep. ``optional``: an empty body is ``{}``."""
     too_large = APIError(413, f"The request body is larger than this server's limit of {limit} "
                          "bytes", code="request_too_large")
+    not_json = APIError(415, "Send the request body as JSON with 'Content-Type: "
+                        "application/json'", code="unsupported_media_type")
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media and media != "application/json":
+        raise not_json
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_large
@@ -32,14 +47,39 @@ async def read_json(request: Request, limit: int, optional: bool = False) -> dic
             raise too_large
     if optional and not body.strip():
         return {}
+    if not media:
+        raise not_json
     try:
         data = json.loads(body)
+    except RecursionError:  # deeper than the interpreter's recursion limit
+        data = _TOO_DEEP
     except ValueError:
         raise bad_request("We could not parse the JSON body of your request; send a JSON "
                           "object (Content-Type: application/json)", None, "invalid_json") from None
+    if data is _TOO_DEEP or _depth(data) > MAX_DEPTH:
+        raise bad_request(f"The JSON body is nested more than {MAX_DEPTH} levels deep",
+                          None, "invalid_json")
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object", None, "invalid_json")
     return data
+
+
+def _depth(data: Any) -> int:
+    """How deep arrays and objects nest in ``data`` (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def parse(model: type[BaseModel], data: dict[str, Any]) -> Any:

@@ -22,8 +22,9 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 from relaygraph.agents.backend import Backend
@@ -103,6 +104,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._admitted: set[RunHandle] = set()
         self._running = 0
+        self._reserved = 0
         self.closing = False
         """Set when the server begins to shut down: no new runs; a request that ends now
         cancels its run for that reason rather than for a client disconnect."""
@@ -119,17 +121,37 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         with self._lock:
             running = self._running
-            return {"running": running, "queued": len(self._admitted) - running,
+            return {"running": running,
+                    "queued": len(self._admitted) + self._reserved - running,
                     "concurrency": self.concurrency, "max_queue": self.max_queue}
 
-    def submit(self, handle: RunHandle, work: Callable[[], Any]) -> Future[Any]:
-        """Queue ``work`` for ``handle``, or raise :class:`ServerBusy` or
+    @contextmanager
+    def admission(self) -> Iterator[None]:
+        """A place among the admitted requests, held while a request is prepared (its prompt
+        tokenized) and then passed to :meth:`submit` inside the block: the work of requests
+        beyond the capacity is never done. Raises :class:`ServerBusy` or
         :class:`ServerClosing`."""
         with self._lock:
-            if self.closing:
-                raise ServerClosing()
-            if len(self._admitted) >= self.capacity:
-                raise ServerBusy()
+            self._check()
+            self._reserved += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= 1
+
+    def _check(self, reserved: int = 0) -> None:
+        if self.closing:
+            raise ServerClosing()
+        if len(self._admitted) + self._reserved - reserved >= self.capacity:
+            raise ServerBusy()
+
+    def submit(self, handle: RunHandle, work: Callable[[], Any],
+               admitted: bool = False) -> Future[Any]:
+        """Queue ``work`` for ``handle``, or raise :class:`ServerBusy` or
+        :class:`ServerClosing`; ``admitted``: inside an :meth:`admission` block (its place)."""
+        with self._lock:
+            self._check(1 if admitted else 0)
             self._admitted.add(handle)
 
         def job() -> Any:

@@ -23,9 +23,13 @@ config's ``[store] ttl`` or ``--ttl`` says otherwise (``none``: kept until prune
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
           redis: str | None = None, settings: ServeSettings | None = None,
           announce: Callable[[str], None] = print, log_level: str = "info",
-          namespace: str | None = None, ttl: str | float | None = None) -> None:
+          namespace: str | None = None, ttl: str | float | None = None,
+          forwarded_allow_ips: str | None = None) -> None:
     """Load every relay's models, then serve until interrupted (Ctrl-C / SIGTERM).
-    ``redis``, ``namespace`` and ``ttl`` override the config's ``[store]``."""
+    ``redis``, ``namespace`` and ``ttl`` override the config's ``[store]``.
+    ``forwarded_allow_ips``: proxies (comma-separated addresses, ``*``: any) whose
+    ``X-Forwarded-For``/``-Proto`` are believed; without it the access log shows the
+    connecting address, whatever a client's headers say."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
@@ -51,7 +55,9 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
              f"{settings.max_queue} queued")
     server_config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                    log_config=log_config, timeout_graceful_shutdown=5,
-                            server_header=False, lifespan="on")
+                                   server_header=False, lifespan="on",
+                                   proxy_headers=forwarded_allow_ips is not None,
+                                   forwarded_allow_ips=forwarded_allow_ips)
     try:
         _server_class()(server_config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a normal stop
@@ -115,7 +121,7 @@ class BackgroundServer:
         self.app = app
         self.host = host
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,
-                                lifespan="on",
+                                lifespan="on", proxy_headers=False,
                                 timeout_graceful_shutdown=int(graceful_timeout))
         self._server = _server_class()(config)
         self._thread = threading.Thread(target=self._server.run, name="relaygraph-serve",

@@ -89,6 +89,30 @@ class StoreConformance:
         assert info.value.seq == 0
         assert store.read(tid) == [_seg("a", "first")]
 
+    def test_reappend_of_equal_content_keeps_the_stored_segment(self, store: TrajectoryStore) -> None:
+        """A resumed step prefills from scratch: same tokens, log-probs off in the last bits."""
+        tid = _new(store)
+        head = _seg("a", "so 7", token_ids=[5, 6], logprobs=[-0.5, -0.25])
+        call = _seg("a", " <call>", kind="call", token_ids=[9], logprobs=[-0.125],
+                    meta={"command": [1, 7], "step": {"author": "a", "to": "b", "confidence": 0.5}})
+        store.append(tid, 0, head)
+        store.append(tid, 1, call)
+        store.append(tid, 0, head.model_copy(update={"logprobs": [-0.58, -0.2]}))
+        store.append(tid, 1, call.model_copy(update={"logprobs": [-0.1], "meta": {
+            "command": [1, 7], "step": {"author": "a", "to": "b", "confidence": 0.49}}}))
+        assert store.read(tid) == [head, call]  # the stored segments stay, log-probs and all
+
+    def test_reappend_of_other_content_conflicts(self, store: TrajectoryStore) -> None:
+        tid = _new(store)
+        head = _seg("a", "so 7", token_ids=[5, 6], kind="call", meta={"command": [1, 4]})
+        store.append(tid, 0, head)
+        for changed in ({"author": "b"}, {"kind": "text"}, {"text": "so 8"},
+                        {"token_ids": [5, 7]}, {"meta": {"command": [0, 4]}},
+                        {"meta": {"command": [1, 4], "step": {"author": "a", "to": "b"}}}):
+            with pytest.raises(PositionConflictError):
+                store.append(tid, 0, head.model_copy(update=changed))
+        assert store.read(tid) == [head]
+
     def test_append_past_the_end_fails(self, store: TrajectoryStore) -> None:
         tid = _new(store)
         with pytest.raises(PositionConflictError):

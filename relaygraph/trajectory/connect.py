@@ -21,6 +21,7 @@ operator can hand relaygraph any node's address.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
@@ -61,9 +62,9 @@ def redact_url(url: str) -> str:
             end = min(end, pos)
     netloc, tail = rest[:end], rest[end:]
     userinfo, at, hosts = netloc.rpartition("@")
-    if at:
+    if at:  # user:password@, or a lone name@ (some services put a token there): both masked
         user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hosts}" if colon else f"{user}@{hosts}"
+        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
     path, qmark, query = tail.partition("?")
     if qmark:
         query, hash_, fragment = query.partition("#")
@@ -108,6 +109,37 @@ def _hosts(url: str, netloc: str, default_port: int) -> list[tuple[str, int]]:
     return hosts
 
 
+@functools.cache
+def _connection_options() -> frozenset[str]:
+    """The query options redis-py accepts: its connection pool's, connections' and Cluster
+    client's arguments (anything else reaches a connection as an unexpected keyword, at
+    the first command: an internal error instead of a message)."""
+    import inspect
+
+    from redis.connection import (
+        AbstractConnection,
+        Connection,
+        ConnectionPool,
+        SSLConnection,
+        UnixDomainSocketConnection,
+    )
+
+    names = {"sentinel_username", "sentinel_password", "service_name"}
+    for cls in (ConnectionPool, AbstractConnection, Connection, SSLConnection,
+                UnixDomainSocketConnection, RedisCluster):
+        names.update(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                     if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY)
+    return frozenset(names - {"self"})
+
+
+def _check_options(url: str, query: str) -> None:
+    unknown = sorted({k for k, _ in parse_qsl(query, keep_blank_values=True)}
+                     - _connection_options())
+    if unknown:
+        raise _bad(url, f"unknown option {', '.join(map(repr, unknown))} (options are redis-py's connection "
+                        "arguments, in lower case: password, ssl_ca_certs, socket_timeout, ...)")
+
+
 def parse_target(url: str) -> Target:
     """Read a store URL (see the module docstring); a :class:`StoreUnavailableError` naming
     the problem (with the password masked) if it is not one."""
@@ -115,6 +147,7 @@ def parse_target(url: str) -> Target:
     scheme = scheme.lower()
     if not sep or scheme not in SCHEMES:
         raise _bad(url, f"unknown scheme {scheme + '://' if sep else '(none)'}")
+    _check_options(url, rest.partition("?")[2].partition("#")[0])
     if scheme in ("redis", "rediss", "unix"):
         return Target("single", scheme, node_url=url)
     tls = scheme.startswith("rediss")
@@ -177,11 +210,19 @@ class ReportingRetry(Retry):
                 except Exception:  # noqa: BLE001 - a report never breaks a command
                     pass
 
-        return super().call_with_retry(do, failed, is_retryable, with_failure_count=True)
+        def retryable(error: Exception) -> bool:
+            # AuthenticationError is a ConnectionError to redis-py, but a refused password
+            # does not get better with time: reported at once
+            if isinstance(error, redis.AuthenticationError):
+                return False
+            return is_retryable(error) if is_retryable is not None else True
+
+        return super().call_with_retry(do, failed, retryable, with_failure_count=True)
 
 
 def default_retry(retries: int, on_retry: OnRetry | None = None) -> Retry:
-    """Exponential backoff 0.1 s doubling to 2 s: about 9 s for 8 retries."""
+    """Exponential backoff 0.1 s doubling to 2 s: about 9 s for 8 retries (none for refused
+    credentials)."""
     return ReportingRetry(ExponentialBackoff(cap=2.0, base=0.1), retries,
                           (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError),
                           on_retry=on_retry)
@@ -259,8 +300,27 @@ def _sentinel_client(target: Target, retry: Retry, kwargs: dict[str, Any]) -> re
         sentinel_kwargs["password"] = target.sentinel_auth["sentinel_password"]
     sentinel_kwargs.setdefault("socket_timeout", 2.0)
     sentinel_kwargs.setdefault("socket_connect_timeout", 2.0)
+    # one try per Sentinel: discovery moves on to the next one, and the data connection's
+    # own retry (with backoff) repeats the whole discovery
+    sentinel_kwargs.setdefault("retry", Retry(NoBackoff(), 0))
     manager = Sentinel(target.nodes, sentinel_kwargs=sentinel_kwargs, **options, **kwargs)
+    _check_sentinel_auth(manager)
     return manager.master_for(target.service, retry=retry)
+
+
+def _check_sentinel_auth(manager: Sentinel) -> None:
+    """Refused Sentinel credentials, said at once: redis-py's master discovery takes them
+    for an unreachable Sentinel and reports, after every retry, that no master was found."""
+    refusals = 0
+    for sentinel in manager.sentinels:
+        try:
+            sentinel.ping()
+        except redis.AuthenticationError:
+            refusals += 1
+        except redis.RedisError:
+            pass
+    if refusals and refusals == len(manager.sentinels):
+        raise redis.AuthenticationError("the Sentinels refused the credentials")
 
 
 def describe(client: Any, kind: Kind) -> str:

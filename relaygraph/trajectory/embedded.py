@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -42,18 +43,50 @@ def _alive(sock: Path) -> bool:
         return False
 
 
+def secure_store_dir() -> Path:
+    """The store directory, created ``0700`` and checked before anything in it is trusted:
+    a real directory (not a link) owned by this user, in a parent owned by this user or
+    root — so no other local user can read the trajectories or swap the socket for one of
+    their own. Group/other permissions found on it or its files are removed."""
+    directory = store_dir()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.lstat()
+        parent = directory.parent.stat()
+    except OSError as exc:
+        raise StoreUnavailableError(
+            f"cannot create the embedded store's directory {directory} "
+            f"({exc.strerror or type(exc).__name__}); set RELAYGRAPH_HOME to a directory you "
+            "can write, or pass --redis") from None
+    me = os.getuid()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != me or parent.st_uid not in (me, 0):
+        owner = info.st_uid if info.st_uid != me else parent.st_uid
+        what = "is not a directory" if not stat.S_ISDIR(info.st_mode) else (
+            f"belongs to another user (uid {owner})")
+        raise StoreUnavailableError(
+            f"the embedded store's directory {directory} {what}: its trajectories and socket "
+            "cannot be trusted; remove it, or set RELAYGRAPH_HOME to a directory of your own")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        directory.chmod(0o700)
+    for path in directory.rglob("*"):  # AOF/RDB files written under an older, looser umask
+        mode = path.lstat()
+        if not stat.S_ISLNK(mode.st_mode) and stat.S_IMODE(mode.st_mode) & 0o077:
+            path.chmod(stat.S_IMODE(mode.st_mode) & 0o700)
+    return directory
+
+
 def ensure_server(timeout: float = 10.0) -> Path:
     """Start the per-user embedded server unless it already runs; return its socket path."""
-    directory, sock = store_dir(), socket_path()
+    directory, sock = secure_store_dir(), socket_path()
     if _alive(sock):
         return sock
-    directory.mkdir(parents=True, exist_ok=True)
     if len(str(sock)) > 100:
         raise StoreUnavailableError(
             f"the data directory path is too long for a Unix socket ({sock}); set "
             "RELAYGRAPH_HOME to a shorter path"
         )
-    with open(directory / "start.lock", "w") as lock:
+    lock_fd = os.open(directory / "start.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(lock_fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time; others wait, then connect
         if _alive(sock):
             return sock
@@ -73,7 +106,8 @@ def ensure_server(timeout: float = 10.0) -> Path:
             "--pidfile", str(directory / "valkey.pid"), "--logfile", str(directory / "valkey.log"),
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1",
         ]
-        proc = subprocess.run(args, capture_output=True, text=True, cwd=directory)
+        # umask 077: its AOF and RDB files are readable by this user only
+        proc = subprocess.run(args, capture_output=True, text=True, cwd=directory, umask=0o077)
         deadline = time.monotonic() + timeout
         while not _alive(sock):
             if proc.returncode != 0 or time.monotonic() > deadline:

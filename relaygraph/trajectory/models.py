@@ -78,6 +78,19 @@ class Segment(BaseModel):
             return len(self.token_ids)
         return self.tokens or 0
 
+    def content(self) -> tuple[Any, ...]:
+        """What a step writes, not how sure it was: author, kind, text, token ids (and their
+        tokenizer or count), finish reason and meta (command span, retracted positions, the
+        step's outcome) — without log-probs or the step's confidence. A resumed step that
+        prefills from scratch reproduces this exactly under greedy decoding, while its
+        log-probs can differ in the last bits (up to ~0.08 in bf16); the store treats a
+        re-append of equal content as the segment already there."""
+        meta = dict(self.meta)
+        if isinstance(meta.get("step"), dict):
+            meta["step"] = {k: v for k, v in meta["step"].items() if k != "confidence"}
+        return (self.author, self.kind, self.text, self.token_ids, self.tokenizer, self.tokens,
+                self.finish_reason, meta)
+
     @property
     def plain_text(self) -> str:
         """The text without a call command: for a ``call`` segment, what lies around the

@@ -233,6 +233,10 @@ class RedisStore:
         if result == "missing":
             raise self._missing(trajectory_id)
         if result == "taken":
+            # equal content (a resumed step's reproduction, log-probs aside) is what is stored
+            stored = self.read(trajectory_id, seq, seq + 1)
+            if stored and stored[0].content() == segment.content():
+                return
             raise PositionConflictError(trajectory_id, seq)
         raise PositionConflictError(
             trajectory_id, seq, f"the trajectory has only {result.split(':')[1]} segments"

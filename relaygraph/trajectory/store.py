@@ -16,9 +16,11 @@ class TrajectoryStore(Protocol):
     """Append-only storage of trajectories with exactly-once appends.
 
     Positions are sequence numbers starting at 0. ``append(tid, seq, seg)`` succeeds only
-    when ``seq`` equals the current length; re-appending the identical segment at a
-    position already holding it is a no-op (a retry after a lost reply); appending a
-    different segment there raises :class:`~relaygraph.errors.PositionConflictError`.
+    when ``seq`` equals the current length; re-appending a segment with the content of the
+    one at that position (:meth:`Segment.content`: a retry after a lost reply, or a resumed
+    step that reproduces it with slightly different log-probs) is a no-op and the stored
+    segment stays; appending different content there raises
+    :class:`~relaygraph.errors.PositionConflictError`.
     """
 
     def create(self, trajectory_id: str, task: Task) -> None:

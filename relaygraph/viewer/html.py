@@ -276,11 +276,13 @@ trajectory lives in the store under <code>{_esc(trajectory.id)}</code></footer>
 
 
 def write_html(trajectory: Trajectory, path: str | Path,
-               decoders: dict[str, Decoder] | None = None, status: str | None = None) -> Path:
+               decoders: dict[str, Decoder] | None = None, status: str | None = None,
+               trust_stored: bool = False) -> Path:
     """Write the page to ``path``; ``decoders=None`` loads each agent's tokenizer when it
-    is available offline (for per-token confidence)."""
+    is available offline (for per-token confidence): catalog models, and with
+    ``trust_stored`` the local folders the store names."""
     if decoders is None:
-        decoders = load_decoders(trajectory)
+        decoders = load_decoders(trajectory, trust_stored)
     path = Path(path)
     path.write_text(render_html(trajectory, decoders, status), encoding="utf-8")
     return path

@@ -131,12 +131,18 @@ def token_pieces(segment: Segment, decode: Any) -> list[str] | None:
     return pieces if "".join(pieces) == segment.text else None
 
 
-def load_decoders(trajectory: Trajectory) -> dict[str, Any]:
-    """Author -> ``decode(ids)`` from each agent's tokenizer, when it can be loaded offline
-    (catalog models, local folders); authors whose tokenizer is not available are left out."""
+def load_decoders(trajectory: Trajectory, trust_stored: bool = False) -> dict[str, Any]:
+    """Author -> ``decode(ids)`` from each agent's tokenizer, when it can be loaded offline;
+    authors whose tokenizer is not available are left out. The models are named by the
+    store, so only catalog models are loaded unless ``trust_stored`` (then local folders
+    and ``.gguf`` files too): a store is not trusted with file paths."""
+    from relaygraph.agents.catalog import CATALOG
+
     decoders: dict[str, Any] = {}
     cache: dict[str, Any] = {}
     for author, model in trajectory.task.agents.items():
+        if model not in CATALOG and not trust_stored:
+            continue
         if model in cache:
             if cache[model] is not None:
                 decoders[author] = cache[model]
