@@ -18,15 +18,13 @@ continued with ``relay.resume(trajectory_id, answer)``.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from pydantic import BaseModel
 
 from relaygraph.agents.agent import Agent
 from relaygraph.agents.registry import BackendPool
@@ -35,9 +33,9 @@ from relaygraph.errors import BackendError, ConfigError, StoreUnavailableError
 from relaygraph.graphs.events import delivered_to, streamed
 from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.trajectory import Segment, Trajectory, TrajectoryStore, liveness, open_store
-from relaygraph.trajectory.answers import extract_answer
-from relaygraph.trajectory.models import active, new_trajectory_id, reasoning_text
-from relaygraph.trajectory.totals import HandoffRecord, tally
+from relaygraph.trajectory.models import new_trajectory_id
+from relaygraph.trajectory.result import RunResult, SegmentSummary
+from relaygraph.trajectory.totals import HandoffRecord
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
@@ -47,78 +45,6 @@ if TYPE_CHECKING:
 
 Event = dict[str, Any]
 STREAM_MODES: list[StreamMode] = ["custom", "values"]
-
-
-class SegmentSummary(BaseModel):
-    author: str
-    kind: str
-    text: str
-    n_tokens: int
-
-
-class RunResult(BaseModel):
-    """What a run produced (the trajectory itself stays in the store)."""
-
-    trajectory_id: str
-    policy: str
-    answer: str
-    finish_reason: str
-    segments: list[SegmentSummary]
-    tokens_by_agent: dict[str, int]
-    input_tokens_by_agent: dict[str, int] = {}
-    """Prompt tokens each agent's generations read (what a hosted model bills as input)."""
-    cost: float | None = None
-    """What the run cost, from the agents' prices per million tokens (None: no prices set)."""
-    cost_by_agent: dict[str, float] | None = None
-    call_ratio: float
-    """Tokens written by agents other than the policy's primary / all generated tokens."""
-    handoffs: int
-    handoff_records: list[HandoffRecord]
-    counters: dict[str, int]
-    seconds: float
-    status: Literal["finished", "interrupted"] = "finished"
-    """``interrupted``: a step asked for a human (``interrupt()``); ``Relay.resume(id, answer)``."""
-    interrupt: Any = None
-    """What the step asked (the ``interrupt()`` payload) when ``status`` is ``interrupted``."""
-    thread_id: str | None = None
-    """The checkpointer thread the run is on (None without a checkpointer)."""
-
-    @classmethod
-    def from_trajectory(cls, trajectory: Trajectory) -> RunResult:
-        """What the run of a stored trajectory returned, read back from the store: every
-        number folded from its step records (:func:`~relaygraph.trajectory.totals.tally`,
-        as the run itself did), and the answer, wall time and thread recorded when it
-        finished. For a finished run it equals the :class:`RunResult` the run returned;
-        ``relaygraph show ID --json`` prints it."""
-        task, segments, info = trajectory.task, trajectory.segments, trajectory.info
-        agents = list(task.agents)
-        totals, _ = tally(segments, agents)
-        primary = task.primary or (agents[0] if agents else "")
-        waiting = trajectory.status == "interrupted"
-        interrupt: Any = None
-        if waiting and info.get("interrupt"):
-            try:
-                interrupt = json.loads(info["interrupt"])
-            except ValueError:
-                interrupt = info["interrupt"]
-        try:
-            seconds = float(info.get("seconds") or 0.0)
-        except ValueError:
-            seconds = 0.0
-        return cls(
-            trajectory_id=trajectory.id, policy=task.policy,
-            answer=extract_answer(reasoning_text(active(segments))),
-            finish_reason=totals.finish_reason,
-            segments=[SegmentSummary(author=s.author, kind=s.kind, text=s.text,
-                                     n_tokens=s.n_tokens) for s in segments],
-            tokens_by_agent=totals.tokens_by_agent,
-            input_tokens_by_agent=totals.input_tokens_by_agent,
-            cost=totals.cost(task.prices), cost_by_agent=totals.cost_by_agent(task.prices),
-            call_ratio=totals.call_ratio(primary), handoffs=totals.handoffs,
-            handoff_records=totals.records(), counters=totals.counters, seconds=seconds,
-            status="interrupted" if waiting else "finished", interrupt=interrupt,
-            thread_id=info.get("thread_id") or None,
-        )
 
 
 class Relay:

@@ -358,7 +358,17 @@ def test_crash_between_the_two_appends_of_a_call_step_resumes_with_other_numeric
         if seq == 0:
             raise Crash()
 
+    real_send = crashing.send_append
+
+    def send_append(tid: str, seq: int, seg: Segment) -> Callable[[], None]:
+        confirm = real_send(tid, seq, seg)  # the relay's pipelined appends
+        if seq == 0:
+            confirm()
+            raise Crash()
+        return confirm
+
     crashing.append = append  # type: ignore[method-assign]
+    crashing.send_append = send_append  # type: ignore[method-assign]
     tid = f"mid-call-step-{time.time_ns()}"
     with pytest.raises(Crash):
         Relay(pair, CallTokenPolicy(), crashing, max_tokens=40).run(tiny.QUESTION, trajectory_id=tid)
@@ -373,7 +383,14 @@ def test_crash_between_the_two_appends_of_a_call_step_resumes_with_other_numeric
         attempts.append((seq, seg))
         real_resume_append(tid_, seq, seg)
 
+    real_resume_send = resuming.send_append
+
+    def recorded_send(tid_: str, seq: int, seg: Segment) -> Callable[[], None]:
+        attempts.append((seq, seg))
+        return real_resume_send(tid_, seq, seg)
+
     resuming.append = recorded  # type: ignore[method-assign]
+    resuming.send_append = recorded_send  # type: ignore[method-assign]
     bf16 = [Agent(a.name, TransformersBackend(str(d), dtype="bfloat16"), tiny.SYSTEM_PROMPT)
             for a, d in zip(pair, dirs)]
     resumed = Relay(bf16, CallTokenPolicy(), resuming, max_tokens=40).resume(tid)

@@ -144,7 +144,13 @@ def test_a_run_beats_while_it_runs_and_stops_when_it_fails(tiny_pair, redis_serv
         real_append(tid, seq, seg)
         raise redis.ConnectionError("the connection broke")
 
+    def send_append(tid, seq, seg):  # the relay's pipelined appends break the same way
+        def confirm() -> None:
+            append(tid, seq, seg)
+        return confirm
+
     broken.append = append  # type: ignore[method-assign]
+    broken.send_append = send_append  # type: ignore[method-assign]
     with pytest.raises(Exception, match="lost the trajectory store"):
         Relay(loaded.agents, loaded.policy, broken, 40).run(tiny.QUESTION)
     failed = store.list_ids(1)[0]

@@ -74,7 +74,7 @@ def send_append(store: RedisStore, trajectory_id: str, seq: int, segment: Segmen
             pool.release(conn)
             raise
         pool.release(conn)
-        store._appended(trajectory_id, seq, reply)
+        store._appended(trajectory_id, seq, reply, segment)
 
     return confirm
 

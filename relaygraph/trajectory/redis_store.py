@@ -32,6 +32,7 @@ from relaygraph.errors import (
     StoreUnavailableError,
     TrajectoryNotFoundError,
 )
+from relaygraph.trajectory import lua_scripts
 from relaygraph.trajectory.connect import (
     Kind,
     OnRetry,
@@ -51,79 +52,6 @@ from relaygraph.trajectory.models import (
     check_trajectory_id,
 )
 from relaygraph.trajectory.pipelined import send_append
-
-_CREATE = """
-if redis.call('HSETNX', KEYS[1], 'task', ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'created_at', ARGV[2])
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  redis.call('HSET', KEYS[1], 'ttl_ms', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ttl)
-end
-return 1
-"""
-
-_REFRESH = """
-local function refresh()
-  local ttl = tonumber(redis.call('HGET', KEYS[2], 'ttl_ms') or '0')
-  if ttl and ttl > 0 then
-    redis.call('PEXPIRE', KEYS[1], ttl)
-    redis.call('PEXPIRE', KEYS[2], ttl)
-  end
-end
-"""
-
-_APPEND = _REFRESH + """
-if redis.call('EXISTS', KEYS[2]) == 0 then return 'missing' end
-local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local length = 0
-if #top > 0 then
-  length = tonumber(string.match(top[1][1], '-(%d+)$'))
-end
-local seq = tonumber(ARGV[1])
-if seq == length then
-  redis.call('XADD', KEYS[1], '0-' .. (seq + 1), 's', ARGV[2])
-  refresh()
-  return 'ok'
-elseif seq < length then
-  local have = redis.call('XRANGE', KEYS[1], '0-' .. (seq + 1), '0-' .. (seq + 1))
-  if have[1][2][2] == ARGV[2] then return 'dup' end
-  return 'taken'
-end
-return 'gap:' .. length
-"""
-
-_SET = _REFRESH + """
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV))
-refresh()
-return 1
-"""
-
-_TOUCH = _REFRESH + """
-if redis.call('EXISTS', KEYS[2]) == 0 then return {0, ''} end
-redis.call('HSET', KEYS[2], 'heartbeat', ARGV[1])
-refresh()
-return {1, redis.call('HGET', KEYS[2], 'cancel_requested') or ''}
-"""
-
-_CANCEL = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
-local status = redis.call('HGET', KEYS[1], 'status') or 'running'
-if status ~= 'running' then return status end
-redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[1])
-return 'running'
-"""
-
-_CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
-local status = redis.call('HGET', KEYS[1], 'status') or 'running'
-local beat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat') or '0') or 0
-if status == 'running' and beat >= tonumber(ARGV[2]) then return 'held' end
-redis.call('HSET', KEYS[1], 'heartbeat', ARGV[1], 'holder', ARGV[3])
-redis.call('HDEL', KEYS[1], 'cancel_requested')
-return status
-"""
 
 
 def _text(value: Any) -> str:
@@ -149,12 +77,12 @@ class RedisStore:
             raise ValueError(f"ttl must be > 0 seconds (or None: never expire), got {ttl}")
         self.ttl = ttl
         self.kind: Kind = kind or _kind_of(client)
-        self._create = client.register_script(_CREATE)
-        self._append = client.register_script(_APPEND)
-        self._set = client.register_script(_SET)
-        self._touch = client.register_script(_TOUCH)
-        self._cancel = client.register_script(_CANCEL)
-        self._claim = client.register_script(_CLAIM)
+        self._create = client.register_script(lua_scripts.CREATE)
+        self._append = client.register_script(lua_scripts.APPEND)
+        self._set = client.register_script(lua_scripts.SET)
+        self._touch = client.register_script(lua_scripts.TOUCH)
+        self._cancel = client.register_script(lua_scripts.CANCEL)
+        self._claim = client.register_script(lua_scripts.CLAIM)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "relaygraph", retries: int = 8,
@@ -218,14 +146,14 @@ class RedisStore:
         if seq < 0:
             raise ValueError(f"position must be >= 0, got {seq}")
         self._appended(trajectory_id, seq, self._append(keys=self._keys(trajectory_id),
-                                                        args=[seq, segment.model_dump_json()]))
+                                                        args=[seq, segment.model_dump_json()]), segment)
 
     def send_append(self, trajectory_id: str, seq: int, segment: Segment) -> Callable[[], None]:
         """:meth:`append` pipelined: sent now, its reply read by the returned ``confirm()``
         (which raises what :meth:`append` would); see :func:`~relaygraph.trajectory.pipelined.send_append`."""
         return send_append(self, trajectory_id, seq, segment)
 
-    def _appended(self, trajectory_id: str, seq: int, reply: Any) -> None:
+    def _appended(self, trajectory_id: str, seq: int, reply: Any, segment: Segment) -> None:
         """Raise what an append's reply from the Lua script means, if it is an error."""
         result = _text(reply)
         if result in ("ok", "dup"):
