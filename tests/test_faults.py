@@ -20,6 +20,8 @@ from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.policies import FixedIntervalPolicy
 from relaygraph.trajectory import RedisStore, Segment
 from tests import tiny_models as tiny
+from tests.crashing import Crash
+from tests.crashing import crash_after as crash_after_appending
 from tests.servers import RedisServer
 
 FIGURES = {"interrupted": 0, "resumed": 0, "lost": 0, "doubled": 0}
@@ -218,10 +220,6 @@ def test_figures_report() -> None:
     assert FIGURES["lost"] == 0 and FIGURES["doubled"] == 0
 
 
-class Crash(BaseException):
-    """Stands for the process dying (not an Exception: nothing handles it)."""
-
-
 def test_cli_resume_rebuilds_the_relay_from_the_stored_config_once_confirmed(dirs, redis_server) -> None:
     from relaygraph.config import RelayConfig
     from tests.test_cli import cli
@@ -230,25 +228,7 @@ def test_cli_resume_rebuilds_the_relay_from_the_stored_config_once_confirmed(dir
     cfg = RelayConfig.from_options(str(dirs[0]), str(dirs[1]), "call-token", max_tokens=40,
                                    dtype="float32")
     reference = store.read(Relay.from_config(cfg, store).run(tiny.QUESTION).trajectory_id)
-    crashing = RedisStore.from_url(redis_server.url)
-    real_append = crashing.append
-
-    def append(tid: str, seq: int, seg: Segment) -> None:
-        real_append(tid, seq, seg)
-        if seq == 1:
-            raise Crash()
-
-    real_send = crashing.send_append
-
-    def send_append(tid: str, seq: int, seg: Segment) -> Callable[[], None]:
-        confirm = real_send(tid, seq, seg)  # the relay's pipelined appends
-        if seq == 1:
-            confirm()
-            raise Crash()
-        return confirm
-
-    crashing.append = append  # type: ignore[method-assign]
-    crashing.send_append = send_append  # type: ignore[method-assign]
+    crashing = crash_after_appending(RedisStore.from_url(redis_server.url), 1)
     tid = f"cli-resume-{time.time_ns()}"
     with pytest.raises(Crash):
         Relay.from_config(cfg, crashing).run(tiny.QUESTION, trajectory_id=tid)
@@ -350,25 +330,7 @@ def test_crash_between_the_two_appends_of_a_call_step_resumes_with_other_numeric
     store = RedisStore.from_url(redis_server.url)
     reference = store.read(Relay(pair, CallTokenPolicy(), store, max_tokens=40).run(tiny.QUESTION).trajectory_id)
     assert [s.kind for s in reference[:2]] == ["text", "call"]
-    crashing = RedisStore.from_url(redis_server.url)
-    real_append = crashing.append
-
-    def append(tid: str, seq: int, seg: Segment) -> None:
-        real_append(tid, seq, seg)
-        if seq == 0:
-            raise Crash()
-
-    real_send = crashing.send_append
-
-    def send_append(tid: str, seq: int, seg: Segment) -> Callable[[], None]:
-        confirm = real_send(tid, seq, seg)  # the relay's pipelined appends
-        if seq == 0:
-            confirm()
-            raise Crash()
-        return confirm
-
-    crashing.append = append  # type: ignore[method-assign]
-    crashing.send_append = send_append  # type: ignore[method-assign]
+    crashing = crash_after_appending(RedisStore.from_url(redis_server.url), 0)
     tid = f"mid-call-step-{time.time_ns()}"
     with pytest.raises(Crash):
         Relay(pair, CallTokenPolicy(), crashing, max_tokens=40).run(tiny.QUESTION, trajectory_id=tid)

@@ -27,29 +27,13 @@ from relaygraph.relay import Relay
 from relaygraph.serve import BackgroundServer, ServeConfig, ServeSettings, create_app
 from relaygraph.trajectory import RedisStore, Segment, Task
 from tests import tiny_models as tiny
+from tests.crashing import Crash, crash_after
 from tests.servers import free_port
 from tests.slow_backend import plugin_path
 from tests.test_cli import cli
 from tests.test_serve import ASK, slow_registry, wait_for
 
 ROOT = Path(__file__).parents[1]
-
-
-class Crash(BaseException):
-    """Stands for the process dying mid-run (not an Exception: nothing handles it)."""
-
-
-def crash_after(store: RedisStore, position: int) -> RedisStore:
-    """``store`` whose process 'dies' right after appending at ``position``."""
-    real_append = store.append
-
-    def append(tid: str, seq: int, seg: Segment) -> None:
-        real_append(tid, seq, seg)
-        if seq == position:
-            raise Crash()
-
-    store.append = append  # type: ignore[method-assign]
-    return store
 
 
 def texts(segments: list[Any]) -> list[tuple[str, str, str]]:

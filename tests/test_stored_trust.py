@@ -184,7 +184,7 @@ def test_what_the_store_may_name_and_what_it_may_not() -> None:
 
 def test_resume_with_the_users_config_continues_a_run_of_local_models(tmp_path, redis_server, tiny_pair) -> None:
     from relaygraph import Relay
-    from tests.test_scaleout import Crash, crash_after
+    from tests.crashing import Crash, crash_after
 
     controller, expert = tiny_pair
     relay_toml = tmp_path / "relay.toml"
@@ -208,7 +208,7 @@ def test_resume_with_the_users_config_continues_a_run_of_local_models(tmp_path, 
 
 def test_a_served_trajectory_resumes_from_the_cli_with_the_serve_config(tmp_path, redis_server, tiny_pair) -> None:
     from relaygraph.serve import Registry, ServeConfig
-    from tests.test_scaleout import Crash, crash_after
+    from tests.crashing import Crash, crash_after
 
     controller, expert = tiny_pair
     serve_toml = tmp_path / "serve.toml"
