@@ -140,6 +140,41 @@ def test_concurrent_items_give_the_same_results(relay, tmp_path: Path) -> None:
     assert len(parallel) == len(QUESTIONS)
 
 
+def test_a_job_finished_while_another_worker_claims_it_is_not_run_again(redis_store) -> None:
+    """The interleaving that once ran an item twice: worker A finishes (saves its result,
+    drops its claim) right after worker B's first look at Redis. B must not win the job,
+    whichever it looks at first (result, then claim: it did; claim, then result: it must not)."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    a, b = RedisResults(redis_store.client, name), RedisResults(redis_store.client, name)
+    assert a.claim("solo/0", "f1")
+
+    class Interleaved:  # B's client: A finishes right after B's first command
+        def __init__(self, client) -> None:
+            self.client, self.first = client, True
+
+        def _then_a_finishes(self, reply):
+            if self.first:
+                self.first = False
+                a.save("solo/0", {"fingerprint": "f1", "answer": "7"})
+            return reply
+
+        def hget(self, *args):
+            return self._then_a_finishes(self.client.hget(*args))
+
+        def set(self, *args, **kwargs):
+            return self._then_a_finishes(self.client.set(*args, **kwargs))
+
+        def __getattr__(self, attr):
+            return getattr(self.client, attr)
+
+    b.client = Interleaved(redis_store.client)
+    if b.claim("solo/0", "f1"):  # B read before A's save: it must not hold a claim now
+        pytest.fail("a job another worker finished meanwhile was claimed again")
+    b.client = redis_store.client
+    assert not b.claim("solo/0", "f1")  # finished: nobody claims it any more
+    assert a.load()["solo/0"]["answer"] == "7"
+
+
 @pytest.mark.parametrize("shared_on", ["redis_store", "cluster_store"])
 def test_workers_sharing_redis_split_the_items(relay, redis_store, shared_on, request) -> None:
     """On one server and on a 3-node cluster (claims and results share one hash tag)."""

@@ -143,11 +143,17 @@ class RedisResults:
         return f"{self.prefix}:claim:{_digest(key, fingerprint, 24)}"
 
     def claim(self, key: str, fingerprint: str) -> bool:
+        # Claim first, then look for a result: a finishing worker writes its result before
+        # it drops its claim, so a claim won here either sees that result or came first
+        # (checking the result first would let a job finished in between run twice).
+        if not self.client.set(self._claim_key(key, fingerprint), self.worker, nx=True,
+                               ex=self.lease):
+            return False
         done = self.client.hget(f"{self.prefix}:results", key)
         if done is not None and json.loads(done).get("fingerprint") == fingerprint:
-            return False  # another worker finished it meanwhile
-        return bool(self.client.set(self._claim_key(key, fingerprint), self.worker, nx=True,
-                                    ex=self.lease))
+            self.release(key, fingerprint)  # another worker finished it meanwhile
+            return False
+        return True
 
     def release(self, key: str, fingerprint: str) -> None:
         self.client.delete(self._claim_key(key, fingerprint))
