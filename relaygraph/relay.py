@@ -392,8 +392,7 @@ class _Run:
         return RunResult(
             trajectory_id=tid, policy=self.relay.policy.name, answer=final.get("answer", ""),
             finish_reason=final.get("finish_reason", ""),
-            segments=[SegmentSummary(author=s.author, kind=s.kind, text=s.text,
-                                     n_tokens=s.n_tokens) for s in segments],
+            segments=[SegmentSummary.of(s) for s in segments],
             tokens_by_agent=final.get("tokens_by_agent", {}),
             input_tokens_by_agent=final.get("input_tokens_by_agent", {}),
             cost=final.get("cost"), cost_by_agent=final.get("cost_by_agent"),

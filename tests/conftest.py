@@ -26,6 +26,14 @@ def redis_store(redis_server: RedisServer) -> Iterator[RedisStore]:
     store.close()
 
 
+@pytest.fixture(scope="module")
+def store(redis_server: RedisServer) -> Iterator[RedisStore]:
+    """One store connection for a module's tests (a module may define its own ``store``)."""
+    s = RedisStore.from_url(redis_server.url)
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
     """A real 3-node Redis Cluster on loopback, for the session."""

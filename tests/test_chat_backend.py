@@ -49,13 +49,6 @@ def inner_config(tiny_pair: tuple[Path, Path]) -> ServeConfig:
 
 
 @pytest.fixture(scope="module")
-def store(redis_server) -> Iterator[RedisStore]:
-    s = RedisStore.from_url(redis_server.url)
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
 def inner_registry(tiny_pair, store) -> Registry:
     return Registry.build(inner_config(tiny_pair), store)
 

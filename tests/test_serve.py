@@ -72,13 +72,6 @@ def client_for(server: BackgroundServer, api_key: str = "unused", **kw: Any) -> 
 
 
 @pytest.fixture(scope="module")
-def store(redis_server) -> Iterator[RedisStore]:
-    s = RedisStore.from_url(redis_server.url)
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
 def registry(tiny_pair, store) -> Registry:
     return Registry.build(tiny_config(tiny_pair), store)
 

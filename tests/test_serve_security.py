@@ -24,13 +24,6 @@ EVIL = "http://evil.example"
 
 
 @pytest.fixture(scope="module")
-def store(redis_server) -> Iterator[RedisStore]:
-    s = RedisStore.from_url(redis_server.url)
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
 def registry(tiny_pair, store) -> Registry:
     return Registry.build(tiny_config(tiny_pair), store)
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from relaygraph.trajectory.answers import extract_answer
-from relaygraph.trajectory.models import Trajectory, active, reasoning_text
+from relaygraph.trajectory.models import Segment, Trajectory, active, reasoning_text
 from relaygraph.trajectory.totals import HandoffRecord, tally
 
 
@@ -19,6 +19,11 @@ class SegmentSummary(BaseModel):
     kind: str
     text: str
     n_tokens: int
+
+    @classmethod
+    def of(cls, segment: Segment) -> SegmentSummary:
+        return cls(author=segment.author, kind=segment.kind, text=segment.text,
+                   n_tokens=segment.n_tokens)
 
 
 class RunResult(BaseModel):
@@ -74,8 +79,7 @@ class RunResult(BaseModel):
             trajectory_id=trajectory.id, policy=task.policy,
             answer=extract_answer(reasoning_text(active(segments))),
             finish_reason=totals.finish_reason,
-            segments=[SegmentSummary(author=s.author, kind=s.kind, text=s.text,
-                                     n_tokens=s.n_tokens) for s in segments],
+            segments=[SegmentSummary.of(s) for s in segments],
             tokens_by_agent=totals.tokens_by_agent,
             input_tokens_by_agent=totals.input_tokens_by_agent,
             cost=totals.cost(task.prices), cost_by_agent=totals.cost_by_agent(task.prices),
