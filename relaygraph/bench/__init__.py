@@ -1,10 +1,11 @@
 """``relaygraph bench``: what relaying costs on your own model pair, as ratios that hold on a
 busy machine.
 
-Every ratio is taken from interleaved rounds (relay, solo, relay, solo, ...: ``repeat``
-rounds), so both sides meet the same machine; each side reports its min and median (wall
-time, with the process's CPU time and the load average beside it) and the ratio is the
-ratio of mins. A ratio whose rounds disagree by more than 10% comes with a warning.
+Every ratio is taken from interleaved rounds (relay, solo, then solo, relay, ...: ``repeat``
+rounds), so both sides of a round meet the same minutes of the machine; each side reports
+its min and median (wall time, with the process's CPU time and the load average beside it)
+and the ratio is the median of the per-round ratios (the ratio of mins beside it). A ratio
+whose rounds disagree by more than 10% comes with a warning.
 
 - ``prefill_amplification`` per agent: tokens the model processed (prefilled + decoded) /
   tokens in its final view — with KV-cache reuse and without (naive: every turn re-reads

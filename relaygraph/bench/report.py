@@ -58,8 +58,8 @@ def table(res: dict[str, Any]) -> str:
     for every, entry in res["relay_vs_solo"]["by_interval"].items():
         r = entry["relay_vs_solo"]
         rows.append(f"| relay / solo, interval {every} ({entry['handoffs']} handoffs) | "
-                    f"{r['ratio']:.2f} (min {entry['relay_s']['min']:.1f} s vs "
-                    f"{entry['solo_s']['min']:.1f} s; median ratio {r['median_ratio']:.2f}) "
+                    f"{r['ratio']:.2f} (median {entry['relay_s']['median']:.1f} s vs "
+                    f"{entry['solo_s']['median']:.1f} s; ratio of mins {r['ratio_of_mins']:.2f}) "
                     f"| <= {GOALS['relay_vs_solo']} |")
         if "relay_vs_floor" in entry:
             f = entry["relay_vs_floor"]
@@ -75,7 +75,8 @@ def table(res: dict[str, Any]) -> str:
     met = ", ".join(f"{k}: {ok[v]}" for k, v in res["goals_met"].items())
     m = res["machine"]
     note = (f"\n\n{res['handoffs']} handoffs at interval {res['interval']}; {res['repeat']} "
-            f"interleaved rounds per ratio (ratio of mins); load average {m['load_start']:.1f} "
+            f"interleaved rounds per ratio (median of the per-round ratios); load average "
+            f"{m['load_start']:.1f} "
             f"-> {m.get('load_end', m['load_start']):.1f} on {m['cpus']} CPUs; goals: {met}")
     warned = "".join(f"\nwarning: {w}" for w in res.get("warnings", ()))
     return "\n".join(rows) + note + warned
