@@ -19,6 +19,9 @@ from relaygraph.errors import ConfigError
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+TIED = {"lm_head.weight": "model.embed_tokens.weight"}
+"""An output layer stored only as the input embeddings it is tied to: an adapter on it
+unties it (the merged copy gets its own output weights)."""
 
 
 def adapter_digest(folder: Path) -> str:
@@ -78,7 +81,7 @@ def merge_state(state: dict[str, Any], folder: Path) -> dict[str, Any]:
     another shape."""
     merged = dict(state)
     for name, delta in deltas(folder).items():
-        weight = state.get(name)
+        weight = state.get(name, state.get(TIED.get(name, "")))
         if weight is None or tuple(weight.shape) != tuple(delta.shape):
             found = "missing" if weight is None else f"shape {tuple(weight.shape)}"
             raise ConfigError(f"adapter {folder} does not fit this model: {name} is {found}, "
@@ -108,6 +111,18 @@ def merge_folder(base: Path, folder: Path, out: Path) -> None:
             state[name] = tensor
             owner[name] = file.name
     merged = merge_state(state, folder)
+    untied = [name for name in merged if name not in owner]
+    for name in untied:  # saved beside the weights it was tied to
+        owner[name] = owner[TIED[name]]
     for file in weights:
         part = {n: t.contiguous() for n, t in merged.items() if owner[n] == file.name}
         save_file(part, str(out / file.name), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if untied and index.is_file():  # sharded: the index names the file of every weight
+        listing = json.loads(index.read_text())
+        listing.setdefault("weight_map", {}).update({name: owner[name] for name in untied})
+        index.write_text(json.dumps(listing, indent=2) + "\n")
+    if untied and (out / "config.json").is_file():
+        config = json.loads((out / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

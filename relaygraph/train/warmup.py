@@ -39,6 +39,7 @@ from pydantic import Field, model_validator
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT
 from relaygraph.errors import ConfigError
 from relaygraph.policies.call_token import CALL_CLOSE, CALL_OPEN
+from relaygraph.train.command_head import HeadSettings, train_command_head
 from relaygraph.train.data import (
     Dtype,
     LoraSettings,
@@ -131,6 +132,9 @@ class WarmupSettings(Strict):
     """Responses sampled at once (their decode steps run as one batch)."""
     sft: SftSettings = SftSettings()
     lora: LoraSettings | None = None
+    head: HeadSettings | None = None
+    """Train only the command tokens' output rows on stored hidden states instead of
+    fine-tuning (:mod:`relaygraph.train.command_head`; ``sft`` and ``lora`` unused)."""
 
     @model_validator(mode="after")
     def _calls_range(self) -> WarmupSettings:
@@ -138,6 +142,9 @@ class WarmupSettings(Strict):
             raise ValueError("min_calls must be <= max_calls")
         if self.placement == "disagreement" and not self.expert:
             raise ValueError("placement = 'disagreement' needs an expert")
+        if self.head is not None and self.lora is not None:
+            raise ValueError("[head] trains the command rows of the output layer, [lora] an "
+                             "adapter over the model: choose one")
         return self
 
 
@@ -402,6 +409,11 @@ def run_warmup(settings: WarmupSettings, progress: Progress = print) -> Path:
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_rows))
     calls = sum(len(r["calls"]) for r in sft_rows)
     progress(f"warm-up data: {len(sft_rows)} responses, {calls} commands inserted")
+    if settings.head is not None:
+        encode = backend.encode
+        del backend
+        return train_command_head(settings.model, sft_rows, settings.head, settings.output_dir,
+                                  encode, call_text, settings.dtype, settings.device, progress)
     del backend
     return finetune(settings, sft_rows, progress)
 
