@@ -74,3 +74,31 @@ def test_consecutive_foreign_segments_are_encoded_together(backends, smol) -> No
     head = smol.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT))
     ids = smol.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT, tuple(view)))
     assert ids[len(head):] == smol.encode("is seven")
+
+
+def test_a_task_head_is_rendered_once_and_kept_per_task(backends) -> None:
+    """A relay renders the same task every turn: the chat template runs once per task (and
+    per template option), and the kept head is the one the template gives."""
+    from relaygraph.agents.rendering import Renderer
+
+    renderer = Renderer(backends[0].tokenizer)
+    calls: list[str] = []
+    template = renderer.tokenizer.apply_chat_template
+
+    def counted(*args, **kwargs):
+        calls.append(args[0][-1]["content"])
+        return template(*args, **kwargs)
+
+    renderer.tokenizer = type("Counting", (), {"__getattr__": lambda _, name: getattr(
+        backends[0].tokenizer, name), "apply_chat_template": staticmethod(counted),
+        "__call__": lambda _, *a, **k: backends[0].tokenizer(*a, **k)})()
+    first = renderer.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT))
+    view = (Segment(author="a", text="Let me think."),)
+    again = renderer.render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT, view))
+    other = renderer.render(Prompt(tiny.NOCALL_QUESTION, tiny.SYSTEM_PROMPT))
+    assert calls == [tiny.QUESTION, tiny.NOCALL_QUESTION]
+    assert again[:len(first)] == first == backends[0].render(Prompt(tiny.QUESTION, tiny.SYSTEM_PROMPT))
+    assert other == backends[0].render(Prompt(tiny.NOCALL_QUESTION, tiny.SYSTEM_PROMPT))
+    for i in range(Renderer.HEADS + 5):  # bounded
+        renderer.render(Prompt(f"question {i}", None))
+    assert len(renderer._heads) == Renderer.HEADS

@@ -10,6 +10,7 @@ exchange ids with nothing re-tokenized; other text is encoded.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,14 @@ def generation_eos_ids(model: str, tokenizer: Any) -> frozenset[int]:
 class Renderer:
     """Renders prompts into token ids of one tokenizer (shared by all backends)."""
 
+    HEADS = 256
+    """Rendered task heads kept (a relay renders the same head every turn)."""
+
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.tokenizer_id = tokenizer_fingerprint(tokenizer)
+        self._heads: dict[tuple[Any, ...], list[int]] = {}
+        self._lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -99,13 +105,31 @@ class Renderer:
                                                       **prompt.template_kwargs)
         return "".join(f"{m['role'].title()}: {m['content']}\n" for m in messages) + "Assistant: "
 
+    def _head_ids(self, prompt: Prompt) -> list[int]:
+        """The head's token ids, rendered once per task (the chat template is the costly
+        part of a turn's rendering); tasks with unhashable template options are not kept."""
+        try:
+            key = (prompt.question, prompt.system_prompt,
+                   tuple(sorted(prompt.template_kwargs.items())))
+            hash(key)
+        except TypeError:
+            return self.encode(self.head(prompt))
+        ids = self._heads.get(key)
+        if ids is None:
+            ids = self.encode(self.head(prompt))
+            with self._lock:
+                if len(self._heads) >= self.HEADS:
+                    self._heads.pop(next(iter(self._heads)))
+                self._heads[key] = ids
+        return ids
+
     def render(self, prompt: Prompt) -> list[int]:
         """Token ids of the chat-templated task followed by the agent's view.
 
         Segments carrying token ids of this tokenizer are used as they are; other text is
         encoded (consecutive foreign segments together, so no seam appears between them).
         """
-        ids = self.encode(self.head(prompt))
+        ids = list(self._head_ids(prompt))
         pending: list[str] = []
         for seg in prompt.continuation:
             if seg.token_ids is not None and seg.tokenizer == self.tokenizer_id:
