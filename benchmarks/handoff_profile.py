@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import statistics
 import pstats
+import statistics
 import time
 from collections import defaultdict
 from typing import Any

@@ -292,3 +292,28 @@ def test_guidability_flags_spoilers(data, models, redis_server, redis_store, tmp
         assert row["spoilers"] == len(mine) - len(clean)
         assert row["without_spoilers"]["n"] == len(clean)
         assert row["without_spoilers"]["correct"] == sum(r["correct"] for r in clean)
+
+
+def test_a_sweep_item_is_reused_when_only_storage_or_retries_change() -> None:
+    """Where results are stored (store, TTL) and how failures are retried do not change a
+    result: a rerun with other values reuses finished items; a setting that changes the
+    result (the budget) reruns them."""
+    from relaygraph.config import RelayConfig
+    from relaygraph.eval.datasets import Problem
+    from relaygraph.eval.sweep import PolicyPlan, _jobs
+
+    problem = Problem(id="0", question=tiny.QUESTION, answer="7")
+
+    def spec(**update) -> str:
+        config = RelayConfig().model_copy(update=update)
+        [job] = _jobs(PolicyPlan(name="p", type="call-token", config=config), [problem],
+                      None, None, "expert")  # type: ignore[arg-type]  # not run here
+        return job.fingerprint
+
+    from relaygraph.graphs.retry import RetryPolicy
+    from relaygraph.trajectory.settings import StoreConfig
+
+    base = spec()
+    assert spec(store=StoreConfig(ttl=3600, namespace="elsewhere")) == base
+    assert spec(retry=RetryPolicy(max_attempts=7)) == base
+    assert spec(max_tokens=99) != base

@@ -250,8 +250,9 @@ def _jobs(plan_: PolicyPlan, problems: list[Problem], pool: ModelPool,
     jobs = []
     for problem in problems:
         sample = problem.meta.get("sample")
-        spec = sampled(plan_.config, sample, temperature).model_dump(mode="json",
-                                                                      exclude={"redis"})
+        # what the result is a function of: not where it is stored nor how failures retry
+        spec = sampled(plan_.config, sample, temperature).model_dump(
+            mode="json", exclude={"redis", "store", "retry"})
 
         def run(tid: str, problem: Problem = problem, sample: int | None = sample) -> Record:
             resumed = store.exists(tid)

@@ -141,7 +141,15 @@ def plot_training(summary: dict[str, Any], path: Path) -> bool:
     losses = [(e["step"], e["loss"]) for e in summary["warmup"]["log"] if e.get("loss") is not None]
     if losses:
         warm.plot(*zip(*losses, strict=True), marker=".", color="tab:blue")
-    warm.set(title="warm-up SFT", xlabel="optimizer step", ylabel="loss")
+    calls = [(e["step"], e["val_call_share"]) for e in summary["warmup"]["log"]
+             if e.get("val_call_share") is not None]
+    if calls:  # the head-only warm-up reports how often it would call on held-out responses
+        warm.plot(*zip(*calls, strict=True), marker=".", color="tab:red",
+                  label="held-out responses that call")
+        warm.legend(fontsize=8)
+    head = summary["settings"]["warmup"].get("head")
+    warm.set(title="warm-up (command head)" if head else "warm-up SFT", xlabel="optimizer step",
+             ylabel="loss")
     log = summary["grpo"]["log"]
     for key, colour in (("reward", "tab:green"), ("accuracy", "tab:blue"),
                         ("call_ratio", "tab:red")):
@@ -190,9 +198,11 @@ def summarize(settings: PipelineSettings) -> dict[str, Any]:
     warm_log = read_log(settings.warmup.output_dir / "log.jsonl")
     sft_steps = max((e["step"] for e in warm_log if "loss" in e), default=0)
     lora = warm.lora or grpo.lora
+    trained = (f"head-only warm-up ({sft_steps} full-batch steps on the output rows of the "
+               "command tokens, over the hidden states of" if warm.head else
+               f"{warm.placement}-placement warm-up: {sft_steps} SFT steps on")
     summary = (
-        f"{warm.placement}-placement warm-up: {sft_steps} SFT steps on {len(warm_rows)} of the "
-        "base model's own "
+        f"{trained} {len(warm_rows)} of the base model's own "
         f"responses to {warm.data.name} questions with <call>n</call> inserted "
         f"({sum(len(r['calls']) for r in warm_rows)} commands"
         + (f", at {warm.expert}'s disagreements in responses graded wrong" if graded else "")
@@ -217,7 +227,7 @@ def summarize(settings: PipelineSettings) -> dict[str, Any]:
             "with_commands": sum(bool(r["calls"]) for r in warm_rows),
             "commands": sum(len(r["calls"]) for r in warm_rows),
             "graded_correct": sum(bool(r["correct"]) for r in graded) if graded else None,
-            "log": [{"step": e["step"], "loss": e.get("loss")} for e in warm_log if "loss" in e],
+            "log": [{k: v for k, v in e.items() if k != "time"} for e in warm_log if "loss" in e],
         },
         "filter": {"scored": len(rates), "kept": len(kept), "k": settings.filter.k,
                    "pass_rate_histogram": {f"{x:g}": sum(r == x for r in rates)
