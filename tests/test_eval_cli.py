@@ -317,3 +317,32 @@ def test_a_sweep_item_is_reused_when_only_storage_or_retries_change() -> None:
     assert spec(store=StoreConfig(ttl=3600, namespace="elsewhere")) == base
     assert spec(retry=RetryPolicy(max_attempts=7)) == base
     assert spec(max_tokens=99) != base
+
+
+def test_a_retrained_catalog_adapter_reruns_the_items_that_use_it() -> None:
+    """A catalog adapter entry keeps its name across releases: its sha256 is part of what
+    an item is a function of, for the policies that run it (and only those)."""
+    from relaygraph.agents.catalog import RELAY_CONTROLLER, weights_version
+    from relaygraph.config import RelayConfig
+    from relaygraph.eval.datasets import Problem
+    from relaygraph.eval.runner import fingerprint
+    from relaygraph.eval.sweep import PolicyPlan, _jobs
+
+    problem = Problem(id="0", question=tiny.QUESTION, answer="7")
+    config = RelayConfig.model_validate({"agents": {
+        "controller": {"model": "qwen2.5-coder-0.5b"}, "expert": {"model": "qwen2.5-coder-1.5b"},
+        "relay": {"model": RELAY_CONTROLLER}}, "policy": {"type": "call-token", "controller": "relay"}})
+    solo = config.model_copy(update={"policy": RelayConfig.model_validate(
+        {"policy": {"type": "solo", "agent": "controller"}}).policy})
+
+    def job(config: RelayConfig):
+        [one] = _jobs(PolicyPlan(name="p", type=config.policy.type, config=config), [problem],
+                      None, None, "expert")  # type: ignore[arg-type]  # not run here
+        return one.fingerprint
+
+    version = weights_version(RELAY_CONTROLLER)
+    assert version and len(version) == 64 and weights_version("qwen2.5-coder-0.5b") is None
+    spec = config.model_dump(mode="json", exclude={"redis", "store", "retry"})
+    assert job(config) == fingerprint({**spec, "weights": {"relay": version}}, problem.digest)
+    solo_spec = solo.model_dump(mode="json", exclude={"redis", "store", "retry"})
+    assert job(solo) == fingerprint(solo_spec, problem.digest)  # does not run the adapter

@@ -154,6 +154,14 @@ def is_pulled(name: str) -> bool:
     return True
 
 
+def weights_version(name: str) -> str | None:
+    """What distinguishes the weights behind a catalog name across releases: the shipped
+    adapter's sha256 for an adapter entry (retrained adapters keep their name), else None
+    (a base entry's weights are fixed by its sha256-checked packages)."""
+    spec = CATALOG.get(name)
+    return _adapter_digest(spec.folder) if isinstance(spec, AdapterModel) else None
+
+
 @cache
 def _adapter_digest(folder: Path) -> str:
     from relaygraph.agents.lora import adapter_digest

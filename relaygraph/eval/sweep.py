@@ -49,6 +49,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
+from relaygraph.agents.catalog import weights_version
 from relaygraph.agents.registry import AgentConfig, parse_agent_configs
 from relaygraph.agents.wrapping import CancelScope
 from relaygraph.config import RelayConfig, default_agents, read_config_file, validate
@@ -250,9 +251,15 @@ def _jobs(plan_: PolicyPlan, problems: list[Problem], pool: ModelPool,
     jobs = []
     for problem in problems:
         sample = problem.meta.get("sample")
-        # what the result is a function of: not where it is stored nor how failures retry
-        spec = sampled(plan_.config, sample, temperature).model_dump(
-            mode="json", exclude={"redis", "store", "retry"})
+        # what the result is a function of: not where it is stored nor how failures retry;
+        # a catalog adapter's version (retrained under the same name) when one is used
+        config = sampled(plan_.config, sample, temperature)
+        spec = config.model_dump(mode="json", exclude={"redis", "store", "retry"})
+        used = set(config.policy.agent_names())
+        versions = {n: v for n, a in config.agents.items()
+                    if n in used and (v := weights_version(str(getattr(a, "model", ""))))}
+        if versions:
+            spec["weights"] = versions
 
         def run(tid: str, problem: Problem = problem, sample: int | None = sample) -> Record:
             resumed = store.exists(tid)
