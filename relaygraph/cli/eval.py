@@ -105,6 +105,17 @@ def _show(markdown: str, out: Path, extra: str = "") -> None:
     err.print(f"results in {out}/ (results.json, table.md{extra})")
 
 
+def _report(result: dict[str, Any], dataset: str, out: Path,
+            markdown_of: Callable[[dict[str, Any]], str]) -> None:
+    """Write an experiment's results.json and table.md to ``out`` and show the table."""
+    from relaygraph.eval.report import write_outputs
+
+    result["dataset"] = dataset
+    markdown = markdown_of(result)
+    write_outputs(result, out, markdown)
+    _show(markdown, out)
+
+
 @_command
 def sweep(
     dataset: Annotated[str | None, typer.Argument(help="Dataset (see `eval relay --help`); may come from --config instead.")] = None,
@@ -197,7 +208,6 @@ def relay(
     from relaygraph.eval.datasets import load_problems
     from relaygraph.eval.models import agent_config, label
     from relaygraph.eval.relay_experiment import JudgePRM, relay_markdown, run_relay_experiment
-    from relaygraph.eval.report import write_outputs
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     configs = {label(m): agent_config(m, dtype) for m in names}
@@ -211,10 +221,7 @@ def relay(
             _cuts(thresholds, "--thresholds"), _cuts(fractions, "--fractions"), warmup,
             _cuts(budgets, "--budgets"), self_pairs, judge, concurrency, _progress(quiet),
             pool.flag)
-    result["dataset"] = dataset
-    markdown = relay_markdown(result)
-    write_outputs(result, out, markdown)
-    _show(markdown, out)
+    _report(result, dataset, out, relay_markdown)
 
 
 @_command
@@ -235,7 +242,6 @@ def recoverability(
     out = _out(out, "recoverability")
     from relaygraph.eval.datasets import load_problems
     from relaygraph.eval.models import agent_config
-    from relaygraph.eval.report import write_outputs
     from relaygraph.eval.twins import recoverability_markdown, run_recoverability
 
     problems = load_problems(dataset, limit, seed, question_field, answer_field)
@@ -244,10 +250,7 @@ def recoverability(
             agent_config(model, dtype), problems, store, results, pool, max_tokens,
             floats(positions, "--positions") or [], steer_fraction, restatement, distractor_seed,
             concurrency, _progress(quiet), pool.flag)
-    result["dataset"] = dataset
-    markdown = recoverability_markdown(result)
-    write_outputs(result, out, markdown)
-    _show(markdown, out)
+    _report(result, dataset, out, recoverability_markdown)
 
 
 @_command
@@ -269,7 +272,6 @@ def guidability(
     out = _out(out, "guidability")
     from relaygraph.eval.datasets import load_problems
     from relaygraph.eval.models import agent_config
-    from relaygraph.eval.report import write_outputs
     from relaygraph.eval.twins import guidability_markdown, run_guidability
 
     problems = load_problems(dataset, limit, seed, question_field, answer_field)
@@ -278,8 +280,5 @@ def guidability(
             agent_config(model, dtype), agent_config(steer_model, dtype), problems, store, results,
             pool, max_tokens, samples, temperature, max_solved, floats(fractions, "--fractions") or [],
             concurrency, _progress(quiet), pool.flag)
-    result["dataset"] = dataset
-    markdown = guidability_markdown(result)
-    write_outputs(result, out, markdown)
-    _show(markdown, out)
+    _report(result, dataset, out, guidability_markdown)
 
