@@ -16,7 +16,8 @@ from relaygraph.train.command_head import (
     read_states,
     train_command_head,
 )
-from relaygraph.train.warmup import WarmupSettings, call_text, run_warmup
+from relaygraph.train.commands import call_text
+from relaygraph.train.warmup import WarmupSettings, run_warmup
 from tests import tiny_models as tiny
 
 
@@ -42,7 +43,7 @@ def sft_row(model_dir: Path, question: str, answer: str, call_after: str | None,
     ``n`` tokens it hands over masked."""
     from relaygraph.agents.backend import Prompt
     from relaygraph.agents.transformers_backend import TransformersBackend
-    from relaygraph.train.warmup import Insertion, called_mask, splice_calls
+    from relaygraph.train.commands import Insertion, called_mask, splice_calls
 
     backend = TransformersBackend(str(model_dir), dtype="float32")
     prompt = backend.render(Prompt(question, tiny.SYSTEM_PROMPT))

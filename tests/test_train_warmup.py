@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from relaygraph.train.warmup import (
-    SftSettings,
-    WarmupSettings,
-    call_text,
-    insert_calls,
-    on_char_boundary,
-    run_warmup,
-    sample_call_length,
-)
+from relaygraph.train.commands import call_text, insert_calls, on_char_boundary, sample_call_length
+from relaygraph.train.warmup import SftSettings, WarmupSettings, run_warmup
 from tests import tiny_models as tiny
 
 TEXT = "Let me think. two plus five is seven. The answer is \\boxed{7}."
@@ -154,7 +147,7 @@ def test_warmup_samples_inserts_and_fine_tunes(tiny_pair, tmp_path: Path) -> Non
 
 # disagreement placement (beyond the paper: R2R-style, where the expert disagrees) ------------
 def test_call_lengths_snap_up_to_the_grid() -> None:
-    from relaygraph.train.warmup import snap_call_length
+    from relaygraph.train.commands import snap_call_length
 
     assert [snap_call_length(n) for n in (1, 9, 10, 11, 23, 99, 101, 950)] == \
         [1, 9, 10, 20, 30, 100, 200, 1000]
@@ -162,7 +155,7 @@ def test_call_lengths_snap_up_to_the_grid() -> None:
 
 
 def test_disagreement_calls_go_where_the_expert_prefers_another_token() -> None:
-    from relaygraph.train.warmup import DisagreementSettings, ExpertScore, disagreement_calls
+    from relaygraph.train.disagreement import DisagreementSettings, ExpertScore, disagreement_calls
 
     ids = list(range(100, 160))                    # 60 response tokens
     own = [-0.1] * 60
@@ -179,6 +172,14 @@ def test_disagreement_calls_go_where_the_expert_prefers_another_token() -> None:
     # t=40: 6 tokens to the line end -> min 10; t=50: 10 tokens left (no line end)
     assert [(c.position, c.n) for c in calls] == [(5, 20), (40, 10), (50, 10)]
     assert [(c.position, c.n) for c in disagreement_calls(ids, score, line_ends, settings, 1)] == [(5, 20)]
+    # a score of a prefix (scoring stopped early) places commands in that prefix only: once
+    # it holds max_calls of them, they are the full score's
+    def prefix(k: int) -> ExpertScore:
+        return ExpertScore(own[:k], top_id[:k], top[:k])
+
+    assert [(c.position, c.n) for c in disagreement_calls(ids, prefix(41), line_ends, settings, 2)] == \
+        [(5, 20), (40, 10)] == [(c.position, c.n) for c in calls[:2]]
+    assert [(c.position, c.n) for c in disagreement_calls(ids, prefix(40), line_ends, settings, 3)] == [(5, 20)]
     # a token where the expert agrees (its top choice is the token) is never a disagreement
     agree = ExpertScore([-5.0] * 60, list(ids), [-0.1] * 60)
     assert disagreement_calls(ids, agree, line_ends, settings, 3) == []
@@ -193,7 +194,7 @@ def test_disagreement_calls_go_where_the_expert_prefers_another_token() -> None:
 
 
 def test_called_tokens_are_masked_and_commands_trained() -> None:
-    from relaygraph.train.warmup import Insertion, called_mask, splice_calls
+    from relaygraph.train.commands import Insertion, called_mask, splice_calls
 
     encode = lambda s: [0] * len(s)  # noqa: E731  - one id per character
     ids = list(range(1, 11))
@@ -255,6 +256,16 @@ def test_warmup_with_disagreement_placement(tiny_pair, tmp_path: Path) -> None:
         logits = backend.model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1]
     logp = torch.log_softmax(logits.float(), -1)
     assert first["token_logprob"] == pytest.approx([float(logp[t, i]) for t, i in enumerate(ids)], abs=2e-3)
+    # only the response graded wrong was scored (a right one gets no command)
+    assert [s["index"] for s in scores] == [0]
+    # read in chunks on the expert's KV cache: the same numbers; stopped early: a prefix
+    from relaygraph.train.disagreement import score_with_expert
+
+    chunked = score_with_expert(backend, prompt, ids, chunk=3)
+    assert chunked.token_logprob == pytest.approx(first["token_logprob"], abs=2e-3)
+    assert chunked.top_id == first["top_id"]
+    prefix = score_with_expert(backend, prompt, ids, lambda got: len(got.token_logprob) >= 5, chunk=3)
+    assert len(prefix.token_logprob) == 6 and prefix.top_id == first["top_id"][:6]
     # the n tokens the command hands to the expert carry no loss
     assert wrong["completion_mask"].count(0) == wrong["completion_mask"].index(1) + n
     assert (tmp_path / "warm" / "model" / "config.json").exists()

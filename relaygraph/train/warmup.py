@@ -26,11 +26,9 @@ warmed-up controller, tokenizer and chat template).
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,8 +36,14 @@ from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT
 from relaygraph.errors import ConfigError
-from relaygraph.policies.call_token import CALL_CLOSE, CALL_OPEN
 from relaygraph.train.command_head import HeadSettings, train_command_head
+from relaygraph.train.commands import (
+    call_text,
+    called_mask,
+    insert_calls,
+    on_char_boundary,
+    splice_calls,
+)
 from relaygraph.train.data import (
     Dtype,
     LoraSettings,
@@ -53,6 +57,13 @@ from relaygraph.train.data import (
     read_questions,
     save_model,
     select,
+)
+from relaygraph.train.disagreement import (
+    DisagreementSettings,
+    ExpertScore,
+    disagreement_calls,
+    score_samples,
+    token_tests,
 )
 
 Progress = Callable[[str], None]
@@ -74,24 +85,6 @@ class SftSettings(Strict):
     gradient_checkpointing: bool = False
     trl: dict[str, Any] = {}
     """Any other ``trl.SFTConfig`` field, passed as it is (e.g. ``bf16 = true``)."""
-
-
-class DisagreementSettings(Strict):
-    """Where ``placement = "disagreement"`` puts commands and how long they ask for."""
-
-    min_margin: float = Field(2.0, ge=0)
-    """A token is a disagreement when the expert's log-prob of its own top choice exceeds
-    its log-prob of the small model's token by at least this (nats)."""
-    min_call_tokens: int = Field(10, ge=1)
-    max_call_tokens: int = Field(100, ge=1)
-    """A command asks for the tokens to the end of the line, rounded up to d x 10^k and
-    kept within these bounds (and within what is left of the response)."""
-    numeric_only: bool = False
-    """Count only disagreements where the expert's own choice holds a digit: it would write
-    another number (an arithmetic or reading-off error, the kind that changes a math
-    answer; most other disagreements are wording)."""
-    calls_on_correct: bool = False
-    """Also place commands in responses graded correct."""
 
 
 class WarmupSettings(Strict):
@@ -148,47 +141,6 @@ class WarmupSettings(Strict):
         return self
 
 
-@dataclass(frozen=True)
-class Insertion:
-    position: int
-    """Index in the original response's tokens before which the command goes."""
-    n: int
-    """The requested length after clipping to the tokens left."""
-
-
-def sample_call_length(rng: random.Random) -> int:
-    """n_sample = d x 10^k with d uniform in 1..9 and k uniform in 0..3."""
-    return rng.randint(1, 9) * 10 ** rng.randint(0, 3)
-
-
-def call_text(n: int) -> str:
-    return f"{CALL_OPEN}{n}{CALL_CLOSE}"
-
-
-def insert_calls(token_ids: Sequence[int], count: int, encode: Callable[[str], list[int]],
-                 rng: random.Random,
-                 splittable: Callable[[int], bool] = lambda _: True) -> tuple[list[int], list[Insertion]]:
-    """``token_ids`` with ``count`` commands at distinct random token positions.
-
-    A command before token ``t`` asks for ``min(n_sample, len(token_ids) - t)`` tokens, so
-    every position leaves at least one token for the expert. ``splittable(t)`` may refuse a
-    position (e.g. one inside a multi-byte character). Returns the new ids and the
-    insertions in position order.
-    """
-    positions = [t for t in range(len(token_ids)) if splittable(t)]
-    chosen = sorted(rng.sample(positions, min(count, len(positions))))
-    insertions = [Insertion(t, min(sample_call_length(rng), len(token_ids) - t)) for t in chosen]
-    out = list(token_ids)
-    for ins in reversed(insertions):  # right to left: earlier positions stay valid
-        out[ins.position:ins.position] = encode(call_text(ins.n))
-    return out, insertions
-
-
-def on_char_boundary(decode: Callable[[list[int]], str], ids: Sequence[int]) -> Callable[[int], bool]:
-    """Whether a command may go before token ``t`` (not inside a multi-byte character)."""
-    return lambda t: not decode(list(ids[:t])).endswith("\ufffd")
-
-
 def sample_responses(backend: Any, rows: Sequence[dict[str, Any]], settings: WarmupSettings,
                      done: set[tuple[int, int]], progress: Progress) -> list[dict[str, Any]]:
     """Sample ``samples_per_question`` responses per question from the small model (those
@@ -217,68 +169,6 @@ def sample_responses(backend: Any, rows: Sequence[dict[str, Any]], settings: War
     return out
 
 
-def snap_call_length(n: int, low: int = 1, high: int | None = None) -> int:
-    """``n`` rounded up to the d x 10^k grid of the paper's call lengths, within
-    ``low..high``."""
-    n = max(n, low)
-    k = len(str(n)) - 1
-    d = -(-n // 10**k)
-    snapped = d * 10**k  # d may reach 10: 10 x 10^k is on the grid too
-    return min(snapped, high) if high is not None else snapped
-
-
-@dataclass(frozen=True)
-class ExpertScore:
-    """The expert reading a response teacher-forced, one entry per response token."""
-
-    token_logprob: list[float]
-    """The expert's log-prob of the small model's token."""
-    top_id: list[int]
-    """The expert's own most likely token there."""
-    top_logprob: list[float]
-
-
-def score_with_expert(expert: Any, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> ExpertScore:
-    """Teacher-forced: the expert's view of every token of ``response_ids`` after
-    ``prompt_ids`` (its own rendering of the task; both share a tokenizer)."""
-    import torch
-
-    ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=expert.device)
-    with expert.batcher.lock, torch.inference_mode():
-        logits = expert.model(input_ids=ids, logits_to_keep=len(response_ids) + 1).logits[0, :-1]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    own = logp.gather(-1, torch.tensor(list(response_ids), device=logp.device)[:, None])[:, 0]
-    top = logp.max(dim=-1)
-    return ExpertScore([round(float(x), 3) for x in own], [int(x) for x in top.indices],
-                       [round(float(x), 3) for x in top.values])
-
-
-def disagreement_calls(response_ids: Sequence[int], score: ExpertScore, line_ends: Sequence[bool],
-                       settings: DisagreementSettings, max_calls: int,
-                       splittable: Callable[[int], bool] = lambda _: True,
-                       numeric: Callable[[int], bool] = lambda _: True) -> list[Insertion]:
-    """Commands before the first ``max_calls`` disagreements, each asking for the tokens
-    to the end of its line (snapped to the d x 10^k grid, within the settings' bounds and
-    what is left); a later disagreement counts only after the previous command's tokens.
-
-    ``line_ends[t]``: token ``t`` ends a line (its text holds a newline); ``numeric(id)``:
-    the token's text holds a digit (used with ``numeric_only``)."""
-    out: list[Insertion] = []
-    t, size = 0, len(response_ids)
-    while t < size and len(out) < max_calls:
-        margin = score.top_logprob[t] - score.token_logprob[t]
-        if score.top_id[t] != response_ids[t] and margin >= settings.min_margin and splittable(t) \
-                and (not settings.numeric_only or numeric(score.top_id[t])):
-            end = next((u + 1 for u in range(t, size) if line_ends[u]), size)
-            n = snap_call_length(end - t, settings.min_call_tokens, settings.max_call_tokens)
-            n = min(n, size - t)
-            out.append(Insertion(t, n))
-            t += n
-            continue
-        t += 1
-    return out
-
-
 def build_sft_rows(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], backend: Any,
                    settings: WarmupSettings,
                    scores: dict[tuple[int, int], ExpertScore] | None = None) -> list[dict[str, Any]]:
@@ -291,9 +181,7 @@ def build_sft_rows(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
 
     rng = random.Random(settings.seed)
     eos = backend.tokenizer.eos_token_id
-    line_end = functools.lru_cache(maxsize=None)(lambda t: "\n" in backend.decode([t]))
-    numeric = functools.lru_cache(maxsize=None)(
-        lambda t: any(c.isdigit() for c in backend.decode([t])))
+    line_end, numeric = token_tests(backend.decode)
     out = []
     for sample in sorted(samples, key=lambda s: (s["index"], s["sample"])):
         ids = sample["response_ids"]
@@ -327,61 +215,6 @@ def build_sft_rows(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
             "completion_mask": [0] * len(prompt_ids) + mask,
         })
     return out
-
-
-def splice_calls(token_ids: Sequence[int], insertions: Sequence[Insertion],
-                 encode: Callable[[str], list[int]]) -> list[int]:
-    """``token_ids`` with each insertion's command before its position."""
-    out = list(token_ids)
-    for ins in sorted(insertions, key=lambda i: i.position, reverse=True):
-        out[ins.position:ins.position] = encode(call_text(ins.n))
-    return out
-
-
-def called_mask(token_ids: Sequence[int], insertions: Sequence[Insertion],
-                encode: Callable[[str], list[int]]) -> list[int]:
-    """Loss mask of the spliced response: 0 on the ``n`` tokens after each command (the
-    expert writes them at inference), 1 elsewhere (the commands included)."""
-    handed: set[int] = set()
-    for ins in insertions:
-        handed.update(range(ins.position, min(ins.position + ins.n, len(token_ids))))
-    starts: dict[int, int] = {ins.position: len(encode(call_text(ins.n))) for ins in insertions}
-    mask: list[int] = []
-    for t in range(len(token_ids)):
-        mask += [1] * starts.get(t, 0)
-        mask.append(0 if t in handed else 1)
-    return mask
-
-
-def score_samples(settings: WarmupSettings, rows: Sequence[dict[str, Any]],
-                  samples: Sequence[dict[str, Any]], device: str, tokenizer_id: str,
-                  progress: Progress) -> dict[tuple[int, int], ExpertScore]:
-    """The expert's teacher-forced scores of every sample (``expert_scores.jsonl``,
-    resumable)."""
-    from relaygraph.agents.backend import Prompt
-    from relaygraph.agents.transformers_backend import TransformersBackend
-
-    path = settings.output_dir / "expert_scores.jsonl"
-    scores = {(r["index"], r["sample"]): ExpertScore(r["token_logprob"], r["top_id"], r["top_logprob"])
-              for r in read_jsonl(path)}
-    todo = [s for s in samples if (s["index"], s["sample"]) not in scores and s["response_ids"]]
-    if not todo:
-        return scores
-    assert settings.expert is not None
-    expert = TransformersBackend(settings.expert, dtype=settings.dtype, device=device)
-    if expert.tokenizer_id != tokenizer_id:
-        raise ConfigError("placement = 'disagreement' needs an expert with the small model's "
-                          "tokenizer (it reads the small model's token ids)")
-    for done, sample in enumerate(sorted(todo, key=lambda s: (s["index"], s["sample"])), 1):
-        prompt = expert.render(Prompt(rows[sample["index"]]["question"], settings.expert_system_prompt))
-        score = score_with_expert(expert, prompt, sample["response_ids"])
-        scores[sample["index"], sample["sample"]] = score
-        append_jsonl(path, [{"index": sample["index"], "sample": sample["sample"],
-                             "token_logprob": score.token_logprob, "top_id": score.top_id,
-                             "top_logprob": score.top_logprob}])
-        if done % 10 == 0 or done == len(todo):
-            progress(f"expert scored {done}/{len(todo)} responses")
-    return scores
 
 
 def run_warmup(settings: WarmupSettings, progress: Progress = print) -> Path:
