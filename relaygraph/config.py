@@ -54,7 +54,7 @@ from relaygraph.graphs.retry import RetryPolicy
 from relaygraph.policies.base import PolicyConfig
 from relaygraph.policies.registry import parse_policy
 from relaygraph.trajectory.models import Task
-from relaygraph.trajectory.settings import StoreConfig, fold_redis_key
+from relaygraph.trajectory.settings import HasStore
 
 
 def default_agents() -> dict[str, AgentConfig]:
@@ -63,31 +63,19 @@ def default_agents() -> dict[str, AgentConfig]:
             "expert": parse_agent_config({"model": DEFAULT_EXPERT})}
 
 
-class RelayConfig(BaseModel):
-    """Agents by name, a policy, and the run's budget."""
+class RelayConfig(HasStore):
+    """Agents by name, a policy, the run's budget and where its trajectory goes."""
 
     model_config = ConfigDict(extra="forbid")
 
     agents: dict[str, SerializeAsAny[AgentConfig]] = Field(default_factory=default_agents)
     policy: SerializeAsAny[PolicyConfig] = Field(default_factory=lambda: parse_policy({}))
     max_tokens: int = Field(512, ge=1)
-    store: StoreConfig = StoreConfig()
-    """Where trajectories go (``redis = "url"`` is read as ``store.url``)."""
     fallbacks: dict[str, str] = {}
     """Agent -> agent that writes its turn when its backend keeps failing."""
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     """How a failing generation is retried before the fallback takes the turn (attempts,
     back-off); recorded with each trajectory, so a resumed run retries the same way."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _redis_key(cls, data: Any) -> Any:
-        return fold_redis_key(data)
-
-    @property
-    def redis(self) -> str | None:
-        """The store's URL (None: ``$REDIS_URL``, else the embedded server)."""
-        return self.store.url
 
     @field_validator("agents", mode="before")
     @classmethod

@@ -46,7 +46,7 @@ from relaygraph.policies.base import PolicyConfig
 from relaygraph.policies.registry import trusted_fields
 from relaygraph.serve.runner import cancellable
 from relaygraph.serve.schemas import APIError, bad_request, validation_error
-from relaygraph.trajectory.settings import StoreConfig, fold_redis_key
+from relaygraph.trajectory.settings import HasStore
 
 if TYPE_CHECKING:
     from relaygraph.relay import Relay
@@ -92,20 +92,12 @@ class ServedRelayConfig(RelayConfig):
         return data
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(HasStore):
+    """``relaygraph serve --config``: the served relays by name and the one store they share."""
+
     model_config = ConfigDict(extra="forbid")
 
     relays: dict[str, ServedRelayConfig] = Field(min_length=1)
-    store: StoreConfig = StoreConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _redis_key(cls, data: Any) -> Any:
-        return fold_redis_key(data)
-
-    @property
-    def redis(self) -> str | None:
-        return self.store.url
 
     @field_validator("relays")
     @classmethod

@@ -6,7 +6,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from relaygraph.errors import ConfigError
 from relaygraph.trajectory.connect import OnRetry, parse_target, redact_url
@@ -112,6 +112,24 @@ class StoreConfig(BaseModel):
 
     def open(self, retries: int = 8, on_retry: OnRetry | None = None) -> RedisStore:
         return open_store(self.url, self.namespace, retries, self.ttl, on_retry)
+
+
+class HasStore(BaseModel):
+    """A config that names where its trajectories go: a ``[store]`` table, or ``redis =
+    "url"`` at the top (the older spelling, read as ``store.url``)."""
+
+    store: StoreConfig = StoreConfig()
+    """Where trajectories go (``redis = "url"`` is read as ``store.url``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_key(cls, data: Any) -> Any:
+        return fold_redis_key(data)
+
+    @property
+    def redis(self) -> str | None:
+        """The store's URL (None: ``$REDIS_URL``, else the embedded server)."""
+        return self.store.url
 
 
 def fold_redis_key(data: Any) -> Any:
