@@ -23,6 +23,7 @@ to the placed command.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -70,7 +71,8 @@ def read_states(model: Any, rows: Sequence[dict[str, Any]], vocab_rows: Sequence
     """One forward pass per row: for each trained position (``completion_mask`` of the
     next token is 1) the hidden state entering ``lm_head``, the command tokens' logits,
     the log-sum-exp and max of all other logits, the label (index into ``vocab_rows`` or
-    -1) and its logit. Rows already in ``cache`` (a folder) are read back."""
+    -1) and its logit. Rows already in ``cache`` (a folder; one file per row's content)
+    are read back."""
     import torch
 
     rows_ids = torch.tensor(list(vocab_rows))
@@ -82,12 +84,15 @@ def read_states(model: Any, rows: Sequence[dict[str, Any]], vocab_rows: Sequence
     hook = model.lm_head.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0]))
     try:
         for number, row in enumerate(rows):
-            file = cache / f"{number}.pt" if cache is not None else None
-            if file is not None and file.exists():
-                parts.append(torch.load(file))
-                continue
             ids = row["input_ids"]
             mask = row["completion_mask"]
+            key = hashlib.sha256(json.dumps([ids, mask, list(vocab_rows)]).encode()).hexdigest()[:24]
+            file = cache / f"{key}.pt" if cache is not None else None
+            if file is not None and file.exists():  # the same row read before
+                part = torch.load(file)
+                part["row"] = torch.full((len(part["label"]),), number)
+                parts.append(part)
+                continue
             positions = torch.tensor([t for t in range(len(ids) - 1) if mask[t + 1]])
             captured.clear()
             with torch.inference_mode():
@@ -225,10 +230,8 @@ def train_command_head(model_name: str, rows: Sequence[dict[str, Any]], settings
     (adapter / CONFIG_FILE).write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model_name,
         "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "target_modules": ["lm_head"],
-        "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-        "relaygraph": {"trained": "command head", "command_tokens": vocab_rows,
-                       "kept_energy": round(float(s[:rank].pow(2).sum() / s.pow(2).sum()), 6)
-                       if float(s.pow(2).sum()) > 0 else 1.0}}, indent=1) + "\n")
+        "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False},
+        indent=1) + "\n")
     final = output_dir / "model"
     merge_folder(Path(resolve(model_name)), adapter, final)
     progress(f"command head: {len(vocab_rows)} output rows trained, rank {rank} "
