@@ -61,11 +61,12 @@ def warmed(two_answers, tmp_path_factory) -> tuple[Path, Path]:
 
     rows = [sft_row(two_answers, tiny.QUESTION, tiny.EXPERT_ANSWER, "Let me think."),
             sft_row(two_answers, tiny.NOCALL_QUESTION, tiny.NOCALL_ANSWER, None)]
-    encode = TransformersBackend(str(two_answers), dtype="float32").encode
+    backend = TransformersBackend(str(two_answers), dtype="float32")
     out = tmp_path_factory.mktemp("head")
     lines: list[str] = []
-    final = train_command_head(str(two_answers), rows, HeadSettings(steps=200, validation=0.0),
-                               out, encode, call_text, "float32", "cpu", lines.append)
+    final = train_command_head(str(two_answers), backend.model, rows,
+                               HeadSettings(steps=200, validation=0.0), out, backend.encode,
+                               call_text, lines.append)
     assert final == out / "model" and lines[-1].startswith("command head:")
     return two_answers, final
 
@@ -136,7 +137,7 @@ def test_the_stored_states_give_the_models_own_loss(tiny_pair) -> None:
     trained = [t for t in range(len(ids) - 1) if mask[t + 1]]
     expected = torch.nn.functional.cross_entropy(logits[trained], torch.tensor(ids)[[t + 1 for t in trained]],
                                                  reduction="none")
-    got = nll(states, torch.zeros(len(rows), model.config.hidden_size), torch.ones(model.config.hidden_size))
+    got = nll(states, torch.zeros(len(rows), model.config.hidden_size))
     assert got == pytest.approx(expected.tolist(), abs=1e-4)
 
 

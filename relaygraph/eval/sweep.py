@@ -248,18 +248,24 @@ def _jobs(plan_: PolicyPlan, problems: list[Problem], pool: ModelPool,
                 relays[sample] = pool.relay(sampled(plan_.config, sample, temperature), store)
             return relays[sample]
 
+    specs: dict[int | None, dict[str, Any]] = {}
+
+    def spec_of(sample: int | None) -> dict[str, Any]:
+        """What a result is a function of: not where it is stored nor how failures retry;
+        a catalog adapter's version (retrained under the same name) when one is used."""
+        if sample not in specs:
+            config = sampled(plan_.config, sample, temperature)
+            spec = config.model_dump(mode="json", exclude={"store", "retry"})
+            used = set(config.policy.agent_names())
+            versions = {n: v for n, a in config.agents.items()
+                        if n in used and (v := weights_version(str(getattr(a, "model", ""))))}
+            specs[sample] = {**spec, "weights": versions} if versions else spec
+        return specs[sample]
+
     jobs = []
     for problem in problems:
         sample = problem.meta.get("sample")
-        # what the result is a function of: not where it is stored nor how failures retry;
-        # a catalog adapter's version (retrained under the same name) when one is used
-        config = sampled(plan_.config, sample, temperature)
-        spec = config.model_dump(mode="json", exclude={"redis", "store", "retry"})
-        used = set(config.policy.agent_names())
-        versions = {n: v for n, a in config.agents.items()
-                    if n in used and (v := weights_version(str(getattr(a, "model", ""))))}
-        if versions:
-            spec["weights"] = versions
+        spec = spec_of(sample)
 
         def run(tid: str, problem: Problem = problem, sample: int | None = sample) -> Record:
             resumed = store.exists(tid)

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import Field
 
-from relaygraph.train.data import Dtype, Strict, append_jsonl
+from relaygraph.train.data import Strict, append_jsonl
 
 Progress = Callable[[str], None]
 
@@ -118,12 +118,17 @@ def read_states(model: Any, rows: Sequence[dict[str, Any]], vocab_rows: Sequence
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def nll(states: dict[str, Any], delta: Any, scale: Any) -> Any:
-    """Per-position next-token loss with ``delta`` (standardized units) added to the command
-    tokens' output rows."""
+def command_logits(states: dict[str, Any], delta: Any) -> Any:
+    """The command tokens' logits at every stored position with ``delta`` added to their
+    output rows (``delta`` in the units of ``states["hidden"]``)."""
+    return states["command_logits"] + states["hidden"] @ delta.T
+
+
+def nll(states: dict[str, Any], delta: Any) -> Any:
+    """Per-position next-token loss with ``delta`` added to the command tokens' output rows."""
     import torch
 
-    logits = states["command_logits"] + (states["hidden"] / scale) @ delta.T
+    logits = command_logits(states, delta)
     lse = torch.logsumexp(torch.cat([states["rest_lse"][:, None], logits], 1), 1)
     label = states["label"]
     own = torch.where(label >= 0, logits.gather(1, label.clamp(min=0)[:, None])[:, 0],
@@ -131,14 +136,14 @@ def nll(states: dict[str, Any], delta: Any, scale: Any) -> Any:
     return lse - own
 
 
-def call_rates(states: dict[str, Any], delta: Any, scale: Any, first: int, rows: Sequence[int],
+def call_rates(states: dict[str, Any], delta: Any, first: int, rows: Sequence[int],
                placed: dict[int, int | None], on_time: int) -> dict[str, float]:
     """How often greedy decoding would begin a command, per response, before the first
     placed command (or anywhere, in responses without one): the share that calls, and of
     responses with a placed command, the share called within ``on_time`` tokens of it."""
     import torch
 
-    logits = states["command_logits"] + (states["hidden"] / scale) @ delta.T
+    logits = command_logits(states, delta)
     top = torch.maximum(states["rest_max"], logits.max(1).values)
     begins = logits[:, first] >= top
     called = on_time_count = with_command = 0
@@ -167,31 +172,29 @@ def first_command_position(row: dict[str, Any], first: int) -> int | None:
     return None
 
 
-def train_command_head(model_name: str, rows: Sequence[dict[str, Any]], settings: HeadSettings,
-                       output_dir: Path, encode: Callable[[str], list[int]],
-                       call_text: Callable[[int], str], dtype: Dtype, device: str,
+def train_command_head(model_name: str, model: Any, rows: Sequence[dict[str, Any]],
+                       settings: HeadSettings, output_dir: Path,
+                       encode: Callable[[str], list[int]], call_text: Callable[[int], str],
                        progress: Progress) -> Path:
-    """Train the command tokens' output rows on ``rows`` (the warm-up's SFT rows); writes
-    ``adapter/`` (LoRA on ``lm_head``), ``model/`` (merged) and ``log.jsonl``."""
+    """Train the command tokens' output rows of ``model`` (loaded from ``model_name``: its
+    weights are the merge's base) on ``rows`` (the warm-up's SFT rows); writes ``adapter/``
+    (LoRA on ``lm_head``), ``model/`` (merged) and ``log.jsonl``."""
     import torch
 
     from relaygraph.agents.catalog import resolve
     from relaygraph.agents.lora import CONFIG_FILE, WEIGHTS_FILE, merge_folder
-    from relaygraph.train.data import load_causal_lm
 
     vocab_rows = command_tokens(encode, call_text)
     first = vocab_rows.index(encode(call_text(1))[0])
-    model, _ = load_causal_lm(model_name, dtype, device)
-    model.eval()
-    states = read_states(model, rows, vocab_rows, progress, output_dir / "states")
+    states = read_states(model.eval(), rows, vocab_rows, progress, output_dir / "states")
     hidden_size, vocab = model.lm_head.weight.shape[1], model.lm_head.weight.shape[0]
-    del model
 
     held = max(1, int(len(rows) * settings.validation)) if settings.validation else 0
     train_rows = set(range(len(rows) - held))
     in_train = torch.tensor([int(r) in train_rows for r in states["row"]])
     weight = torch.where(states["label"] == first, settings.call_weight, 1.0)
     scale = states["hidden"][in_train].std(0).clamp(min=1e-3)
+    states = {**states, "hidden": states["hidden"] / scale}  # standardized once: delta's units
     delta = torch.zeros(len(vocab_rows), hidden_size, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=settings.learning_rate)
     placed = {i: first_command_position(r, vocab_rows[first]) for i, r in enumerate(rows)}
@@ -201,7 +204,7 @@ def train_command_head(model_name: str, rows: Sequence[dict[str, Any]], settings
     train_w, held_w = weight * in_train, weight * ~in_train
     for step in range(1, settings.steps + 1):
         optimizer.zero_grad()
-        losses = nll(states, delta, scale)
+        losses = nll(states, delta)
         loss = (losses * train_w).sum() / train_w.sum() + settings.weight_decay * delta.pow(2).sum()
         loss.backward()
         optimizer.step()
@@ -211,7 +214,7 @@ def train_command_head(model_name: str, rows: Sequence[dict[str, Any]], settings
                 if held:
                     entry["val_loss"] = round(float((losses * held_w).sum() / held_w.sum()), 5)
                     entry.update({f"val_{k}": round(v, 4) for k, v in call_rates(
-                        states, delta, scale, first, held_rows, placed, settings.on_time).items()})
+                        states, delta, first, held_rows, placed, settings.on_time).items()})
             append_jsonl(log, [entry])
             progress(" · ".join(f"{k} {v}" for k, v in entry.items()))
 

@@ -242,11 +242,9 @@ def run_warmup(settings: WarmupSettings, progress: Progress = print) -> Path:
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_rows))
     calls = sum(len(r["calls"]) for r in sft_rows)
     progress(f"warm-up data: {len(sft_rows)} responses, {calls} commands inserted")
-    if settings.head is not None:
-        encode = backend.encode
-        del backend
-        return train_command_head(settings.model, sft_rows, settings.head, settings.output_dir,
-                                  encode, call_text, settings.dtype, settings.device, progress)
+    if settings.head is not None:  # on the model already loaded for sampling
+        return train_command_head(settings.model, backend.model, sft_rows, settings.head,
+                                  settings.output_dir, backend.encode, call_text, progress)
     del backend
     return finetune(settings, sft_rows, progress)
 
