@@ -145,6 +145,41 @@ def test_warmup_samples_inserts_and_fine_tunes(tiny_pair, tmp_path: Path) -> Non
     assert again == [f"warm-up already finished: {final}"]
 
 
+def test_interrupted_sampling_keeps_what_finished_and_resumes(tiny_pair, tmp_path: Path) -> None:
+    """Responses are saved as they finish: an interrupt loses none that finished, and the
+    rerun samples only the rest (each (question, sample) once)."""
+    from relaygraph.agents.transformers_backend import TransformersBackend
+    from relaygraph.train.data import read_jsonl
+    from relaygraph.train.warmup import sample_responses
+
+    controller, _ = tiny_pair
+    rows = [{"question": tiny.QUESTION, "answer": "7"}, {"question": tiny.NOCALL_QUESTION, "answer": "2"}]
+    settings = WarmupSettings(model=str(controller), data=tmp_path / "unused.jsonl",
+                              output_dir=tmp_path, system_prompt=tiny.SYSTEM_PROMPT,
+                              samples_per_question=3, max_tokens=16, temperature=1.0,
+                              concurrency=2, device="cpu")
+    backend = TransformersBackend(str(controller), dtype="float32")
+    lines: list[str] = []
+
+    def interrupt_once(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_responses(backend, rows, settings, set(), interrupt_once)
+    saved = list(read_jsonl(tmp_path / "samples.jsonl"))
+    assert lines[0] == "sampled 2/6 responses"
+    # those in flight when the first batch was saved finished too, and were kept; the rest never started
+    assert 2 <= len(saved) <= 4 and lines[-1] == f"sampled {len(saved)}/6 responses"
+
+    done = {(s["index"], s["sample"]) for s in saved}
+    rest = sample_responses(backend, rows, settings, done, lines.append)
+    assert len(rest) == 6 - len(saved) and lines[-1] == "sampled 6/6 responses"
+    keys = [(s["index"], s["sample"]) for s in read_jsonl(tmp_path / "samples.jsonl")]
+    assert sorted(keys) == [(i, j) for i in range(2) for j in range(3)]
+
+
 # disagreement placement (beyond the paper: R2R-style, where the expert disagrees) ------------
 def test_call_lengths_snap_up_to_the_grid() -> None:
     from relaygraph.train.commands import snap_call_length

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,12 +160,32 @@ def sample_responses(backend: Any, rows: Sequence[dict[str, Any]], settings: War
                 "finished": gen.finish_reason == "eos"}
 
     out: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(settings.concurrency) as pool:
-        for start in range(0, len(todo), settings.concurrency * 4):
-            chunk = list(pool.map(one, todo[start:start + settings.concurrency * 4]))
-            out += chunk
-            append_jsonl(settings.output_dir / "samples.jsonl", chunk)
+    pending: list[dict[str, Any]] = []  # finished, not yet saved: saved a batch at a time
+
+    def save() -> None:
+        nonlocal pending
+        if pending:
+            append_jsonl(settings.output_dir / "samples.jsonl", pending)
+            out.extend(pending)
+            pending = []
             progress(f"sampled {len(done) + len(out)}/{len(done) + len(todo)} responses")
+
+    with ThreadPoolExecutor(settings.concurrency) as pool:
+        futures = [pool.submit(one, job) for job in todo]
+        collected: set[Future[dict[str, Any]]] = set()
+        try:
+            for future in as_completed(futures):
+                collected.add(future)
+                pending.append(future.result())
+                if len(pending) >= settings.concurrency:
+                    save()
+        finally:  # an error or an interrupt: nothing new starts, and what finishes is kept
+            for future in futures:
+                future.cancel()
+            for future in futures:
+                if future not in collected and not future.cancelled() and future.exception() is None:
+                    pending.append(future.result())
+            save()
     return out
 
 
