@@ -72,7 +72,7 @@ def score_with_expert(expert: Any, prompt_ids: Sequence[int], response_ids: Sequ
             part = response[done:done + chunk]
             ids = torch.tensor([fed + part[:-1] if done == 0 else [response[done - 1]] + part[:-1]],
                                device=expert.device)
-            logits = expert.model(input_ids=ids, past_key_values=cache, use_cache=True,
+            logits = expert.model(input_ids=ids, **{expert.batcher.cache_arg: cache}, use_cache=True,
                                   logits_to_keep=len(part)).logits[0]
             logp = torch.log_softmax(logits.float(), dim=-1)
             own += [round(float(x), 3) for x in
