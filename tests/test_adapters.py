@@ -149,21 +149,25 @@ def test_the_shipped_relay_adapter_is_in_the_catalog() -> None:
 
 
 @pytest.mark.slow
-def test_the_shipped_controller_runs_the_call_token_relay(redis_server) -> None:
-    """The shipped relay controller, by its catalog name, loads (pulled = merged) and answers
-    a GSM8K question under call-token. (Whether it calls is measured by the sweep in the
-    README: after its short warm-up it does not yet, so it is not the default controller.)"""
+def test_the_default_relay_calls_the_expert_with_the_shipped_controller(redis_server) -> None:
+    """`relaygraph run QUESTION` with no options: the call-token policy's default controller
+    (the shipped one, pulled = merged) writes `<call>n</call>` on a GSM8K test question, and
+    the expert writes the tokens it asked for. (How often it calls over the test problems is
+    measured by the sweep in the README.)"""
     from typer.testing import CliRunner
 
     from relaygraph.cli import app
 
-    question = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning "
-                "and bakes muffins for her friends every day with four. She sells the remainder "
-                "at the farmers' market daily for $2 per fresh duck egg. How much in dollars does "
-                "she make every day at the farmers' market?")
+    question = ("Alex is getting ready to attend an event that she has hosted and wants to make "
+                "sure that she has enough seats for everyone. She invites 100 people via email "
+                "and each invited person says that they will also invite 2 of their friends. She "
+                "then calls 10 of her friends to invite them too and 8 of them say they will be "
+                "bringing their spouses. How many seats will Alex need?")
     result = CliRunner().invoke(app, ["run", question, "--json", "--redis", redis_server.url,
-                                      "--controller", catalog.RELAY_CONTROLLER])
+                                      "--max-tokens", "128"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["policy"] == "call-token" and out["finish_reason"] == "eos"
-    assert out["tokens_by_agent"].get("controller", 0) > 0 and out["answer"]
+    assert out["policy"] == "call-token"
+    assert out["tokens_by_agent"]["controller"] > 0 and out["tokens_by_agent"].get("expert", 0) > 0, out
+    calls = [s for s in out["segments"] if s["kind"] == "call"]
+    assert calls and calls[0]["author"] == "controller" and out["handoffs"] >= 1
