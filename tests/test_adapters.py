@@ -149,11 +149,11 @@ def test_the_shipped_relay_adapter_is_in_the_catalog() -> None:
 
 
 @pytest.mark.slow
-def test_the_default_relay_calls_the_expert_with_the_shipped_controller(redis_server) -> None:
-    """`relaygraph run QUESTION` with no options: the call-token policy's default controller
-    (the shipped one, pulled = merged) writes `<call>n</call>` on a GSM8K test question, and
-    the expert writes the tokens it asked for. (How often it calls over the test problems is
-    measured by the sweep in the README.)"""
+def test_the_shipped_controller_calls_the_expert(redis_server) -> None:
+    """The shipped controller by its catalog name (pulled = merged) writes `<call>n</call>` on
+    a GSM8K test question under call-token, and the expert writes the tokens it asked for.
+    (How often it calls over the test problems, and what that scores, is measured by the
+    sweep in the README.)"""
     from typer.testing import CliRunner
 
     from relaygraph.cli import app
@@ -164,7 +164,7 @@ def test_the_default_relay_calls_the_expert_with_the_shipped_controller(redis_se
                 "then calls 10 of her friends to invite them too and 8 of them say they will be "
                 "bringing their spouses. How many seats will Alex need?")
     result = CliRunner().invoke(app, ["run", question, "--json", "--redis", redis_server.url,
-                                      "--max-tokens", "128"])
+                                      "--max-tokens", "128", "--controller", catalog.RELAY_CONTROLLER])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["policy"] == "call-token"

@@ -24,12 +24,9 @@ from relaygraph.relay import Relay
 from tests import tiny_models as tiny
 
 
-def test_defaults_are_the_trained_controller_and_the_expert_with_call_token() -> None:
-    """call-token's default controller is the catalog's trained one (an untrained 0.5B never
-    writes the command); every other policy gets the plain offline pair."""
+def test_defaults_are_the_offline_pair_with_call_token() -> None:
     cfg = RelayConfig()
-    assert cfg.agents["controller"].model == "qwen2.5-coder-0.5b-relay"
-    assert RelayConfig.from_options(policy="confidence").agents["controller"].model == "qwen2.5-coder-0.5b"
+    assert cfg.agents["controller"].model == "qwen2.5-coder-0.5b"
     assert cfg.agents["expert"].model == "qwen2.5-coder-1.5b"
     assert cfg.policy.type == "call-token" and cfg.max_tokens == 512
 

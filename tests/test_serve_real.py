@@ -22,7 +22,7 @@ def server(redis_server):
         pytest.skip(f"models not pulled: {missing} (relaygraph models pull)")
     store = RedisStore.from_url(redis_server.url)
     registry = Registry.build(config, store)
-    assert len(registry.backends) == 3  # two relays, one load per model (the expert shared)
+    assert len(registry.backends) == 2  # two relays, one load per model
     with BackgroundServer(create_app(registry)) as s:
         yield s, store
 

@@ -94,7 +94,7 @@ CATALOG: dict[str, CatalogModel | AdapterModel] = {
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            description="Qwen2.5-Coder-0.5B-Instruct (default controller; call-token: its trained -relay)",
+            description="Qwen2.5-Coder-0.5B-Instruct (default controller)",
         ),
         CatalogModel(
             name="qwen2.5-coder-1.5b",
@@ -117,7 +117,7 @@ CATALOG: dict[str, CatalogModel | AdapterModel] = {
             base="qwen2.5-coder-0.5b",
             adapter="qwen2.5-coder-0.5b-relay",
             description="qwen2.5-coder-0.5b + relaygraph's call-token LoRA adapter for "
-                        "qwen2.5-coder-1.5b (the call-token policy's default controller)",
+                        "qwen2.5-coder-1.5b (head-only warm-up: it calls, but scores below the base)",
         ),
     )
 }
@@ -125,8 +125,9 @@ CATALOG: dict[str, CatalogModel | AdapterModel] = {
 DEFAULT_CONTROLLER = "qwen2.5-coder-0.5b"
 DEFAULT_EXPERT = "qwen2.5-coder-1.5b"
 RELAY_CONTROLLER = "qwen2.5-coder-0.5b-relay"
-"""The controller trained to call :data:`DEFAULT_EXPERT`: the call-token policy's default
-controller (README, "The shipped controller")."""
+"""The controller trained to call :data:`DEFAULT_EXPERT` (README, "The shipped controller":
+it calls on a third of GSM8K test problems but scores below the plain 0.5B, so no policy
+defaults to it)."""
 
 Progress = Callable[[str], None]
 

@@ -22,7 +22,6 @@ from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.agents.backend import Capabilities, Generation, StopRule
-from relaygraph.agents.catalog import RELAY_CONTROLLER
 from relaygraph.policies.base import (
     NOTHING,
     Decision,
@@ -172,8 +171,6 @@ class CallTokenPolicy(_CallPolicy):
     __doc__ = _CallPolicy.__doc__
 
     type: Literal["call-token"] = "call-token"
-    default_models: ClassVar[Mapping[str, str]] = {"controller": RELAY_CONTROLLER}
-    """The catalog's trained controller: an untrained model never writes the command."""
 
 
 class PromptedCallPolicy(_CallPolicy):
