@@ -117,7 +117,7 @@ CATALOG: dict[str, CatalogModel | AdapterModel] = {
             base="qwen2.5-coder-0.5b",
             adapter="qwen2.5-coder-0.5b-relay",
             description="qwen2.5-coder-0.5b + relaygraph's call-token LoRA adapter for "
-                        "qwen2.5-coder-1.5b (head-only warm-up: it calls, but scores below the base)",
+                        "qwen2.5-coder-1.5b (head-only warm-up: it calls, not yet to any gain)",
         ),
     )
 }
@@ -126,8 +126,8 @@ DEFAULT_CONTROLLER = "qwen2.5-coder-0.5b"
 DEFAULT_EXPERT = "qwen2.5-coder-1.5b"
 RELAY_CONTROLLER = "qwen2.5-coder-0.5b-relay"
 """The controller trained to call :data:`DEFAULT_EXPERT` (README, "The shipped controller":
-it calls on a third of GSM8K test problems but scores below the plain 0.5B, so no policy
-defaults to it)."""
+it calls on a third of GSM8K test problems, but its calls have fixed no answer yet, so no
+policy defaults to it)."""
 
 Progress = Callable[[str], None]
 
