@@ -92,6 +92,19 @@ def test_call_is_clipped_to_max_call_tokens(backends, redis_store) -> None:
     assert result.tokens_by_agent["expert"] == 2
 
 
+def test_min_call_tokens_grants_a_short_call_more_and_keeps_what_it_asked(backends, redis_store) -> None:
+    result = make_relay(backends, redis_store, min_call_tokens=5).run(tiny.QUESTION)
+    call, expert = redis_store.read(result.trajectory_id)[1:3]
+    assert (call.meta["requested"], call.meta["granted"]) == (3, 5)
+    assert expert.author == "expert" and expert.n_tokens == 5
+    assert result.tokens_by_agent["expert"] == 5
+
+
+def test_min_call_tokens_above_the_cap_is_refused_in_words() -> None:
+    with pytest.raises(ValueError, match="min_call_tokens \\(8\\) is above max_call_tokens \\(4\\)"):
+        CallTokenPolicy(min_call_tokens=8, max_call_tokens=4)
+
+
 def test_call_is_clipped_to_the_remaining_budget(backends, redis_store) -> None:
     head = len(tiny.load_relay_meta(Path(backends[0].model_id).parent)["controller_head_ids"])
     result = make_relay(backends, redis_store, max_tokens=head + 1).run(tiny.QUESTION)

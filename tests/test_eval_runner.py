@@ -201,3 +201,23 @@ def test_workers_sharing_redis_split_the_items(relay, redis_store, shared_on, re
         assert a.records[key]["worker"] == workers[0].worker
     with pytest.raises(ConfigError, match="--shared name"):
         RedisResults(redis_store.client, "bad name!")
+
+
+def test_progress_in_a_log_is_a_line_per_finished_item(relay, tmp_path: Path) -> None:
+    """Not on a terminal (a log file, CI) the progress is plain lines, not a live bar that
+    stays silent until the end."""
+    import io
+
+    from rich.console import Console
+
+    from relaygraph.eval.runner import Progress
+
+    log = io.StringIO()
+    results = FileResults(tmp_path)
+    jobs = solo_jobs(relay, [])
+    run_jobs(jobs[:1], results)  # one item done before: reused
+    run_jobs(jobs, results, progress=Progress(Console(file=log, width=200)))
+    lines = log.getvalue().splitlines()
+    assert lines[0] == f"{len(jobs) - 1} item(s) to run in 1 group(s), 1 reused"
+    assert [line.split(" (")[0] for line in lines[1:]] == [
+        f"solo: {i}/{len(jobs)}" for i in range(2, len(jobs) + 1)]

@@ -289,7 +289,9 @@ def _still_open(skipped: list[Job], results: Results, fresh: dict[str, Record],
 
 
 class Progress:
-    """A rich progress bar per group (nothing without a console)."""
+    """A rich progress bar per group on a terminal; a plain line per finished item when the
+    console is not one (a log file, CI), so long runs are never silent; nothing without a
+    console."""
 
     def __init__(self, console: Any, label: str = "") -> None:
         self.console, self.label = console, label
@@ -297,9 +299,22 @@ class Progress:
         self._tasks: dict[str, Any] = {}
         self._failed: dict[str, int] = {}
         self._said_waiting = False
+        self._lines: dict[str, list[int]] | None = None  # group -> [done, total] (plain lines)
+        self._started = 0.0
 
     def start(self, jobs: Sequence[Job], done: set[str]) -> None:
         if self.console is None:
+            return
+        groups: dict[str, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.group, []).append(job)
+        if not self.console.is_terminal:
+            self._started = time.monotonic()
+            self._lines = {g: [sum(j.key in done for j in m), len(m)] for g, m in groups.items()}
+            reused = sum(d for d, _ in self._lines.values())
+            self.console.print(f"{self.label}{len(jobs) - reused} item(s) to run in "
+                               f"{len(groups)} group(s){f', {reused} reused' if reused else ''}",
+                               highlight=False)
             return
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as Bar
@@ -307,9 +322,6 @@ class Progress:
         self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("[red]{task.fields[failed]}"), TimeElapsedColumn(),
                         console=self.console)
-        groups: dict[str, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.group, []).append(job)
         for group, members in groups.items():
             self._tasks[group] = self._bar.add_task(
                 f"{self.label}{group}", total=len(members), failed="",
@@ -317,19 +329,27 @@ class Progress:
         self._bar.start()
 
     def advance(self, group: str, failed: bool = False) -> None:
+        if failed:
+            self._failed[group] = self._failed.get(group, 0) + 1
+        if self._lines is not None:
+            count = self._lines[group]
+            count[0] += not failed
+            errors = f", {self._failed[group]} failed" if self._failed.get(group) else ""
+            elapsed = int(time.monotonic() - self._started)
+            self.console.print(f"{self.label}{group}: {count[0]}/{count[1]}{errors} "
+                               f"({elapsed // 60}m{elapsed % 60:02d}s)", highlight=False)
         if self._bar is None:
             return
         if failed:
-            self._failed[group] = self._failed.get(group, 0) + 1
             self._bar.update(self._tasks[group], failed=f"{self._failed[group]} failed")
         else:
             self._bar.advance(self._tasks[group])
 
     def waiting(self, count: int) -> None:
-        if self._bar is not None and not self._said_waiting:
+        if self.console is not None and not self._said_waiting:
             self._said_waiting = True
-            self._bar.console.print(f"[dim]waiting for {count} item(s) other workers are "
-                                    "running (or for their claims to expire)[/dim]")
+            self.console.print(f"waiting for {count} item(s) other workers are running "
+                               "(or for their claims to expire)", markup=False, highlight=False)
 
     def stop(self) -> None:
         if self._bar is not None:

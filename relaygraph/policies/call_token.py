@@ -80,8 +80,9 @@ def parse_call(text: str) -> CallCommand | None:
 class _CallPolicy(PolicyConfig):
     """The controller asks the expert for ``n`` tokens by writing ``<call>n</call>``.
 
-    ``max_call_tokens`` caps one call; ``max_calls`` caps calls per run (later commands are
-    recorded as refused and the controller continues). ``teacher_free``: the paper's
+    ``max_call_tokens`` caps one call; ``min_call_tokens`` grants each call at least that
+    many tokens (within the cap and the budget); ``max_calls`` caps calls per run (later
+    commands are recorded as refused and the controller continues). ``teacher_free``: the paper's
     teacher-free inference — the controller may not write the command at all (``<call>``
     and ``</call>`` are banned at decode time), so the expert never writes.
     """
@@ -90,6 +91,10 @@ class _CallPolicy(PolicyConfig):
     expert: str = "expert"
     max_call_tokens: int | None = Field(1024, ge=1)
     """Most tokens one call may ask for (None: only the run's remaining budget)."""
+    min_call_tokens: int | None = Field(None, ge=1)
+    """Fewest tokens a call is granted, whatever it asked for (None: what it asked for, as
+    RelayLLM). For a controller whose learned lengths are too short for the expert to
+    finish a step; the command's ``requested`` keeps what it asked for."""
     max_calls: int = Field(32, ge=0)
     teacher_free: bool = False
 
@@ -97,6 +102,9 @@ class _CallPolicy(PolicyConfig):
     def _two_agents(self) -> _CallPolicy:
         if self.controller == self.expert:
             raise ValueError("the controller and the expert must be different agents")
+        if self.min_call_tokens and self.max_call_tokens and self.min_call_tokens > self.max_call_tokens:
+            raise ValueError(f"min_call_tokens ({self.min_call_tokens}) is above max_call_tokens "
+                             f"({self.max_call_tokens}); lower it or raise the cap")
         return self
 
     def agent_names(self) -> list[str]:
@@ -152,7 +160,7 @@ class _CallPolicy(PolicyConfig):
         head = ([segment(agent, gen, gen.token_ids[:cut], gen.logprobs[:cut], finish_reason="call")]
                 if cut else [])
         cap = left if self.max_call_tokens is None else min(left, self.max_call_tokens)
-        granted = min(command.n, cap)
+        granted = min(max(command.n, self.min_call_tokens or 0), cap)
         refused = "max_calls" if ctx.counters.get("calls", 0) >= self.max_calls else (
             "no_budget" if granted <= 0 else None)
         offset = command.start - len(agent.backend.decode(gen.token_ids[:cut]))
