@@ -13,7 +13,10 @@ view, and the models (``generate``: excluded from the overhead)::
 
 Rounds alternate a profiled and an unprofiled pass: the unprofiled ones give the overhead
 (CPU time of the run outside ``generate``, per turn), the profiled ones its split (the
-profiler slows Python code, so their milliseconds read high; the shares hold).
+profiler slows Python code, so their milliseconds read high; the shares hold). After each
+unprofiled round it times, on the same clock, a LangGraph step that does only what a turn
+asks of LangGraph (:func:`relaygraph.bench.relay_step_ms`): ``langgraph_step_cpu_ms`` is
+the framework's floor, ``relaygraph_cpu_ms_per_turn`` what is ours above it.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import cProfile
 import json
 import pstats
 import statistics
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 BUCKETS = [  # (component, path fragments), first match wins
@@ -62,21 +67,26 @@ def label(func: tuple[str, int, str]) -> str:
     return f"{path}:{line}({name})"
 
 
-def attribute(stats: pstats.Stats) -> dict[tuple[str, int, str], str]:
-    """Each function's component: its own file's, else (built-ins, the standard library)
-    the component of the caller that spent the most time in it, walking up."""
+def attribute(stats: pstats.Stats) -> dict[tuple[str, int, str], dict[str, float]]:
+    """Each function's components with the share of its own time each gets: its own file's
+    component, else (built-ins such as ``isinstance``, the standard library) its callers'
+    components, split by the time it spent under each caller (walking up)."""
     table = stats.stats  # type: ignore[attr-defined]
-    found: dict[tuple[str, int, str], str] = {}
+    found: dict[tuple[str, int, str], dict[str, float]] = {}
 
-    def of(func: tuple[str, int, str], depth: int = 0) -> str:
+    def of(func: tuple[str, int, str], depth: int = 0) -> dict[str, float]:
         if func in found:
             return found[func]
         own = bucket(label(func))
-        if own is None and depth < 8 and func in table and table[func][4]:
-            callers = table[func][4]
-            caller = max(callers, key=lambda c: callers[c][2])
-            own = of(caller, depth + 1)
-        found[func] = own or OTHER
+        shares: dict[str, float] = {own: 1.0} if own else {}
+        callers = table[func][4] if func in table else {}
+        if own is None and depth < 8 and callers:
+            total = sum(edge[2] for edge in callers.values()) or 1.0
+            for caller, edge in callers.items():
+                weight = (edge[2] / total) if total else 1 / len(callers)
+                for name, part in of(caller, depth + 1).items():
+                    shares[name] = shares.get(name, 0.0) + weight * part
+        found[func] = shares or {OTHER: 1.0}
         return found[func]
 
     for func in table:
@@ -92,10 +102,11 @@ def main() -> dict[str, Any]:
 
     from relaygraph.agents.agent import Agent
     from relaygraph.agents.transformers_backend import TransformersBackend
-    from relaygraph.bench import Recorder
+    from relaygraph.bench import Recorder, relay_step_ms
     from relaygraph.policies import FixedIntervalPolicy
     from relaygraph.relay import Relay
     from relaygraph.trajectory.settings import open_store
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models
     from tests import tiny_models as tiny
 
     # untrained tiny models: they write to the budget (no early EOS), one token per turn
@@ -113,6 +124,7 @@ def main() -> dict[str, Any]:
     turns = {"profiled": 0, "plain": 0}
     cpu = {"profiled": 0.0, "plain": 0.0}
     outside: list[float] = []  # plain rounds: CPU ms per turn outside generate()
+    floor: list[float] = []  # CPU ms of a LangGraph step alone, after each plain round
     for round_ in range(2 * args.runs):
         kind = "profiled" if round_ % 2 == 0 else "plain"
         start = time.thread_time()
@@ -128,12 +140,16 @@ def main() -> dict[str, Any]:
         if kind == "plain":
             inside = sum(c.cpu_end - c.cpu_start for c in calls)
             outside.append((spent - inside) / len(calls) * 1000)
+            # LangGraph's own share, in the same minutes: a step doing only what a turn
+            # asks of LangGraph (the relay's state schema, a turn's update, values stream)
+            floor.append(relay_step_ms(steps=args.tokens, repeat=1, clock=time.thread_time))
 
     stats = pstats.Stats(profile)
     components = attribute(stats)
     by_bucket: dict[str, float] = defaultdict(float)
     for func, (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
-        by_bucket[components[func]] += tottime
+        for name, share in components[func].items():
+            by_bucket[name] += tottime * share
     per_turn = {k: v / turns["profiled"] * 1000 for k, v in sorted(by_bucket.items(), key=lambda kv: -kv[1])}
     model_key = MODELS
     overhead = sum(v for k, v in per_turn.items() if k != model_key)
@@ -146,21 +162,24 @@ def main() -> dict[str, Any]:
         "profiler_slowdown": slowdown,
         "overhead_cpu_ms_per_turn": {"median": statistics.median(outside), "min": min(outside),
                                      "rounds": outside},
+        "langgraph_step_cpu_ms": {"median": statistics.median(floor), "rounds": floor},
+        "relaygraph_cpu_ms_per_turn": statistics.median(outside) - statistics.median(floor),
         "overhead_cpu_ms_per_turn_profiled": overhead,
         "by_component_ms_per_turn_profiled": per_turn,
         "top_functions": top(stats, components, 25),
     }
 
 
-def top(stats: pstats.Stats, components: dict[tuple[str, int, str], str], count: int
+def top(stats: pstats.Stats, components: dict[tuple[str, int, str], dict[str, float]], count: int
         ) -> list[dict[str, Any]]:
     """The functions that spent the most CPU of their own outside the models."""
     rows = []
     for func, (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
-        if components[func] == MODELS:
+        main = max(components[func].items(), key=lambda kv: kv[1])[0]
+        if main == MODELS:
             continue
         rows.append({"function": label(func).split("site-packages/")[-1].split("/main/")[-1],
-                     "component": components[func], "calls": calls,
+                     "component": main, "calls": calls,
                      "tottime_s": round(tottime, 4), "cumtime_s": round(cumtime, 4)})
     return sorted(rows, key=lambda r: -r["tottime_s"])[:count]
 

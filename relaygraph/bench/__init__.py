@@ -170,6 +170,47 @@ def bare_langgraph_step_ms(steps: int = 2000, repeat: int = 5) -> float:
     return statistics.median(samples)
 
 
+def relay_step_ms(steps: int = 256, repeat: int = 5, clock: Callable[[], float] = time.perf_counter
+                  ) -> float:
+    """Median time of one LangGraph step that does what a relay turn asks of LangGraph and
+    nothing else: the relay's state schema, two agent nodes handing off with ``Command``,
+    each writing a turn's update (cursor, totals, a growing list of handoff records, an
+    ``AIMessage``), streamed as ``values`` as :meth:`Relay.run` does. What a handoff costs
+    above it is relaygraph's own (store, tracing, policy, nodes)."""
+    from langchain_core.messages import AIMessage
+    from langgraph.graph import START, StateGraph
+    from langgraph.types import Command
+
+    from relaygraph.graphs.state import RelayState
+
+    def turn(name: str, other: str) -> Any:
+        def node(state: RelayState) -> Command:
+            n = state.get("cursor", 0) + 1
+            records = [*(state.get("handoff_records") or []),
+                       {"from": name, "to": other, "reason": "interval", "position": n}]
+            return Command(goto=other if n < steps else "__end__", update={
+                "cursor": n, "turn": other, "budget": 1, "generated": n, "handoffs": n,
+                "tokens_by_agent": {name: n // 2, other: n // 2},
+                "input_tokens_by_agent": {name: n, other: n}, "counters": {},
+                "handoff_records": records,
+                "messages": [AIMessage(content="x", name=name, id=f"t-{n}")]})
+        return node
+
+    graph = StateGraph(RelayState)
+    graph.add_node("controller", turn("controller", "expert"), destinations=("expert", "__end__"))
+    graph.add_node("expert", turn("expert", "controller"), destinations=("controller", "__end__"))
+    graph.add_edge(START, "controller")
+    app = graph.compile()
+    samples = []
+    for _ in range(repeat):
+        t = clock()
+        for _chunk in app.stream({"cursor": 0}, {"recursion_limit": steps + 10},
+                                 stream_mode="values"):
+            pass
+        samples.append((clock() - t) / steps * 1000)
+    return statistics.median(samples)
+
+
 def _relay(agents: Sequence[Agent], store: TrajectoryStore, interval: int, tokens: int) -> Relay:
     return Relay(agents, FixedIntervalPolicy(agents=tuple(a.name for a in agents),
                                              interval=interval), store, max_tokens=tokens)
@@ -332,6 +373,7 @@ def run_bench(small: Backend, large: Backend, store: TrajectoryStore, question: 
             "median": median, "p90": _quantile(wall, 0.9),
             "cpu_median": statistics.median(cpu) if cpu else 0.0,
             "handoffs_measured": len(wall), "bare_langgraph_step_ms": bare_ms,
+            "relay_step_ms": relay_step_ms(),
             "ratio_to_bare_step": median / bare_ms if bare_ms else 0.0,
             "spans": len(spans.get_finished_spans())}
         stress = by_interval[intervals[0]]
