@@ -73,6 +73,7 @@ def test_bench_measures_reuse_overhead_floor_and_throughput_vs_solo(pair, redis_
         assert amp["naive"]["view"] == amp["reuse"]["view"]
     h = res["handoff_overhead_ms"]
     assert 0 < h["median"] < 1000 and h["bare_langgraph_step_ms"] > 0 and h["spans"] > 10
+    assert 0 < h["relay_step_ms"] < 1000  # LangGraph's own share of a turn
     assert 0 < h["cpu_median"] and h["handoffs_measured"] >= 2 * 11
     for every in ("4", "16"):
         entry = res["relay_vs_solo"]["by_interval"][every]

@@ -13,7 +13,9 @@ whose rounds disagree by more than 10% comes with a warning.
 - ``handoff_overhead_ms``: the time between one generation ending and the next starting
   (policy, store append, tracing, the graph step, building the next view — models
   excluded), median over the handoffs, with the CPU time of the same gaps (what is ours;
-  the rest is waiting for the machine) and the ratio to a bare LangGraph step. Goal: < 0.5 ms.
+  the rest is waiting for the machine), the ratio to a bare LangGraph step, and
+  ``relay_step_ms``: a LangGraph step doing only what a turn asks of LangGraph (the part
+  of the overhead that is the framework's). Goal: < 0.5 ms.
 - ``relay_vs_solo``: the relay's wall time / the sum of each model's solo time to write the
   same numbers of tokens. Goal: <= 1.1.
 - ``relay_vs_floor``: the relay's wall time / what a relay cannot avoid: the same solo
