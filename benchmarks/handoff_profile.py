@@ -81,7 +81,7 @@ def attribute(stats: pstats.Stats) -> dict[tuple[str, int, str], dict[str, float
         shares: dict[str, float] = {own: 1.0} if own else {}
         callers = table[func][4] if func in table else {}
         if own is None and depth < 8 and callers:
-            total = sum(edge[2] for edge in callers.values()) or 1.0
+            total = sum(edge[2] for edge in callers.values())
             for caller, edge in callers.items():
                 weight = (edge[2] / total) if total else 1 / len(callers)
                 for name, part in of(caller, depth + 1).items():
@@ -175,11 +175,11 @@ def top(stats: pstats.Stats, components: dict[tuple[str, int, str], dict[str, fl
     """The functions that spent the most CPU of their own outside the models."""
     rows = []
     for func, (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
-        main = max(components[func].items(), key=lambda kv: kv[1])[0]
-        if main == MODELS:
+        component = max(components[func].items(), key=lambda kv: kv[1])[0]
+        if component == MODELS:
             continue
         rows.append({"function": label(func).split("site-packages/")[-1].split("/main/")[-1],
-                     "component": main, "calls": calls,
+                     "component": component, "calls": calls,
                      "tottime_s": round(tottime, 4), "cumtime_s": round(cumtime, 4)})
     return sorted(rows, key=lambda r: -r["tottime_s"])[:count]
 

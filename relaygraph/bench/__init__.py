@@ -164,11 +164,18 @@ def bare_langgraph_step_ms(steps: int = 2000, repeat: int = 5) -> float:
     graph.add_node("b", other)
     graph.add_edge(START, "a")
     app = graph.compile()
+    return _per_step_ms(lambda: app.invoke({"n": 0}, {"recursion_limit": steps + 10}),
+                        steps, repeat, time.perf_counter)
+
+
+def _per_step_ms(run: Callable[[], Any], steps: int, repeat: int, clock: Callable[[], float]
+                 ) -> float:
+    """Median over ``repeat`` runs of ``run()`` (a graph of ``steps`` steps) of ms per step."""
     samples = []
     for _ in range(repeat):
-        t = time.perf_counter()
-        app.invoke({"n": 0}, {"recursion_limit": steps + 10})
-        samples.append((time.perf_counter() - t) / steps * 1000)
+        t = clock()
+        run()
+        samples.append((clock() - t) / steps * 1000)
     return statistics.median(samples)
 
 
@@ -203,14 +210,13 @@ def relay_step_ms(steps: int = 256, repeat: int = 5, clock: Callable[[], float] 
     graph.add_node("expert", turn("expert", "controller"), destinations=("controller", "__end__"))
     graph.add_edge(START, "controller")
     app = graph.compile()
-    samples = []
-    for _ in range(repeat):
-        t = clock()
+
+    def run() -> None:
         for _chunk in app.stream({"cursor": 0}, {"recursion_limit": steps + 10},
                                  stream_mode="values"):
             pass
-        samples.append((clock() - t) / steps * 1000)
-    return statistics.median(samples)
+
+    return _per_step_ms(run, steps, repeat, clock)
 
 
 def _relay(agents: Sequence[Agent], store: TrajectoryStore, interval: int, tokens: int) -> Relay:
