@@ -11,6 +11,12 @@ view, and the models (``generate``: excluded from the overhead)::
 
     python benchmarks/handoff_profile.py --runs 30 > benchmarks/results/handoff_profile.json
 
+``--controller/--expert`` profile a real pair instead (EOS dropped, so every run writes its
+budget; ``--interval`` tokens per turn, ``--dtype``)::
+
+    python benchmarks/handoff_profile.py --controller qwen2.5-coder-0.5b --expert qwen2.5-coder-1.5b \
+        --interval 8 --tokens 128 --runs 4 --dtype bfloat16
+
 Rounds alternate a profiled and an unprofiled pass: the unprofiled ones give the overhead
 (CPU time of the run outside ``generate``, per turn), the profiled ones its split (the
 profiler slows Python code, so their milliseconds read high; the shares hold). After each
@@ -98,7 +104,14 @@ def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--controller", help="a real controller (catalog name or folder) "
+                        "instead of the tests' untrained tiny model; needs --expert")
+    parser.add_argument("--expert", help="the real expert beside --controller")
+    parser.add_argument("--interval", type=int, default=1, help="tokens per turn (default 1)")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
+    if bool(args.controller) != bool(args.expert):
+        parser.error("--controller and --expert go together")
 
     from relaygraph.agents.agent import Agent
     from relaygraph.agents.transformers_backend import TransformersBackend
@@ -109,15 +122,21 @@ def main() -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models
     from tests import tiny_models as tiny
 
-    # untrained tiny models: they write to the budget (no early EOS), one token per turn
-    controller = tiny._cached(lambda root: tiny.build_random_model(root, seed=3), "random-3")
-    expert = tiny._cached(lambda root: tiny.build_random_model(root, seed=4), "random-4")
-    recorders = [Recorder(TransformersBackend(str(path), dtype="float32"))
-                 for path in (controller, expert)]
+    if args.controller:  # a real pair: EOS ids dropped, so every run writes its budget
+        pair = [args.controller, args.expert]
+        question = "Natalia sold clips to 48 of her friends in April, and then she sold half " \
+                   "as many clips in May. How many clips did Natalia sell altogether?"
+    else:  # untrained tiny models: they write to the budget (no early EOS)
+        pair = [str(tiny._cached(lambda root: tiny.build_random_model(root, seed=3), "random-3")),
+                str(tiny._cached(lambda root: tiny.build_random_model(root, seed=4), "random-4"))]
+        question = tiny.QUESTION
+    backends = [TransformersBackend(model, dtype=args.dtype) for model in pair]
+    for backend in backends:
+        backend.eos_ids = frozenset()
+    recorders = [Recorder(backend) for backend in backends]
     agents = [Agent("controller", recorders[0]), Agent("expert", recorders[1])]
-    relay = Relay(agents, FixedIntervalPolicy(agents=("controller", "expert"), interval=1),
+    relay = Relay(agents, FixedIntervalPolicy(agents=("controller", "expert"), interval=args.interval),
                   open_store(), max_tokens=args.tokens)
-    question = tiny.QUESTION
     relay.run(question)  # warm: caches, compiled scripts, connections
 
     profile = cProfile.Profile(timer=time.thread_time)
@@ -155,8 +174,10 @@ def main() -> dict[str, Any]:
     overhead = sum(v for k, v in per_turn.items() if k != model_key)
     slowdown = (cpu["profiled"] / turns["profiled"]) / (cpu["plain"] / turns["plain"])
     return {
-        "what": "thread CPU ms per turn (one generation and the handoff after it), two untrained "
-                f"tiny models, interval 1, {args.tokens} tokens per run, by component; profiled rounds inflate Python time by the profiler_slowdown",
+        "what": "thread CPU ms per turn (one generation and the handoff after it), "
+                f"{' + '.join(pair) if args.controller else 'two untrained tiny models'}, "
+                f"interval {args.interval}, {args.tokens} tokens per run, {args.dtype}, by component; "
+                "profiled rounds inflate Python time by the profiler_slowdown",
         "runs": args.runs, "turns_profiled": turns["profiled"],
         "cpu_ms_per_turn_plain": cpu["plain"] / turns["plain"] * 1000,
         "profiler_slowdown": slowdown,

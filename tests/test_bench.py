@@ -198,7 +198,9 @@ def test_bench_cli_on_architectures_without_weights(redis_server, tmp_path) -> N
         "--throughput-tokens", "4", "--repeat", "2",
         "--redis", redis_server.url, "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    printed = json.loads(result.stdout)  # stdout is the JSON alone; progress goes to stderr
+    assert "interval 12, round 2/2: relay" in result.stderr
+    assert "throughput, 2 concurrent, round 1/2: solo" in result.stderr
     assert json.loads(out.read_text()) == printed
     assert printed["throughput"][0]["concurrency"] == 2
     assert printed["random_weights"] is True and printed["handoffs"] >= 5

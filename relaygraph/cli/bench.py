@@ -66,7 +66,9 @@ def bench(
                     for m in (controller, expert))
     if random_weights:  # random models rarely emit EOS: every run writes its whole budget
         small.eos_ids = large.eos_ids = frozenset()
-    say = (lambda line: None) if as_json else (lambda line: err.print(f"{line}…", style="dim"))
+    def say(line: str) -> None:  # on stderr, so --json keeps stdout one JSON object
+        err.print(f"{line}…", style="dim")
+
     results = bench_mod.run_bench(small, large, store,
                                   tokens=tokens, interval=intervals, concurrency=levels,
                                   throughput_tokens=throughput_tokens, questions=pool,
