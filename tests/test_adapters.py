@@ -107,8 +107,11 @@ def relay_entry(tiny_pair, tmp_path: Path, monkeypatch):
 
 def test_an_adapter_entry_pulls_as_the_merged_base(relay_entry, tiny_pair) -> None:
     controller, _ = tiny_pair
+    base_marker = catalog.converted_dir("tiny-base") / "relaygraph.json"
+    base_marker.unlink()  # the base not pulled: nothing to merge into
     with pytest.raises(ModelNotFoundError, match="relaygraph models pull tiny-relay"):
         catalog.resolve("tiny-relay")
+    base_marker.write_text("{}")
     said: list[str] = []
     folder = catalog.pull("tiny-relay", progress=said.append)
     assert catalog.is_pulled("tiny-relay") and catalog.resolve("tiny-relay") == str(folder)
@@ -125,7 +128,8 @@ def test_an_adapter_entry_pulls_as_the_merged_base(relay_entry, tiny_pair) -> No
     _adapter(controller, relay_entry.folder, seed=1)
     catalog._adapter_digest.cache_clear()
     assert not catalog.is_pulled("tiny-relay")
-    catalog.pull("tiny-relay")
+    assert catalog.resolve("tiny-relay") == str(folder)  # the base is pulled: merged at first use
+    assert catalog.is_pulled("tiny-relay")
     again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     assert any(not torch.equal(again[k], merged[k]) for k in merged)
 
@@ -146,6 +150,23 @@ def test_the_shipped_relay_adapter_is_in_the_catalog() -> None:
     assert listed.exit_code == 0
     line = next(i for i, x in enumerate(listed.output.splitlines()) if x.startswith(catalog.RELAY_CONTROLLER))
     assert listed.output.splitlines()[line + 1].strip() == f"trained: {spec.training}"
+
+
+def test_the_example_training_config_is_how_the_shipped_adapter_was_trained() -> None:
+    """`relaygraph train pipeline examples/train/relay-qwen.toml` reproduces the shipped
+    adapter: the warm-up settings on its card (placement, disagreement, head, data share)
+    are the example's, outside the output paths."""
+    from relaygraph.config import read_config_file
+    from relaygraph.train.pipeline import PipelineSettings
+
+    root = Path(__file__).resolve().parents[1]
+    example = PipelineSettings.model_validate(read_config_file(root / "examples" / "train" / "relay-qwen.toml"))
+    card = json.loads((catalog.CATALOG[catalog.RELAY_CONTROLLER].folder / "training.json").read_text())
+    assert card["stages"] == ["warmup"] and example.stop_after == "warmup"
+    ours = example.model_dump(mode="json")["warmup"]
+    for key in ("model", "expert", "skip", "limit", "max_tokens", "temperature", "placement", "max_calls",
+                "mask_called_tokens", "disagreement", "head", "system_prompt", "seed"):
+        assert ours[key] == card["settings"]["warmup"][key], key
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ def test_run_json_with_a_relay(tiny_pair, redis_server) -> None:
     proc = cli("run", tiny.QUESTION, "--controller", str(controller), "--expert", str(expert),
                "--dtype", "float32", "--redis", redis_server.url, "--json")
     assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr  # the status line says it, not a bar per model
     out = json.loads(proc.stdout)
     assert out["answer"] == "7"
     assert [(s["author"], s["kind"]) for s in out["segments"]] == [

@@ -24,11 +24,17 @@ from relaygraph.relay import Relay
 from tests import tiny_models as tiny
 
 
-def test_defaults_are_the_offline_pair_with_call_token() -> None:
+def test_defaults_are_call_token_with_the_trained_controller_and_the_offline_expert() -> None:
+    from relaygraph.agents.catalog import RELAY_CONTROLLER
+
     cfg = RelayConfig()
-    assert cfg.agents["controller"].model == "qwen2.5-coder-0.5b"
+    assert cfg.agents["controller"].model == RELAY_CONTROLLER == "qwen2.5-coder-0.5b-relay"
     assert cfg.agents["expert"].model == "qwen2.5-coder-1.5b"
     assert cfg.policy.type == "call-token" and cfg.max_tokens == 512
+    # the command line's defaults are the same; other policies keep the plain 0.5B
+    assert RelayConfig.from_options().agents["controller"].model == RELAY_CONTROLLER
+    assert RelayConfig.from_options(policy="confidence").agents["controller"].model == "qwen2.5-coder-0.5b"
+    assert RelayConfig.from_options(controller="./mine").agents["controller"].model == "./mine"
 
 
 def test_a_policy_can_name_its_own_default_models(monkeypatch) -> None:

@@ -122,6 +122,26 @@ def test_the_solo_runs_always_come_first_and_vary_makes_one_policy_per_value() -
     assert "<call>n</call>" in prompted  # prompted-call explains the tool to the controller
 
 
+def test_a_sweep_without_agents_runs_call_token_with_its_trained_controller() -> None:
+    """As `relaygraph run`: with no [agents] the call-token row's controller is the catalog's
+    trained one, while the solo rows (and the routers derived from them) are the plain pair;
+    a sweep that names its agents gets exactly those."""
+    from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT, RELAY_CONTROLLER
+
+    def controllers(config: SweepConfig) -> dict[str, str]:
+        out = {}
+        for p in plan(config):
+            agents = p.config.agents
+            out[p.name] = (next(iter(agents.values())) if p.type == "solo" else agents["controller"]).model
+        return out
+
+    default = controllers(sweep(policies=[{"type": "call-token"}, {"type": "confidence"}]))
+    assert default == {"solo-small": DEFAULT_CONTROLLER, "solo-large": DEFAULT_EXPERT,
+                       "call-token": RELAY_CONTROLLER, "confidence": DEFAULT_CONTROLLER}
+    named = {"controller": {"model": "./mine"}, "expert": {"model": DEFAULT_EXPERT}}
+    assert controllers(sweep(agents=named, policies=[{"type": "call-token"}]))["call-token"] == "./mine"
+
+
 def test_bad_sweep_definitions_are_one_line_errors() -> None:
     with pytest.raises(ConfigError, match="threshold"):
         plan(sweep(policies=[{"type": "confidence", "threshold": "high"}]))

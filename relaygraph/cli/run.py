@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT
+from relaygraph.agents.catalog import DEFAULT_CONTROLLER, DEFAULT_EXPERT, RELAY_CONTROLLER
 from relaygraph.cli.common import (
     Namespace,
     Redis,
@@ -38,7 +38,7 @@ def run(
     question: Annotated[str, typer.Argument(metavar="QUESTION", help="The question to answer.")],
     policy: Annotated[str | None, typer.Option(help=POLICY_HELP)] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Relay config file (.toml, .yaml, .json); options below override it.")] = None,
-    controller: Annotated[str | None, typer.Option(help=f"Controller model: catalog name, folder, .gguf or hub id (default {DEFAULT_CONTROLLER}).")] = None,
+    controller: Annotated[str | None, typer.Option(help=f"Controller model: catalog name, folder, .gguf or hub id (default {DEFAULT_CONTROLLER}; call-token: {RELAY_CONTROLLER}).")] = None,
     expert: Annotated[str | None, typer.Option(help=f"Expert model (default {DEFAULT_EXPERT}).")] = None,
     controller_url: Annotated[str | None, typer.Option(help="Use the controller model served at this OpenAI-compatible URL (e.g. vllm serve: http://localhost:8000/v1); --controller is then the served model name.")] = None,
     expert_url: Annotated[str | None, typer.Option(help="The same for the expert.")] = None,
@@ -174,6 +174,17 @@ def resume(
     _print_result(result, store, as_json)
 
 
+def _transformers_bars(on: bool) -> bool:
+    """Turn transformers' progress bars on or off; returns whether they were on."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # served agents only
+        return on
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+    return was
+
+
 def _load(cfg: Any, store: Any) -> Any:
     """The relay of ``cfg``, its models loaded under a status line."""
     import time
@@ -184,8 +195,12 @@ def _load(cfg: Any, store: Any) -> Any:
 
     models = ", ".join(dict.fromkeys(cfg.agents[n].model for n in cfg.needed_agents()))
     started = time.perf_counter()
-    with err.status(f"loading {models}…"):
-        relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
+    bars = _transformers_bars(False)  # the status line says it; per-file bars clutter the answer
+    try:
+        with err.status(f"loading {models}…"):
+            relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
+    finally:
+        _transformers_bars(bars)
     say(f"loaded {models} in {time.perf_counter() - started:.1f}s")
     return relay
 

@@ -68,7 +68,7 @@ DERIVED_NOTE = ("random-router and perfect-router are derived from the solo runs
                 "solo run")
 DEFAULT_POLICIES: list[dict[str, Any]] = [
     {"type": "confidence", "fallback_tokens": 16, "warmup": 4, "min_gap": 8,
-     "vary": {"threshold": [-5.0, -3.0, -1.5]}},
+     "vary": {"threshold": [-1.5, -1.0, -0.5]}},  # greedy tokens are rarely below -1.5
     {"type": "fixed-interval", "interval": 32},
     {"type": "prompted-call"},
     {"type": "call-token"},
@@ -169,9 +169,11 @@ def plan(sweep: SweepConfig) -> list[PolicyPlan]:
 
 def _plan(sweep: SweepConfig, name: str, fields: dict[str, Any]) -> PolicyPlan:
     # unset agent fields stay unset, so a policy's own defaults (e.g. the prompted call-token
-    # policy's system prompt) apply
-    data = {"agents": {n: a.model_dump(exclude_unset=True) for n, a in sweep.agents.items()},
-            "policy": fields, "max_tokens": sweep.max_tokens}
+    # policy's system prompt) apply; with no [agents] the policy's default models apply too
+    # (the call-token controller is the trained one, as `relaygraph run` uses)
+    data: dict[str, Any] = {"policy": fields, "max_tokens": sweep.max_tokens}
+    if "agents" in sweep.model_fields_set:
+        data["agents"] = {n: a.model_dump(exclude_unset=True) for n, a in sweep.agents.items()}
     config = validate(RelayConfig, data, f"policy {name}")
     agents = {n: config.agents[n] for n in config.needed_agents()}
     return PolicyPlan(name=name, type=fields["type"],

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
 from relaygraph.agents.backend import Capabilities, Generation, StopRule
+from relaygraph.agents.catalog import RELAY_CONTROLLER
 from relaygraph.policies.base import (
     NOTHING,
     Decision,
@@ -179,6 +180,9 @@ class CallTokenPolicy(_CallPolicy):
     __doc__ = _CallPolicy.__doc__
 
     type: Literal["call-token"] = "call-token"
+    default_models: ClassVar[Mapping[str, str]] = {"controller": RELAY_CONTROLLER}
+    """Unless the config names one, the controller is the catalog's trained relay controller
+    (the plain 0.5B never writes the command)."""
 
 
 class PromptedCallPolicy(_CallPolicy):
