@@ -533,7 +533,8 @@ def test_each_request_is_one_trace_joined_to_the_callers(client) -> None:
 def test_serve_config_forms_and_errors(tmp_path, tiny_pair) -> None:
     default = ServeConfig.default()
     assert list(default.relays) == ["relay-call-token", "relay-prompted-call"]
-    assert default.local_models() == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    # call-token runs its trained controller, prompted-call the plain 0.5B
+    assert default.local_models() == ["qwen2.5-coder-0.5b-relay", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"]
     assert "<call>n</call>" in default.relays["relay-prompted-call"].agents["controller"].system_prompt
     plain = tmp_path / "plain.toml"
     plain.write_text('max_tokens = 32\n[policy]\ntype = "confidence"\nthreshold = -3.0\n')
