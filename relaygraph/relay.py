@@ -108,8 +108,9 @@ class Relay:
                     policy: str = "call-token", store: TrajectoryStore | None = None,
                     max_tokens: int = 512, dtype: str = "bfloat16", checkpointer: Any = None,
                     **options: Any) -> Relay:
-        """Load a controller (and expert; the catalog's default pair unless given) and build
-        a named policy; ``options`` are the policy's fields, e.g. ``threshold=-2.5``."""
+        """Load a controller (and expert; unless given, the policy's default models, else the
+        catalog's default pair: ``relaygraph run``'s defaults) and build a named policy;
+        ``options`` are the policy's fields, e.g. ``threshold=-2.5``."""
         config = RelayConfig.from_options(controller, expert, policy, max_tokens, dtype=dtype,
                                           **options)
         return cls.from_config(config, store, checkpointer=checkpointer)
