@@ -58,8 +58,9 @@ def run(app: Any, question: str, out: TextIO = sys.stdout) -> dict:
 
 if __name__ == "__main__":
     question = sys.argv[1] if len(sys.argv) > 1 else "What is 17 * 23?"
-    controller, expert = (sys.argv[2:4] if len(sys.argv) >= 4
-                          else ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"))
-    print(f"loading {controller} and {expert}…", file=sys.stderr, flush=True)
+    # default: call-token's own pair (the trained qwen2.5-coder-0.5b-relay and the 1.5B)
+    controller, expert = sys.argv[2:4] if len(sys.argv) >= 4 else (None, None)
+    print(f"loading {controller or 'the default controller'} and {expert or 'expert'}…",
+          file=sys.stderr, flush=True)
     relay = Relay.from_models(controller, expert, policy="call-token", max_tokens=256)
     print(run(build_app(relay), question)["report"])
