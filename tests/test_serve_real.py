@@ -22,7 +22,9 @@ def server(redis_server):
         pytest.skip(f"models not pulled: {missing} (relaygraph models pull)")
     store = RedisStore.from_url(redis_server.url)
     registry = Registry.build(config, store)
-    assert len(registry.backends) == 2  # two relays, one load per model
+    # two relays, one load per model: call-token's trained controller, prompted-call's plain
+    # 0.5B, and the 1.5B expert they share
+    assert len(registry.backends) == 3
     with BackgroundServer(create_app(registry)) as s:
         yield s, store
 
@@ -55,3 +57,4 @@ def test_default_relays_answer_through_the_openai_client(server) -> None:
     assert text and text == "".join(s.text for s in store.read(tid))
     assert chunks[-1].usage.completion_tokens <= 16
     assert store.status(tid) == "finished"
+    assert store.load(tid).task.agents["controller"] == catalog.RELAY_CONTROLLER
