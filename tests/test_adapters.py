@@ -116,6 +116,7 @@ def test_an_adapter_entry_pulls_as_the_merged_base(relay_entry, tiny_pair) -> No
     folder = catalog.pull("tiny-relay", progress=said.append)
     assert catalog.is_pulled("tiny-relay") and catalog.resolve("tiny-relay") == str(folder)
     assert any("merging the tiny-relay adapter into tiny-base" in line for line in said)
+    assert not any("already pulled" in line for line in said)  # the base, pulled, goes unsaid
     marker = json.loads((folder / "relaygraph.json").read_text())
     assert marker["adapter_sha256"] == adapter_digest(relay_entry.folder)
     merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()

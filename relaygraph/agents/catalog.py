@@ -314,7 +314,7 @@ def _pull_adapter(spec: AdapterModel, progress: Progress) -> Path:
     """Pull the base, merge the shipped adapter into a copy of its weights."""
     from relaygraph.agents.lora import merge_folder
 
-    base = pull(spec.base, progress)
+    base = converted_dir(spec.base) if is_pulled(spec.base) else pull(spec.base, progress)
     target = converted_dir(spec.name)
     progress(f"{spec.name}: merging the {spec.adapter} adapter into {spec.base}")
     with tempfile.TemporaryDirectory(prefix=f"pull-{spec.name}-", dir=models_dir()) as tmp:
