@@ -128,7 +128,7 @@ DEFAULT_EXPERT = "qwen2.5-coder-1.5b"
 RELAY_CONTROLLER = "qwen2.5-coder-0.5b-relay"
 """The controller trained to call :data:`DEFAULT_EXPERT`, the call-token policy's default
 controller (README, "The shipped controller": it calls on most GSM8K test problems, with
-the accuracy of a random router at the same call ratio)."""
+at or below a random router's accuracy at the same call ratio)."""
 
 Progress = Callable[[str], None]
 
