@@ -187,14 +187,14 @@ def resolve(model: str, network: bool = True) -> str:
     ``network=False`` the hub is not contacted (the local cache, else the id as it is).
     """
     if model in CATALOG:
+        if is_pulled(model):
+            return str(converted_dir(model))
         spec = CATALOG[model]
-        if not is_pulled(model) and isinstance(spec, AdapterModel) and is_pulled(spec.base):
+        if isinstance(spec, AdapterModel) and is_pulled(spec.base):
             return str(pull(model))
-        if not is_pulled(model):
-            raise ModelNotFoundError(
-                f"model {model!r} is not pulled yet; run `relaygraph models pull {model}`"
-            )
-        return str(converted_dir(model))
+        raise ModelNotFoundError(
+            f"model {model!r} is not pulled yet; run `relaygraph models pull {model}`"
+        )
     path = Path(model).expanduser()
     if path.is_dir():
         _check_folder(model, path)

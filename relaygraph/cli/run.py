@@ -5,6 +5,8 @@ answered at the terminal."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -174,15 +176,18 @@ def resume(
     _print_result(result, store, as_json)
 
 
-def _transformers_bars(on: bool) -> bool:
-    """Turn transformers' progress bars on or off; returns whether they were on."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # served agents only
-        return on
+@contextmanager
+def _no_transformers_bars() -> Iterator[None]:
+    """transformers' per-file loading bars off inside, as they were after."""
+    from transformers.utils import logging as hf_logging
+
     was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
-    return was
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _load(cfg: Any, store: Any) -> Any:
@@ -195,12 +200,9 @@ def _load(cfg: Any, store: Any) -> Any:
 
     models = ", ".join(dict.fromkeys(cfg.agents[n].model for n in cfg.needed_agents()))
     started = time.perf_counter()
-    bars = _transformers_bars(False)  # the status line says it; per-file bars clutter the answer
-    try:
-        with err.status(f"loading {models}…"):
-            relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
-    finally:
-        _transformers_bars(bars)
+    # the status line says it; per-file bars would clutter the answer
+    with _no_transformers_bars(), err.status(f"loading {models}…"):
+        relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
     say(f"loaded {models} in {time.perf_counter() - started:.1f}s")
     return relay
 
