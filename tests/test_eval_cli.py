@@ -85,6 +85,18 @@ def test_sweep_reports_every_policy_and_resumes(data, models, redis_server, redi
     assert "| perfect-router | derived |" in table and "derived from the solo runs" in table
 
 
+def test_a_sweep_runs_problem_by_problem(data, models, redis_server, tmp_path: Path) -> None:
+    """Every policy's item for one problem before the next problem's, so a sweep stopped
+    early has the same problems for every policy (and a smaller ``--limit`` reports them)."""
+    out = tmp_path / "order"
+    invoke("sweep", str(data), "--small", models[0], "--large", models[1], "--dtype", "float32",
+           "--max-tokens", "8", "--limit", "2", "--policies", "fixed-interval", "--out", str(out),
+           "--redis", redis_server.url, "--concurrency", "1")
+    keys = [json.loads(line)["key"] for line in (out / "items.jsonl").read_text().splitlines()]
+    assert keys == [f"{policy}/{pid}" for pid in ("0", "1")
+                    for policy in ("solo-small", "solo-large", "fixed-interval")]
+
+
 def test_every_default_policy_runs(data, models, redis_server, tmp_path: Path) -> None:
     out = tmp_path / "all"
     invoke("sweep", str(data), "--small", models[0], "--large", models[1], "--dtype", "float32",

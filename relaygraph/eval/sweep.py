@@ -207,8 +207,11 @@ def run_sweep(sweep: SweepConfig, store: TrajectoryStore, results: Results,
     plans = plan(sweep)
     flag = flag or CancelScope()
     pool = pool or ModelPool(flag)
-    jobs = [job for p in plans
-            for job in _jobs(p, problems, pool, store, sweep.large, sweep.temperature)]
+    # Problem-major: every policy's item for problem 1, then problem 2, ... so a sweep that
+    # is stopped early leaves the same problems done for every policy (rerun with a smaller
+    # ``limit`` to report them).
+    per_plan = [_jobs(p, problems, pool, store, sweep.large, sweep.temperature) for p in plans]
+    jobs = [job for row in zip(*per_plan, strict=True) for job in row]
     outcome = run_jobs(jobs, results, concurrency, flag=flag, progress=progress)
     items: dict[str, dict[str, Record]] = {p.name: {} for p in plans}
     for record in outcome.records.values():
