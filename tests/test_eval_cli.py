@@ -206,6 +206,26 @@ def test_bad_input_is_one_error_line(data, redis_server, tmp_path, args, message
     assert "Traceback" not in result.output
 
 
+def test_the_sweep_help_states_the_configs_defaults() -> None:
+    """The defaults in ``eval sweep --help`` are the ones a sweep uses."""
+    import typing
+
+    from relaygraph.cli.eval import sweep
+    from relaygraph.eval.sweep import DEFAULT_POLICIES, SweepConfig
+
+    def help_of(name: str) -> str:
+        annotation = typing.get_type_hints(sweep, include_extras=True)[name]
+        return next(m.help for m in annotation.__metadata__ if hasattr(m, "help"))
+
+    (confidence,) = [e for e in DEFAULT_POLICIES if e["type"] == "confidence"]
+    assert f"(default {','.join(map(str, confidence['vary']['threshold']))})" in help_of("thresholds")
+    defaults = SweepConfig(dataset="x")
+    assert f"(default {','.join(map(str, defaults.random_router_p))})" in help_of("p")
+    assert f"(default {defaults.max_tokens})" in help_of("max_tokens")
+    types = ", ".join(e["type"] for e in DEFAULT_POLICIES)
+    assert f"Default: {types}." in help_of("policies")
+
+
 def test_bad_sweep_config_names_the_field(tmp_path: Path) -> None:
     config = tmp_path / "s.toml"
     config.write_text('dataset = "x.jsonl"\nmax_tokens = -3\n')

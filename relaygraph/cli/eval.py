@@ -123,7 +123,7 @@ def sweep(
     small: Annotated[str | None, typer.Option(help=f"Small model (default {SMALL}).")] = None,
     large: Annotated[str | None, typer.Option(help=f"Large model (default {LARGE}).")] = None,
     policies: Annotated[str | None, typer.Option(help="Policy types to run besides the solo runs, comma-separated: any registered policy type ('none': only solo runs and derived routers). Default: confidence, fixed-interval, prompted-call, call-token, supervisor.")] = None,
-    thresholds: Annotated[str | None, typer.Option(help="confidence thresholds, comma-separated (default -5,-3,-1.5).")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="confidence thresholds, comma-separated (default -1.5,-1.0,-0.5).")] = None,
     p: Annotated[str | None, typer.Option("--p", help="random-router p values, comma-separated (default 0.1,0.25,0.5,0.75,0.9).")] = None,
     limit: Limit = None, seed: Seed = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Budget of generated tokens per run (default 256).")] = None,
