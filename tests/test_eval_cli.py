@@ -89,9 +89,10 @@ def test_a_sweep_runs_problem_by_problem(data, models, redis_server, tmp_path: P
     """Every policy's item for one problem before the next problem's, so a sweep stopped
     early has the same problems for every policy (and a smaller ``--limit`` reports them)."""
     out = tmp_path / "order"
-    invoke("sweep", str(data), "--small", models[0], "--large", models[1], "--dtype", "float32",
-           "--max-tokens", "8", "--limit", "2", "--policies", "fixed-interval", "--out", str(out),
-           "--redis", redis_server.url, "--concurrency", "1")
+    shown = invoke("sweep", str(data), "--small", models[0], "--large", models[1], "--dtype",
+                   "float32", "--max-tokens", "8", "--limit", "2", "--policies", "fixed-interval",
+                   "--out", str(out), "--redis", redis_server.url, "--concurrency", "1")
+    assert "Loading weights" not in shown.output  # the pool's line says what loads, not a bar
     keys = [json.loads(line)["key"] for line in (out / "items.jsonl").read_text().splitlines()]
     assert keys == [f"{policy}/{pid}" for pid in ("0", "1")
                     for policy in ("solo-small", "solo-large", "fixed-interval")]

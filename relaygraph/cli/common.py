@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -84,6 +85,21 @@ def friendly(func: F) -> F:
 def say(line: str) -> None:
     """A progress line on stderr (dim)."""
     err.print(line, style="dim")
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' per-file loading bars off inside (our own line says what loads), as
+    they were after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def ensure_pulled(*models: str | None) -> None:

@@ -69,7 +69,7 @@ def _session(out: Path, redis: str | None, shared: str | None, lease: float,
              models: list[str], namespace: str | None = None,
              ttl: str | None = None) -> Iterator[tuple[Any, Any, Any]]:
     """(store, results, pool) for one experiment; Ctrl-C keeps what finished."""
-    from relaygraph.cli.common import open_cli_store
+    from relaygraph.cli.common import open_cli_store, quiet_loading
     from relaygraph.eval.models import ModelPool
     from relaygraph.eval.runner import FileResults, RedisResults
 
@@ -79,7 +79,8 @@ def _session(out: Path, redis: str | None, shared: str | None, lease: float,
     ensure_pulled(*models)
     pool = ModelPool(say=lambda line: say(f"{line}…"))
     try:
-        yield store, results, pool
+        with quiet_loading():  # models load in the workers; the pool says which
+            yield store, results, pool
     except KeyboardInterrupt:
         pool.flag.cancel("interrupted")
         where = f"Redis ({shared})" if shared else str(out)

@@ -5,8 +5,6 @@ answered at the terminal."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +21,7 @@ from relaygraph.cli.common import (
     friendly,
     open_cli_store,
     parse_set_options,
+    quiet_loading,
     relay_config,
     say,
     store_retrying,
@@ -176,20 +175,6 @@ def resume(
     _print_result(result, store, as_json)
 
 
-@contextmanager
-def _no_transformers_bars() -> Iterator[None]:
-    """transformers' per-file loading bars off inside, as they were after."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 def _load(cfg: Any, store: Any) -> Any:
     """The relay of ``cfg``, its models loaded under a status line."""
     import time
@@ -201,7 +186,7 @@ def _load(cfg: Any, store: Any) -> Any:
     models = ", ".join(dict.fromkeys(cfg.agents[n].model for n in cfg.needed_agents()))
     started = time.perf_counter()
     # the status line says it; per-file bars would clutter the answer
-    with _no_transformers_bars(), err.status(f"loading {models}…"):
+    with quiet_loading(), err.status(f"loading {models}…"):
         relay = Relay.from_config(cfg, store, checkpointer=InMemorySaver())
     say(f"loaded {models} in {time.perf_counter() - started:.1f}s")
     return relay
