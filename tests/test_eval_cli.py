@@ -207,6 +207,55 @@ def test_bad_input_is_one_error_line(data, redis_server, tmp_path, args, message
     assert "Traceback" not in result.output
 
 
+def test_an_interrupted_sweep_says_how_many_problems_every_policy_has(
+        data, models, redis_store, tmp_path: Path) -> None:
+    """Ctrl-C after the 4th item (three policies): problem 0 is done for all of them and
+    problem 1 for one; the sweep says 1, and ``limit = 1`` then reports without running."""
+    from relaygraph.eval.runner import FileResults, Progress
+    from relaygraph.eval.sweep import SweepConfig, SweepInterrupted, run_sweep
+
+    class CtrlCAfter(Progress):
+        def __init__(self, items: int) -> None:
+            super().__init__(None)
+            self.left = items
+
+        def advance(self, group: str, failed: bool = False) -> None:
+            self.left -= 1
+            if self.left == 0:
+                raise KeyboardInterrupt
+
+    agents = {"controller": {"model": models[0], "dtype": "float32"},
+              "expert": {"model": models[1], "dtype": "float32"}}
+    cfg = SweepConfig(dataset=str(data), max_tokens=8, agents=agents,
+                      policies=[{"type": "fixed-interval"}], random_router_p=[0.5])
+    out = tmp_path / "stopped"
+    results = FileResults(out)
+    with pytest.raises(SweepInterrupted) as stopped:
+        run_sweep(cfg, redis_store, results, progress=CtrlCAfter(4))
+    results.close()
+    assert stopped.value.complete == 1
+    results = FileResults(out)
+    result = run_sweep(cfg.model_copy(update={"limit": 1}), redis_store, results)
+    results.close()
+    assert result["computed"] == 0 and result["complete"]
+
+
+def test_the_cli_says_which_limit_reports_an_interrupted_sweep(data, models, redis_server,
+                                                               monkeypatch, tmp_path) -> None:
+    from relaygraph.eval import sweep as sweep_module
+
+    def stopped(*args, **kwargs):
+        raise sweep_module.SweepInterrupted(2)
+
+    monkeypatch.setattr(sweep_module, "run_sweep", stopped)
+    result = runner.invoke(app, ["eval", "sweep", str(data), "--small", models[0], "--large",
+                                 models[1], "--out", str(tmp_path / "o"), "--redis",
+                                 redis_server.url])
+    assert result.exit_code == 130
+    assert "rerun the same command to continue" in result.output
+    assert "--limit 2 reports them" in " ".join(result.output.split())
+
+
 def test_the_sweep_help_states_the_configs_defaults() -> None:
     """The defaults in ``eval sweep --help`` are the ones a sweep uses."""
     import typing

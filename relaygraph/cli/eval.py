@@ -81,11 +81,14 @@ def _session(out: Path, redis: str | None, shared: str | None, lease: float,
     try:
         with quiet_loading():  # models load in the workers; the pool says which
             yield store, results, pool
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         pool.flag.cancel("interrupted")
         where = f"Redis ({shared})" if shared else str(out)
         err.print(f"interrupted: finished items are kept in {where}; rerun the same command "
                   "to continue")
+        if complete := getattr(exc, "complete", 0):
+            err.print(f"the first {complete} problem(s) are done for every policy: the same "
+                      f"command with --limit {complete} reports them without running anything")
         raise typer.Exit(130) from None
     finally:
         results.close()

@@ -211,8 +211,12 @@ def run_sweep(sweep: SweepConfig, store: TrajectoryStore, results: Results,
     # is stopped early leaves the same problems done for every policy (rerun with a smaller
     # ``limit`` to report them).
     per_plan = [_jobs(p, problems, pool, store, sweep.large, sweep.temperature) for p in plans]
-    jobs = [job for row in zip(*per_plan, strict=True) for job in row]
-    outcome = run_jobs(jobs, results, concurrency, flag=flag, progress=progress)
+    rows = list(zip(*per_plan, strict=True))
+    try:
+        outcome = run_jobs([job for row in rows for job in row], results, concurrency,
+                           flag=flag, progress=progress)
+    except KeyboardInterrupt:
+        raise SweepInterrupted(_complete_runs(rows, results) // sweep.samples) from None
     items: dict[str, dict[str, Record]] = {p.name: {} for p in plans}
     for record in outcome.records.values():
         items[record["policy"]][record["problem"]] = record
@@ -221,6 +225,27 @@ def run_sweep(sweep: SweepConfig, store: TrajectoryStore, results: Results,
     result.update(concurrency=concurrency, wall_seconds=time.perf_counter() - started,
                   computed=len(outcome.computed))
     return result
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """A sweep stopped by Ctrl-C; ``complete``: how many of its first problems are done for
+    every policy (a sweep with that ``limit`` reports them without running anything)."""
+
+    def __init__(self, complete: int) -> None:
+        super().__init__(complete)
+        self.complete = complete
+
+
+def _complete_runs(rows: list[tuple[Job, ...]], results: Results) -> int:
+    """Leading rows (one run of one problem: a job per policy) all of whose items are
+    stored."""
+    stored = results.load()
+    done = 0
+    for row in rows:
+        if not all(stored.get(j.key, {}).get("fingerprint") == j.fingerprint for j in row):
+            break
+        done += 1
+    return done
 
 
 def with_samples(problems: list[Problem], samples: int) -> list[Problem]:
