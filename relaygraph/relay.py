@@ -79,6 +79,15 @@ class Relay:
                                  task_config=recorded, retry=retry, fallbacks=fallbacks,
                                  checkpointer=checkpointer)
 
+    def forget(self, trajectory_id: str) -> None:
+        """Drop the KV caches the backends keep between turns of ``trajectory_id`` (for a run
+        that will not continue; continuing it anyway prefills its text again)."""
+        from relaygraph.agents.backend import cache_key
+
+        for writer in self.agents:
+            for agent in self.agents:
+                writer.backend.drop_cache(cache_key(trajectory_id, agent.name, writer.name))
+
     @classmethod
     def from_config(cls, config: RelayConfig | str | Path, store: TrajectoryStore | None = None,
                     pool: BackendPool | None = None, checkpointer: Any = None) -> Relay:

@@ -240,6 +240,29 @@ def test_an_interrupted_sweep_says_how_many_problems_every_policy_has(
     assert result["computed"] == 0 and result["complete"]
 
 
+def test_a_sweep_item_leaves_no_kv_cache_behind(data, models, redis_store, tmp_path) -> None:
+    """A finished item's caches are dropped, so they never crowd out the caches of the runs
+    still going (each backend keeps a bounded number)."""
+    from relaygraph.agents.wrapping import unwrap
+    from relaygraph.eval.models import ModelPool
+    from relaygraph.eval.runner import FileResults
+    from relaygraph.eval.sweep import SweepConfig, run_sweep
+
+    agents = {"controller": {"model": models[0], "dtype": "float32"},
+              "expert": {"model": models[1], "dtype": "float32"}}
+    cfg = SweepConfig(dataset=str(data), limit=2, max_tokens=12, agents=agents,
+                      policies=[{"type": "fixed-interval", "interval": 4}], random_router_p=[])
+    pool, results = ModelPool(), FileResults(tmp_path / "caches")
+    try:
+        result = run_sweep(cfg, redis_store, results, concurrency=2, pool=pool)
+    finally:
+        results.close()
+    assert result["computed"] == 6
+    assert max(r["handoffs"] for r in result["items"]["fixed-interval"].values()) >= 1
+    backends = [unwrap(b) for b in pool.backends.values()]
+    assert len(backends) == 2 and all(not b._caches for b in backends)
+
+
 def test_the_cli_says_which_limit_reports_an_interrupted_sweep(data, models, redis_server,
                                                                monkeypatch, tmp_path) -> None:
     from relaygraph.eval import sweep as sweep_module

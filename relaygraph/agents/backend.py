@@ -191,6 +191,12 @@ class ScoringBackend(Backend, Protocol):
         ...
 
 
+def cache_key(trajectory_id: str, turn_of: str, writer: str) -> str:
+    """The conversation (KV-cache slot) of agent ``writer`` writing ``turn_of``'s turns of a
+    trajectory (a fallback writes in the slot of the agent whose turn it is)."""
+    return f"{trajectory_id}/{turn_of}/{writer}"
+
+
 def provider_name(backend: Any) -> str:
     """``gen_ai.provider.name`` of a backend: its ``provider_name`` attribute, else the class
     name without ``Backend`` (``TransformersBackend`` -> ``transformers``)."""

@@ -299,7 +299,10 @@ def _jobs(plan_: PolicyPlan, problems: list[Problem], pool: ModelPool,
 
         def run(tid: str, problem: Problem = problem, sample: int | None = sample) -> Record:
             resumed = store.exists(tid)
-            result = relay(sample).run(problem.question, trajectory_id=tid)
+            try:
+                result = relay(sample).run(problem.question, trajectory_id=tid)
+            finally:  # one run per item: its caches would only crowd out live runs' caches
+                relay(sample).forget(tid)
             return {"policy": plan_.name, "problem": problem.id, "answer": result.answer,
                     "_text": reasoning_text(active(store.read(tid))),
                     "tokens_by_agent": result.tokens_by_agent,

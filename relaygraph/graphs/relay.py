@@ -45,7 +45,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command
 
 from relaygraph.agents.agent import Agent
-from relaygraph.agents.backend import Generation, StopRule, capabilities
+from relaygraph.agents.backend import Generation, StopRule, cache_key, capabilities
 from relaygraph.errors import BackendError, ConfigError, RelayGraphError
 from relaygraph.graphs.chat import LLMRun, message_id, removals, steer_messages, turn_message
 from relaygraph.graphs.events import writer as event_writer
@@ -280,7 +280,7 @@ def _agent_node(agent: Agent, policy: Policy, store: SegmentCache, default_retry
                     try:
                         generation = proxy.backend.generate(
                             prompt, rule, proxy.sampling, on_text=span.wrap_stream(on_text),
-                            cache_key=f"{tid}/{agent.name}/{who.name}")
+                            cache_key=cache_key(tid, agent.name, who.name))
                     except BaseException as exc:
                         if run is not None:
                             run.error(exc)
