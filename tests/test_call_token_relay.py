@@ -7,12 +7,13 @@ the command. See tests/tiny_models.py.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from relaygraph import Agent, CallTokenPolicy, Relay, SoloPolicy
-from relaygraph.agents.backend import Generation, Prompt, StopRule
+from relaygraph.agents.backend import Capabilities, CommandSyntax, Generation, Prompt, StopRule
 from relaygraph.agents.transformers_backend import TransformersBackend
 from relaygraph.policies import TurnContext
 from relaygraph.trajectory import RedisStore, Trajectory
@@ -124,6 +125,40 @@ def test_malformed_command_is_recorded_and_kept_as_text(backends, redis_store) -
     assert segs[0].meta["step"]["reason"] == "malformed_call"
     assert result.counters == {"malformed_calls": 1}
     assert result.tokens_by_agent["expert"] == 0 and result.call_ratio == 0
+
+
+def test_strict_commands_turn_the_malformed_command_into_a_call(backends, redis_store) -> None:
+    """With ``strict_commands`` the controller may not write ``abc`` after ``<call>``: the
+    decode loop masks it, the controller writes digits, and the expert is called."""
+    result = make_relay(backends, redis_store, strict_commands=True).run(tiny.MALFORMED_QUESTION)
+    segs = redis_store.read(result.trajectory_id)
+    calls = [s for s in segs if s.kind == "call"]
+    assert "malformed_calls" not in result.counters and result.counters["calls"] >= 1
+    assert re.fullmatch(r"<call>\d{1,4}</call>", calls[0].text.strip()), calls[0].text
+    assert segs[0].text.startswith("hi") and result.tokens_by_agent["expert"] > 0
+
+
+@pytest.mark.parametrize(("text", "allowed"), [
+    ("so 3 + 4", True), ("so <call>", True), ("so <call>12", True), ("so <call>12</", True),
+    ("so <call>12</call>", True), ("so <call", True),  # an opening tag not yet whole is text
+    ("so <call></", False), ("so <call>1.5", False), ("so <call> 12", False),
+    ("so <call>12345", False), ("= 150</call>", False), ("so <call>12</call> x", False)])
+def test_the_command_syntax_allows_only_whole_commands(text: str, allowed: bool) -> None:
+    assert CommandSyntax("<call>", "</call>").allows(text) is allowed
+
+
+def test_strict_commands_need_a_backend_that_constrains_decoding(backends, redis_store) -> None:
+    from relaygraph.agents.wrapping import BackendWrapper
+    from relaygraph.errors import ConfigError
+
+    class Unconstrained(BackendWrapper):  # the backend as a server would be: no decode loop of ours
+        capabilities = Capabilities(constrained=False)
+
+    agents = [Agent("controller", Unconstrained(backends[0])), Agent("expert", backends[1])]
+    with pytest.raises(ConfigError, match="strict_commands = false"):
+        Relay(agents, CallTokenPolicy(strict_commands=True), redis_store)
+    Relay(agents, CallTokenPolicy(), redis_store)  # without it the same agents are fine
+    Relay(agents, CallTokenPolicy(strict_commands=True, teacher_free=True), redis_store)
 
 
 def test_call_command_in_the_question_is_ignored(backends, redis_store) -> None:

@@ -39,12 +39,43 @@ class StopRule:
       transformers backend bans them on the text (a token that would complete one is never
       sampled, however the word is split into tokens); vLLM (in-process or served) applies
       its ``bad_words`` (the word's own tokenizations, with and without a leading space).
+    - ``command``: the model writes this command only whole (see :class:`CommandSyntax`);
+      backends whose decoding cannot be constrained token by token
+      (``Capabilities.constrained`` False: vLLM, servers) are refused before a run.
     """
 
     max_tokens: int
     stop_strings: tuple[str, ...] = ()
     check: Callable[[TokenStep], bool] | None = None
     bad_words: tuple[str, ...] = ()
+    command: CommandSyntax | None = None
+
+
+@dataclass(frozen=True)
+class CommandSyntax:
+    """A command a model may write only well-formed: ``open``, 1 to ``max_digits`` ASCII
+    digits, ``close`` (RelayLLM's ``<call>n</call>``). Decoding masks any token that would
+    write ``close`` outside a command, or anything but digits (then ``close``) after
+    ``open``; the decision to write ``open`` stays the model's."""
+
+    open: str
+    close: str
+    max_digits: int = 4
+
+    def allows(self, text: str) -> bool:
+        """Whether ``text`` (a generation so far) can still be, or end, well-formed: no
+        ``close`` before the last ``open``, and after it a prefix of digits + ``close``."""
+        start = text.rfind(self.open)
+        if start < 0:
+            return self.close not in text
+        if self.close in text[:start]:
+            return False
+        body = text[start + len(self.open):]
+        digits = len(body) - len(body.lstrip("0123456789"))
+        rest = body[digits:]
+        if digits > self.max_digits:
+            return False
+        return not rest or (digits > 0 and self.close.startswith(rest))
 
 
 @dataclass(frozen=True)
@@ -109,10 +140,13 @@ class Capabilities:
       cut a generation at a token (call-token's command split) cannot use it.
     - ``logprobs``: generations carry per-token log-probs and a ``StopRule.check`` is
       applied token by token (confidence policies). False when the server gives none.
+    - ``constrained``: decoding honours ``StopRule.command`` (a local decode loop: the
+      transformers backend).
     """
 
     token_ids: bool = True
     logprobs: bool = True
+    constrained: bool = False
 
 
 def capabilities(backend: Any) -> Capabilities:

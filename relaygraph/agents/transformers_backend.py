@@ -18,7 +18,15 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from relaygraph.agents.backend import Generation, Prompt, Sampling, StopRule, TextCallback
+from relaygraph.agents.backend import (
+    Capabilities,
+    CommandSyntax,
+    Generation,
+    Prompt,
+    Sampling,
+    StopRule,
+    TextCallback,
+)
 from relaygraph.agents.batching import Batcher
 from relaygraph.agents.catalog import dense_gguf, resolve
 from relaygraph.agents.decoding import (
@@ -43,6 +51,8 @@ class TransformersBackend(TokenizerBackend):
     are dropped; 0 turns reuse off); ``random_weights`` builds the architecture from its
     config with random weights (for benchmarks where only config and tokenizer are at hand).
     """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(constrained=True)
 
     def __init__(self, model: str, dtype: str = "bfloat16", device: str = "cpu",
                  cache_size: int = 32, random_weights: bool = False) -> None:
@@ -153,8 +163,7 @@ class TransformersBackend(TokenizerBackend):
         with self.batcher.session(), torch.inference_mode():
             cache, cached = self._take_cache(cache_key, ids)
             seen = ids[:cached]  # grows to exactly the tokens the cache holds
-            samples = self._samples(ids[cached:], cache, seen, sampling, generator,
-                                    rule.bad_words)
+            samples = self._samples(ids[cached:], cache, seen, sampling, generator, rule)
             out = follow(samples, rule, self.decode, self.eos_ids, limit, on_text)
             samples.close()
             self._keep_cache(cache_key, seen, cache)
@@ -166,23 +175,43 @@ class TransformersBackend(TokenizerBackend):
         )
 
     def _samples(self, feed: list[int], cache: Any, seen: list[int], sampling: Sampling,
-                 generator: Any, bad_words: Sequence[str] = ()
-                 ) -> Generator[Sample, None, None]:
+                 generator: Any, rule: StopRule) -> Generator[Sample, None, None]:
         """The decode loop: feed, sample, repeat — until the stop rule stops pulling.
-        A token that would write one of ``bad_words`` is masked and another one sampled."""
+        A token the rule refuses (it would write one of ``bad_words``, or break its
+        ``command``) is masked and another one sampled."""
         import torch
+
+        bad_words, command = rule.bad_words, rule.command
+        start = len(seen) + len(feed)  # where this generation's tokens begin in ``seen``
+
+        def refused(token: int) -> bool:
+            if bad_words and completes_bad_word(seen, token, bad_words, self.decode):
+                return True
+            return command is not None and not command.allows(
+                self.decode([*seen[start:], token]))
 
         while True:
             logits = self.batcher.forward(feed, cache)
             seen += feed
             logp = torch.log_softmax(logits, dim=-1)
             token = _choose(logp, sampling, generator)
-            while bad_words and completes_bad_word(seen, token, bad_words, self.decode):
+            masked = 0
+            while refused(token):
                 logits[token] = float("-inf")
+                masked += 1
+                if command is not None and masked == 16:  # inside a command: its few candidates
+                    logits = _only(logits, self._command_ids(command))
+                if not torch.isfinite(logits).any():
+                    break  # nothing left to sample: keep the refused token (parsed as malformed)
                 logp = torch.log_softmax(logits, dim=-1)
                 token = _choose(logp, sampling, generator)
             yield Sample(token, float(logp[token]), functools.partial(_entropy, logp))
             feed = [token]
+
+    def _command_ids(self, command: CommandSyntax) -> list[int]:
+        """Token ids that can continue a command: the ten digits and the tokens of
+        ``close``."""
+        return sorted({t for piece in (*"0123456789", command.close) for t in self.encode(piece)})
 
     def prefill_seconds(self, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[float]:
         """Seconds of each prefill of ``ids[start:end]`` onto a KV cache holding
@@ -228,6 +257,15 @@ class TransformersBackend(TokenizerBackend):
 def _entropy(logp: Any) -> float:
     """Entropy of a log-softmax distribution (nats)."""
     return float(-(logp.exp() * logp).nan_to_num().sum())
+
+
+def _only(logits: Any, ids: Sequence[int]) -> Any:
+    """``logits`` with every id but ``ids`` (and those already masked) masked."""
+    import torch
+
+    kept = torch.full_like(logits, float("-inf"))
+    kept[list(ids)] = logits[list(ids)]
+    return kept
 
 
 def _choose(logp: Any, sampling: Sampling, generator: Any) -> int:

@@ -125,25 +125,28 @@ def build_graph(
 
 def check_needs(policy: Policy, agents: dict[str, Agent], backups: dict[str, Agent]) -> None:
     """A ConfigError, before anything runs, when an agent's backend lacks what the policy
-    needs of it (log-probs for a confidence check, token ids for a command split)."""
+    needs of it (log-probs, token ids, a decode loop of ours for strict commands)."""
     needs = getattr(policy, "needs", None)
     if needs is None:
         return
     for name in policy.agent_names():
         wanted = needs(name)
         for agent in (agents[name], *((backups[name],) if name in backups else ())):
-            has = capabilities(agent.backend)
-            model = agent.backend.model_id
+            has, model, what = capabilities(agent.backend), agent.backend.model_id, None
             if wanted.logprobs and not has.logprobs:
-                raise ConfigError(
-                    f"policy {policy.name!r} checks the log-probs of agent {name!r}'s tokens, but "
-                    f"{model} gives none (its server returns no log-probs); use a server that "
-                    "does, or a policy without confidence checks (e.g. fixed-interval)")
-            if wanted.token_ids and not has.token_ids:
-                raise ConfigError(
-                    f"policy {policy.name!r} needs agent {name!r}'s token ids, but {model} has "
-                    "no local tokenizer; set tokenizer = \"...\" in its config, or give this "
-                    "role to a local model")
+                what = (f"checks the log-probs of agent {name!r}'s tokens, but {model} gives none "
+                        "(its server returns no log-probs); use a server that does, or a "
+                        "policy without confidence checks (e.g. fixed-interval)")
+            elif wanted.constrained and not has.constrained:
+                what = (f"constrains agent {name!r}'s commands at decode time (strict_commands), "
+                        f"but {model} cannot constrain its decoding (only the local transformers "
+                        "backend can); set strict_commands = false, or give this role to a "
+                        "local model")
+            elif wanted.token_ids and not has.token_ids:
+                what = (f"needs agent {name!r}'s token ids, but {model} has no local tokenizer; "
+                        "set tokenizer = \"...\" in its config, or give this role to a local model")
+            if what:
+                raise ConfigError(f"policy {policy.name!r} {what}")
 
 
 def context(state: RelayState) -> TurnContext:

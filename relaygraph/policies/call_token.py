@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from relaygraph.agents.agent import MATH_SYSTEM_PROMPT, Agent
-from relaygraph.agents.backend import Capabilities, Generation, StopRule
+from relaygraph.agents.backend import Capabilities, CommandSyntax, Generation, StopRule
 from relaygraph.agents.catalog import RELAY_CONTROLLER
 from relaygraph.policies.base import (
     NOTHING,
@@ -98,6 +98,13 @@ class _CallPolicy(PolicyConfig):
     finish a step; the command's ``requested`` keeps what it asked for."""
     max_calls: int = Field(32, ge=0)
     teacher_free: bool = False
+    strict_commands: bool = Field(False, exclude_if=lambda strict: not strict)
+    """Decode only well-formed commands: ``</call>`` only right after ``<call>`` and 1-4
+    digits, nothing else after ``<call>`` (the controller still decides when to write it).
+    Beyond the paper: for a controller trained on the command tokens' head alone, whose
+    digits and closing tag come from the base model. Local (transformers) controllers
+    only. Left out of the config's dump when off, so results stored before it existed
+    still match."""
 
     @model_validator(mode="after")
     def _two_agents(self) -> _CallPolicy:
@@ -114,7 +121,10 @@ class _CallPolicy(PolicyConfig):
     def needs(self, agent: str) -> Capabilities:
         """The controller's token ids: a command is cut out of its generation at a token
         boundary (the expert may be any model, e.g. a hosted chat model)."""
-        return Capabilities(token_ids=True, logprobs=False) if agent == self.controller else NOTHING
+        if agent != self.controller:
+            return NOTHING
+        return Capabilities(token_ids=True, logprobs=False,
+                            constrained=self.strict_commands and not self.teacher_free)
 
     def view(self, agent: str, segments: Sequence[Segment]) -> list[Segment]:
         """The controller sees everything; the expert sees call segments without the command
@@ -133,7 +143,9 @@ class _CallPolicy(PolicyConfig):
         if agent == self.controller and self.teacher_free:
             return StopRule(max_tokens=ctx.remaining, bad_words=(CALL_OPEN, CALL_CLOSE))
         if agent == self.controller:
-            return StopRule(max_tokens=ctx.remaining, stop_strings=(CALL_CLOSE,))
+            return StopRule(max_tokens=ctx.remaining, stop_strings=(CALL_CLOSE,),
+                            command=CommandSyntax(CALL_OPEN, CALL_CLOSE)
+                            if self.strict_commands else None)
         return StopRule(max_tokens=min(ctx.budget, ctx.remaining))
 
     def route(self, agent: Agent, generation: Generation, ctx: TurnContext) -> Decision:
