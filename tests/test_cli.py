@@ -148,3 +148,42 @@ def test_every_policy_on_the_real_pair(policy_args: list[str], redis_server) -> 
         assert out["tokens_by_agent"]["expert"] > 0, out  # the expert really wrote
     if policy == "fixed-interval":
         assert [s["author"] for s in out["segments"]][:2] == ["controller", "expert"]
+
+
+ARENAS = r'''
+import ctypes, os, sys, tempfile, threading
+if sys.argv[1] == "cli":  # a cheap command through the CLI's entry point
+    from typer.testing import CliRunner
+    from relaygraph.cli import app
+    assert CliRunner().invoke(app, ["models", "list"]).exit_code == 0
+def allocate():
+    blocks = [bytearray(200_000) for _ in range(50)]
+    del blocks
+barrier = threading.Barrier(16)
+def worker():
+    barrier.wait()
+    allocate()
+threads = [threading.Thread(target=worker) for _ in range(16)]
+[t.start() for t in threads]; [t.join() for t in threads]
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+path = tempfile.mktemp()
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(f)); libc.fclose(ctypes.c_void_p(f))
+print(open(path).read().count("<heap nr="))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_the_cli_caps_malloc_arenas_for_its_generation_threads(tmp_path) -> None:
+    """16 threads allocating at once get up to 16 glibc arenas; after any CLI command, 2."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env["RELAYGRAPH_HOME"] = str(tmp_path)
+
+    def heaps(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS, mode], env=env, check=True,
+                             capture_output=True, text=True, timeout=120)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    assert heaps("plain") > 2  # what the cap prevents (on any machine: 8 arenas per core)
+    assert heaps("cli") <= 2

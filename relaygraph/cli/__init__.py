@@ -17,7 +17,7 @@ import typer
 
 from relaygraph.cli import bench, models, run, serve, show, store, train
 from relaygraph.cli import eval as eval_
-from relaygraph.cli.common import err
+from relaygraph.cli.common import err, fewer_malloc_arenas
 
 PROG = "relaygraph"
 
@@ -58,6 +58,7 @@ def _root(
     show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Several language models on one shared reasoning trajectory."""
+    fewer_malloc_arenas()  # before any generation thread allocates
 
 
 def command() -> Any:

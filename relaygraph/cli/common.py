@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,6 +86,24 @@ def friendly(func: F) -> F:
 def say(line: str) -> None:
     """A progress line on stderr (dim)."""
     err.print(line, style="dim")
+
+
+def fewer_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX=2`` would), unless that variable is
+    set. glibc gives threads that allocate at once their own arenas (up to 8 per core),
+    and with dozens of generation threads each arena keeps freed KV-cache blocks: 32
+    threads generating with the 0.5B held 2.8 GB instead of 1.9 GB, at the same speed.
+    Returns whether the cap was set (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-8, arenas))  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
 
 
 @contextmanager
