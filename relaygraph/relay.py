@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from relaygraph.agents.agent import Agent
+from relaygraph.agents.backend import cache_key
 from relaygraph.agents.registry import BackendPool
 from relaygraph.config import RelayConfig
 from relaygraph.errors import BackendError, ConfigError, StoreUnavailableError
@@ -82,8 +83,6 @@ class Relay:
     def forget(self, trajectory_id: str) -> None:
         """Drop the KV caches the backends keep between turns of ``trajectory_id`` (for a run
         that will not continue; continuing it anyway prefills its text again)."""
-        from relaygraph.agents.backend import cache_key
-
         for writer in self.agents:
             for agent in self.agents:
                 writer.backend.drop_cache(cache_key(trajectory_id, agent.name, writer.name))

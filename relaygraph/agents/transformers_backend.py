@@ -183,12 +183,14 @@ class TransformersBackend(TokenizerBackend):
 
         bad_words, command = rule.bad_words, rule.command
         start = len(seen) + len(feed)  # where this generation's tokens begin in ``seen``
+        # a command's text, whole, is at most this many tokens (ASCII: a character or more each)
+        reach = len(command.open) + command.max_digits + len(command.close) if command else 0
 
         def refused(token: int) -> bool:
             if bad_words and completes_bad_word(seen, token, bad_words, self.decode):
                 return True
             return command is not None and not command.allows(
-                self.decode([*seen[start:], token]))
+                self.decode([*seen[max(start, len(seen) - reach):], token]))
 
         while True:
             logits = self.batcher.forward(feed, cache)

@@ -95,13 +95,11 @@ def fewer_malloc_arenas(arenas: int = 2) -> bool:
     threads generating with the 0.5B held 2.8 GB instead of 1.9 GB, at the same speed.
     Returns whether the cap was set (False off glibc)."""
     import ctypes
-    import ctypes.util
 
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-8, arenas))  # -8: M_ARENA_MAX
+    try:  # the C library the interpreter runs on (find_library would spawn ldconfig)
+        return bool(ctypes.CDLL(None).mallopt(-8, arenas))  # -8: M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
 

@@ -205,8 +205,7 @@ def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
     flag = flag or CancelScope()
     progress = progress or Progress(None)
     stored = results.load()
-    fresh = {j.key: stored[j.key] for j in jobs
-             if j.key in stored and stored[j.key].get("fingerprint") == j.fingerprint}
+    fresh = {j.key: record for j in jobs if (record := stored_result(stored, j)) is not None}
     progress.start(jobs, set(fresh))
     pending = [j for j in jobs if j.key not in fresh]
     computed: list[str] = []
@@ -270,6 +269,13 @@ def run_jobs(jobs: Sequence[Job], results: Results, concurrency: int = 1,
     return Outcome(fresh, computed, errors, time.perf_counter() - started)
 
 
+def stored_result(stored: dict[str, Record], job: Job) -> Record | None:
+    """The stored result of ``job``, if one was computed for what it is now (its
+    fingerprint); else None."""
+    record = stored.get(job.key)
+    return record if record is not None and record.get("fingerprint") == job.fingerprint else None
+
+
 def _still_open(skipped: list[Job], results: Results, fresh: dict[str, Record],
                 progress: Progress) -> list[Job]:
     """Of the jobs other workers held, those still without a result (others' results are
@@ -279,8 +285,8 @@ def _still_open(skipped: list[Job], results: Results, fresh: dict[str, Record],
     stored = results.load()
     still = []
     for job in skipped:
-        record = stored.get(job.key)
-        if record is not None and record.get("fingerprint") == job.fingerprint:
+        record = stored_result(stored, job)
+        if record is not None:
             fresh[job.key] = record
             progress.advance(job.group)
         else:

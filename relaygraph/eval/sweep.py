@@ -58,7 +58,15 @@ from relaygraph.eval import metrics
 from relaygraph.eval.datasets import Problem, load_problems
 from relaygraph.eval.jobs import grader
 from relaygraph.eval.models import ModelPool
-from relaygraph.eval.runner import Job, Progress, Record, Results, fingerprint, run_jobs
+from relaygraph.eval.runner import (
+    Job,
+    Progress,
+    Record,
+    Results,
+    fingerprint,
+    run_jobs,
+    stored_result,
+)
 from relaygraph.policies import RandomRouter
 from relaygraph.trajectory.models import active, reasoning_text
 from relaygraph.trajectory.store import TrajectoryStore
@@ -242,7 +250,7 @@ def _complete_runs(rows: list[tuple[Job, ...]], results: Results) -> int:
     stored = results.load()
     done = 0
     for row in rows:
-        if not all(stored.get(j.key, {}).get("fingerprint") == j.fingerprint for j in row):
+        if any(stored_result(stored, job) is None for job in row):
             break
         done += 1
     return done
@@ -298,11 +306,11 @@ def _jobs(plan_: PolicyPlan, problems: list[Problem], pool: ModelPool,
         spec = spec_of(sample)
 
         def run(tid: str, problem: Problem = problem, sample: int | None = sample) -> Record:
-            resumed = store.exists(tid)
+            resumed, runs = store.exists(tid), relay(sample)
             try:
-                result = relay(sample).run(problem.question, trajectory_id=tid)
+                result = runs.run(problem.question, trajectory_id=tid)
             finally:  # one run per item: its caches would only crowd out live runs' caches
-                relay(sample).forget(tid)
+                runs.forget(tid)
             return {"policy": plan_.name, "problem": problem.id, "answer": result.answer,
                     "_text": reasoning_text(active(store.read(tid))),
                     "tokens_by_agent": result.tokens_by_agent,
