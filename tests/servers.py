@@ -207,7 +207,9 @@ class SentinelServers:
             lines = [f"port {port}", "bind 127.0.0.1", f"dir {self.workdir}",
                      f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary.port} {quorum}",
                      f"sentinel down-after-milliseconds {self.SERVICE} 1000",
-                     f"sentinel failover-timeout {self.SERVICE} 5000",
+                     # a failed election is retried after twice this: 4 s, inside a store's
+                     # retry budget even on a loaded 2-core machine
+                     f"sentinel failover-timeout {self.SERVICE} 2000",
                      f"sentinel parallel-syncs {self.SERVICE} 1"]
             if self.password:
                 lines.append(f"sentinel auth-pass {self.SERVICE} {self.password}")
@@ -219,15 +221,19 @@ class SentinelServers:
         deadline = time.monotonic() + 20
         while not self._watched():
             if time.monotonic() > deadline:
-                raise RuntimeError("the sentinels did not find the replica")
+                raise RuntimeError("the sentinels did not find the replica and each other")
             time.sleep(0.1)
         return self
 
     def _watched(self) -> bool:
+        """Every sentinel knows the replica and the other sentinels (without the latter
+        there is no quorum, and a failover started too early never happens)."""
         for port in self.sentinel_ports:
             client = redis.Redis(port=port, host="127.0.0.1", decode_responses=True)
             try:
                 if not client.sentinel_slaves(self.SERVICE):
+                    return False
+                if len(client.sentinel_sentinels(self.SERVICE)) < len(self.sentinel_ports) - 1:
                     return False
             except redis.RedisError:
                 return False

@@ -142,7 +142,9 @@ def test_sentinel_url_reaches_the_primary_and_survives_a_failover(tmp_path) -> N
     password = "sentinel-pw-77"
     servers = SentinelServers(tmp_path, password=password).start()
     try:
-        store = RedisStore.from_url(servers.url)
+        # 12 retries ride out ~17 s: the sentinels' 1 s down-after plus an election that
+        # may need a second round (4 s later) on a loaded machine
+        store = RedisStore.from_url(servers.url, retries=12)
         assert store.kind == "sentinel" and password not in store.url and "***" in store.url
         first = servers.primary_port()
         tid = f"failover-{time.time_ns()}"

@@ -92,7 +92,9 @@ class RedisStore:
 
         Commands that hit a dropped connection are retried ``retries`` times with
         exponential backoff (0.1 s doubling to 2 s: about 9 s for the default 8), so a
-        server restart or a Sentinel failover is ridden out; appends stay exactly-once
+        server restart is ridden out, and so is a Sentinel failover that completes within
+        that time (Sentinel's default ``down-after-milliseconds`` is 30 s: raise
+        ``retries`` by one per 2 s more it needs); appends stay exactly-once
         because a retried append that had landed is recognised as a duplicate.
         ``on_retry(error, attempt, retries)`` hears of each retry (a status line).
         """
