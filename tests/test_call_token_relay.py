@@ -249,7 +249,11 @@ def test_teacher_free_bans_the_command_at_decode_time(backends, redis_store) -> 
     result = make_relay(backends, redis_store, teacher_free=True).run(tiny.QUESTION)
     assert result.tokens_by_agent["expert"] == 0 and result.call_ratio == 0.0
     assert result.counters.get("calls", 0) == 0 and result.counters.get("refused_calls", 0) == 0
-    assert all("<call>" not in s.text for s in result.segments)
+    # not even the command's first word: a ban of the whole tag stops only its last token,
+    # and a controller trained on the command then writes `<call` and the digits after it
+    assert all("<call" not in s.text and "</call" not in s.text for s in result.segments)
+    rule = CallTokenPolicy(teacher_free=True).stop_rule("controller", TurnContext("q", 64))
+    assert "<call" in rule.bad_words and "</call" in rule.bad_words
 
 
 def test_no_per_call_cap_leaves_only_the_budget(backends, redis_store) -> None:

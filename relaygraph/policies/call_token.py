@@ -34,6 +34,12 @@ from relaygraph.policies.base import (
 from relaygraph.trajectory.models import Segment
 
 CALL_OPEN, CALL_CLOSE = "<call>", "</call>"
+TEACHER_FREE_BAN = (CALL_OPEN[:-1], CALL_CLOSE[:-1])
+"""What teacher-free decoding bans: ``<call`` and ``</call``, not the whole tags. The
+command is several tokens (``<`` ``call`` ``>`` for Qwen), and a ban of the whole tag
+stops only its last one: a controller trained to write the command then writes ``<call``
+and, ``>`` refused, the digits it was trained to follow it with (``then<call000...``
+until the budget). Banning the opening word keeps the command from ever starting."""
 MAX_CALL_N = 10**18
 """Requested lengths above this parse as this (they are clipped to the budget anyway)."""
 
@@ -84,8 +90,8 @@ class _CallPolicy(PolicyConfig):
     ``max_call_tokens`` caps one call; ``min_call_tokens`` grants each call at least that
     many tokens (within the cap and the budget); ``max_calls`` caps calls per run (later
     commands are recorded as refused and the controller continues). ``teacher_free``: the paper's
-    teacher-free inference — the controller may not write the command at all (``<call>``
-    and ``</call>`` are banned at decode time), so the expert never writes.
+    teacher-free inference — the controller may not write the command at all (``<call``
+    and ``</call`` are banned at decode time), so the expert never writes.
     """
 
     controller: str = "controller"
@@ -141,7 +147,7 @@ class _CallPolicy(PolicyConfig):
 
     def stop_rule(self, agent: str, ctx: TurnContext) -> StopRule:
         if agent == self.controller and self.teacher_free:
-            return StopRule(max_tokens=ctx.remaining, bad_words=(CALL_OPEN, CALL_CLOSE))
+            return StopRule(max_tokens=ctx.remaining, bad_words=TEACHER_FREE_BAN)
         if agent == self.controller:
             return StopRule(max_tokens=ctx.remaining, stop_strings=(CALL_CLOSE,),
                             command=CommandSyntax(CALL_OPEN, CALL_CLOSE)
