@@ -11,7 +11,8 @@ import pytest
 from relaygraph.errors import ConfigError
 from relaygraph.eval import metrics
 from relaygraph.eval.datasets import Problem
-from relaygraph.eval.sweep import SweepConfig, derive_routers, plan
+from relaygraph.eval.report import sweep_markdown
+from relaygraph.eval.sweep import SweepConfig, assemble, derive_routers, plan
 from relaygraph.policies import RandomRouter
 
 
@@ -178,6 +179,31 @@ def test_routers_are_assembled_from_the_solo_runs() -> None:
         sum(50 for p in problems if not small[p.id]["correct"])
         / sum((50 if not small[p.id]["correct"] else small[p.id]["tokens_by_agent"]["controller"])
               for p in problems))
+
+
+def test_a_sweep_reports_where_the_large_model_wrote_and_what_a_policy_won_or_lost() -> None:
+    """Two policies can share a call ratio and differ in how many problems they call on;
+    accuracy can hide answers won and lost against the small model alone."""
+    problems = [Problem(id=str(i), question=f"question {i}?", answer="1") for i in range(6)]
+    config = sweep(policies=[{"name": "few", "type": "call-token"}], random_router_p=[])
+    small = {p.id: {**record(i < 3, {"controller": 100}), "problem": p.id}
+             for i, p in enumerate(problems)}
+    large = {p.id: {**record(True, {"expert": 100}), "problem": p.id} for p in problems}
+    # right on problems 0, 3, 4; the expert wrote on 3 and 4 only; problem 5 is not run yet
+    few = {p.id: {**record(i in (0, 3, 4), {"controller": 90, "expert": 10 if i in (3, 4) else 0}),
+                  "problem": p.id} for i, p in enumerate(problems[:5])}
+    items = {"solo-small": small, "solo-large": large, "few": few}
+    result = assemble(config, problems, plan(config), items, {}, {})
+    by_name = {p["name"]: p for p in result["policies"]}
+    assert by_name["few"]["large_wrote_on"] == 2 and by_name["few"]["n"] == 5
+    assert by_name["few"]["vs_small"] == {"won": 2, "lost": 2}  # won 3, 4; lost 1, 2
+    assert by_name["solo-large"]["vs_small"] == {"won": 3, "lost": 0}
+    assert "vs_small" not in by_name["solo-small"] and by_name["solo-small"]["large_wrote_on"] == 0
+    table = sweep_markdown(result)
+    assert "| few | run | 5 | 60.0% |" in table and "| +2 / -2 |" in table and "| 2/5 |" in table
+    # a report limited to the first 3 problems counts only those
+    limited = assemble(config, problems[:3], plan(config), items, {}, {})
+    assert {p["name"]: p for p in limited["policies"]}["few"]["vs_small"] == {"won": 0, "lost": 2}
 
 
 def test_the_benchmark_sweep_config_is_valid() -> None:

@@ -54,6 +54,9 @@ def summarize(records: Sequence[dict[str, Any]], large: str) -> dict[str, Any]:
         "ci95": list(wilson(correct, n)) if n else None,
         "unparseable": sum(not r["parsed"] for r in records),
         "call_ratio": large_tokens / tokens if tokens else 0.0,
+        # runs in which the large model wrote at all (a call-token controller that calls on
+        # every problem and one that calls on a few can have the same call ratio)
+        "large_wrote_on": sum(r["tokens_by_agent"].get(large, 0) > 0 for r in records),
         "mean_call_ratio": sum(ratios) / n if n else None,
         "tokens": tokens,
         "large_tokens": large_tokens,

@@ -35,7 +35,9 @@ def write_outputs(result: dict[str, Any], out: Path, markdown: str) -> None:
 
 
 INTERVAL_NOTE = ("95% interval: Wilson score interval of the accuracy over the runs (with "
-                 "--samples k a problem's k runs are not independent: too narrow then); random "
+                 "--samples k a problem's k runs are not independent: too narrow then); won / "
+                 "lost vs small: problems right where the small model alone was wrong, and the "
+                 "other way round; large wrote on: runs with any large-model token; random "
                  "router at this call ratio: the random router's expected accuracy at the "
                  "policy's call ratio")
 
@@ -48,13 +50,15 @@ def sweep_markdown(result: dict[str, Any]) -> str:
             f"max_tokens {result['config']['max_tokens']}")
     priced = any(p.get("cost_per_problem") is not None for p in result["policies"])
     rows = [[p["name"], "derived" if p["derived_from"] else "run", p["n"], pct(p["accuracy"]),
-             interval(p.get("ci95")), p["unparseable"], pct(p["call_ratio"]),
+             interval(p.get("ci95")), _versus(p.get("vs_small")), p["unparseable"],
+             pct(p["call_ratio"]), _wrote_on(p),
              pct(p.get("gap_recovered"), 0), pct(p.get("random_router_same_ratio")),
              num(p["tokens_per_problem"], 0), num(p["seconds_per_problem"], 1),
              *([num(p.get("cost_per_problem"), 6)] if priced else [])]
             for p in result["policies"]]
-    table = markdown_table(["policy", "", "problems", "accuracy", "95% interval", "unparseable",
-                            "call ratio", "gap recovered", "random router at this call ratio",
+    table = markdown_table(["policy", "", "problems", "accuracy", "95% interval",
+                            "won / lost vs small", "unparseable", "call ratio",
+                            "large wrote on", "gap recovered", "random router at this call ratio",
                             "tokens / problem", "s / problem",
                             *(["cost / problem"] if priced else [])], rows)
     fam_rows = [[name, len(f["policies"]) or "line", num(f["auc"], 3), num(f["apgr"]),
@@ -64,6 +68,16 @@ def sweep_markdown(result: dict[str, Any]) -> str:
                                "call ratio for 80% of gap"], fam_rows)
     notes = "\n".join(f"- {n}" for n in [*result["notes"], INTERVAL_NOTE])
     return f"{head}\n\n{table}\n\n{families}\n\n{notes}"
+
+
+def _versus(counts: dict[str, int] | None) -> str:
+    return f"+{counts['won']} / -{counts['lost']}" if counts else ""
+
+
+def _wrote_on(policy: dict[str, Any]) -> str:
+    """Runs in which the large model wrote, of all (results from before it was counted: "")."""
+    wrote = policy.get("large_wrote_on")
+    return "" if wrote is None else f"{wrote}/{policy['n']}"
 
 
 def plot_sweep(result: dict[str, Any], path: Path) -> bool:

@@ -43,7 +43,7 @@ import functools
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +373,11 @@ def assemble(sweep: SweepConfig, problems: list[Problem], plans: list[PolicyPlan
         policies.append({"name": name, "type": kind, "derived_from": "solo runs",
                          **_summary(rows, problems, sweep.large)})
     by_name = {p["name"]: p for p in policies}
+    every = {**items, **derived}
+    ids = [p.id for p in problems]
+    for p in policies:
+        if p["name"] != "solo-small":
+            p["vs_small"] = versus(every[p["name"]], every["solo-small"], ids)
     acc_small = by_name["solo-small"]["accuracy"]
     acc_large = by_name["solo-large"]["accuracy"]
     families: dict[str, Any] = {}
@@ -417,6 +422,15 @@ def assemble(sweep: SweepConfig, problems: list[Problem], plans: list[PolicyPlan
         "policies": policies, "families": families, "notes": notes, "errors": errors,
         "items": {**items, **derived},
     }
+
+
+def versus(rows: dict[str, Record], baseline: dict[str, Record],
+           ids: Iterable[str]) -> dict[str, int]:
+    """Of the problems ``ids``, those ``rows`` got right and ``baseline`` wrong (``won``),
+    and the other way round (``lost``); problems either has not run are left out."""
+    both = [k for k in ids if k in rows and k in baseline]
+    return {"won": sum(bool(rows[k]["correct"]) and not baseline[k]["correct"] for k in both),
+            "lost": sum(not rows[k]["correct"] and bool(baseline[k]["correct"]) for k in both)}
 
 
 def _summary(rows: dict[str, Record], problems: list[Problem], large: str) -> dict[str, Any]:
