@@ -1,8 +1,9 @@
 """Forward passes shared by concurrent generations: decode steps of one model run batched.
 
 Each generation keeps its own KV cache (so a trajectory's cache survives between turns);
-a decode step of several generations pads their caches on the left into one batch, runs
-the model once, and appends each row's new key/value back to its own cache. On a CPU a
+a decode step of several generations copies their caches, left-padded, into one batch
+(:mod:`relaygraph.agents.kv_cache`: the only copy of a cache a step makes), runs the model
+once, and appends each row's new key/value back to its own cache. On a CPU a
 batch of 8 costs about as much as one sequence (memory-bound decoding), so concurrent
 trajectories come almost for free.
 """
@@ -135,18 +136,28 @@ class Batcher:
         import torch
         from transformers import DynamicCache
 
+        from relaygraph.agents.kv_cache import GrowingLayer
+
         lengths = [r.cache.get_seq_length() for r in requests]
         longest, width = max(lengths), max(len(r.feed) for r in requests)
-        layers = []
-        for index in range(len(requests[0].cache.layers)):
-            keys, values = [], []
-            for r, n in zip(requests, lengths, strict=True):
-                layer = r.cache.layers[index]
-                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, longest - n, 0)))
-                values.append(torch.nn.functional.pad(layer.values, (0, 0, longest - n, 0)))
-            layers.append((torch.cat(keys), torch.cat(values)))
-        joint = DynamicCache(ddp_cache_data=layers)
         rows = len(requests)
+        joint = DynamicCache()
+        joint.layers = []
+        for index in range(len(requests[0].cache.layers)):
+            # one copy of each row's cache into buffers sized for the step: the model
+            # writes its new keys and values into the room after ``longest``
+            first = requests[0].cache.layers[index]
+            keys = first.keys.new_empty((rows, first.keys.shape[1], longest + width,
+                                         first.keys.shape[3]))
+            values = first.values.new_empty((rows, first.values.shape[1], longest + width,
+                                             first.values.shape[3]))
+            for row, (r, n) in enumerate(zip(requests, lengths, strict=True)):
+                layer = r.cache.layers[index]
+                keys[row, :, :longest - n].zero_()  # pads: masked, but never garbage (NaN)
+                values[row, :, :longest - n].zero_()
+                keys[row, :, longest - n:longest] = layer.keys[0]
+                values[row, :, longest - n:longest] = layer.values[0]
+            joint.layers.append(GrowingLayer.sized(keys, values, longest))
         mask = torch.zeros(rows, longest + width, dtype=torch.long, device=self.device)
         ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         positions = torch.zeros(rows, width, dtype=torch.long, device=self.device)
@@ -187,13 +198,17 @@ def cache_argument(model: Any) -> str:
 
 
 def _paddable(cache: Any) -> bool:
-    """A cache whose layers are plain, non-empty dynamic layers (no sliding window)."""
+    """A cache whose layers are plain, non-empty dynamic layers (no sliding window) of
+    one sequence."""
     from transformers.cache_utils import DynamicLayer
+
+    from relaygraph.agents.kv_cache import GrowingLayer
 
     layers = getattr(cache, "layers", None)
     if not layers:
         return False
     return all(
-        type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0
+        type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized
+        and layer.keys.numel() > 0 and layer.keys.shape[0] == 1
         for layer in layers
     )

@@ -113,7 +113,7 @@ class TransformersBackend(TokenizerBackend):
     # the KV cache of each conversation ------------------------------------------------
     def _take_cache(self, cache_key: str | None, ids: list[int]) -> tuple[Any, int]:
         """A cache holding a prefix of ``ids`` (at least one token left to feed)."""
-        from transformers import DynamicCache
+        from relaygraph.agents.kv_cache import growing_cache
 
         with self._cache_lock:
             entry = self._caches.pop(cache_key, None) if cache_key else None
@@ -129,7 +129,7 @@ class TransformersBackend(TokenizerBackend):
                 if len(seen) > common:
                     cache.crop(-(len(seen) - common))
                 return cache, common
-        return DynamicCache(config=self.model.config), 0
+        return growing_cache(self.model.config), 0
 
     def _keep_cache(self, cache_key: str | None, seen: list[int], cache: Any) -> None:
         if cache_key is None:
@@ -221,14 +221,15 @@ class TransformersBackend(TokenizerBackend):
         cannot avoid). One prefill of the longest prefix builds the cache, cropped back
         for each span, latest first."""
         import torch
-        from transformers import DynamicCache
+
+        from relaygraph.agents.kv_cache import growing_cache
 
         out = [0.0] * len(spans)
         if not spans:
             return out
         order = sorted(range(len(spans)), key=lambda i: spans[i][0], reverse=True)
         with self.batcher.lock, torch.inference_mode():
-            cache = DynamicCache(config=self.model.config)
+            cache = growing_cache(self.model.config)
             top = spans[order[0]][0]
             if top:
                 self.model(input_ids=torch.tensor([list(ids[:top])], device=self.device),
