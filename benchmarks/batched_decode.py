@@ -15,12 +15,13 @@ import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from relaygraph.agents.backend import Prompt, StopRule
 from relaygraph.agents.catalog import converted_dir
 from relaygraph.agents.transformers_backend import TransformersBackend
 
-DATA = "/work/shared/data/gsm8k_test.jsonl"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k_test.jsonl"
 
 
 def main(model: str = "qwen2.5-coder-0.5b", n: int = 32, tokens: int = 160) -> None:

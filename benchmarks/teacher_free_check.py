@@ -19,7 +19,7 @@ from relaygraph.eval.checking import check
 from relaygraph.eval.datasets import load_problems
 
 ITEMS = Path(__file__).parent / "results" / "sweep-relay-first" / "items.jsonl"
-DATA = "/work/shared/data/gsm8k_test.jsonl"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k_test.jsonl"
 
 
 def main(n: int = 6) -> None:

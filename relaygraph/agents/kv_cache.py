@@ -43,7 +43,7 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, add = self.get_seq_length(), key_states.shape[-2]
-        if not self._holds(key_states, n + add):
+        if not self._holds(key_states, n, add):
             import torch
 
             room = n + add + max(MIN_ROOM, (n + add) // 4)
@@ -60,13 +60,14 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._keys[..., :n + add, :], self._values[..., :n + add, :]
         return self.keys, self.values
 
-    def _holds(self, states: Any, length: int) -> bool:
-        """Whether ``keys`` is still the start of the buffer (``crop`` keeps it so;
-        ``reset`` or a batch reindex replace it) and the buffer has room for ``length``."""
+    def _holds(self, states: Any, n: int, add: int) -> bool:
+        """Whether the buffer has room for ``add`` more positions after ``n`` and its start
+        still holds the ``n`` cached ones (``crop`` keeps ``keys`` a view of it; ``reset``
+        or a batch reindex replace ``keys``)."""
         buffer = self._keys
-        return (buffer is not None and length <= buffer.shape[-2]
+        return (buffer is not None and n + add <= buffer.shape[-2]
                 and buffer.shape[:-2] == states.shape[:-2]
-                and (length == states.shape[-2] or self.keys.data_ptr() == buffer.data_ptr()))
+                and (n == 0 or self.keys.data_ptr() == buffer.data_ptr()))
 
 
 def growing_cache(config: Any) -> DynamicCache:
